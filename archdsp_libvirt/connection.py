@@ -1,0 +1,150 @@
+"""The libvirt boundary: one place opens connections, one place translates errors.
+
+Every :class:`libvirt.libvirtError` leaving this package's libvirt calls
+becomes a :class:`LibvirtFailure` that keeps libvirt's error code and says
+what to do. Only transient failures (daemon not up yet, connection closed
+by a restarting libvirtd, state-change lock timeouts) are retried.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import libvirt
+from lxml import etree
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from .errors import ArchdspError
+
+DEFAULT_URI = "qemu:///system"
+T = TypeVar("T")
+
+
+def _quiet(_ctx: Any, _err: Any) -> None:
+    """libvirt prints every error to stderr unless a handler takes it."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+
+class LibvirtFailure(ArchdspError):
+    """A libvirt call failed; ``code`` is libvirt's ``VIR_ERR_*`` number."""
+
+    def __init__(self, message: str, code: int = 0, transient: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.transient = transient
+
+
+_TRANSIENT_CODES = {
+    libvirt.VIR_ERR_SYSTEM_ERROR,  # socket connect failed (daemon restarting)
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INTERNAL_ERROR,
+    libvirt.VIR_ERR_OPERATION_TIMEOUT,
+    libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+}
+_TRANSIENT_TEXT = re.compile(
+    r"(Failed to connect socket|Connection refused|No such file or directory.*sock|"
+    r"connection (?:closed|reset)|End of file while reading|Cannot recv data|Cannot write data|"
+    r"client socket is closed|Broken pipe|"
+    r"Timed out during operation: cannot acquire state change lock|"
+    r"cannot acquire state change lock)",
+    re.IGNORECASE,
+)
+_PERMANENT_TEXT = re.compile(r"(Permission denied|authentication|not authorized|Operation not permitted)", re.I)
+
+
+def is_transient(err: libvirt.libvirtError) -> bool:
+    """True for failures that a retry after a short wait may cure."""
+    text = str(err)
+    if _PERMANENT_TEXT.search(text):
+        return False
+    code = err.get_error_code()
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return True
+    return code in _TRANSIENT_CODES and bool(_TRANSIENT_TEXT.search(text))
+
+
+def translate(err: libvirt.libvirtError, uri: str, doing: str) -> LibvirtFailure:
+    """The one place a libvirt error becomes ours, with what to do about it."""
+    text = (err.get_error_message() or str(err)).strip()
+    code = err.get_error_code() or 0
+    if _PERMANENT_TEXT.search(text) and ("sock" in text or code in (libvirt.VIR_ERR_AUTH_FAILED,
+                                                                     libvirt.VIR_ERR_SYSTEM_ERROR)):
+        hint = "permission denied: join the libvirt group or use sudo"
+    elif re.search(r"Failed to connect socket|No such file or directory.*sock|Connection refused", text):
+        hint = f"libvirtd is not running for {uri}: start it (systemctl start libvirtd, or libvirtd -d)"
+    elif code == libvirt.VIR_ERR_NO_DOMAIN:
+        hint = "no such domain: run 'archdsp-virt up CONFIG' to define it"
+    elif code == libvirt.VIR_ERR_OPERATION_INVALID and "already running" in text:
+        hint = "the domain is already running"
+    else:
+        hint = ""
+    msg = f"{doing} failed: {text}" + (f" ({hint})" if hint else "")
+    return LibvirtFailure(msg, code=code, transient=is_transient(err))
+
+
+def retrying(attempts: int = 6, seconds: float = 30.0) -> Retrying:
+    """The retry policy for libvirt calls: transient failures only, bounded, with backoff."""
+    return Retrying(
+        retry=retry_if_exception(lambda e: isinstance(e, LibvirtFailure) and e.transient),
+        stop=stop_after_attempt(attempts) | stop_after_delay(seconds),
+        wait=wait_exponential(multiplier=0.25, max=4),
+        reraise=True,
+    )
+
+
+def resolve_uri(uri: str | None) -> str:
+    """``-c URI``, else ``LIBVIRT_DEFAULT_URI``, else qemu:///system: as virsh does."""
+    return uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
+def call(uri: str, doing: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run one libvirt call, translating its error once."""
+    try:
+        return fn(*args)
+    except libvirt.libvirtError as err:
+        raise translate(err, uri, doing) from None
+
+
+def open_connection(uri: str | None = None, readonly: bool = False, retry: bool = True) -> libvirt.virConnect:
+    """Open a libvirt connection the way virsh would, retrying only while the daemon comes up."""
+    target = resolve_uri(uri)
+    opener = libvirt.openReadOnly if readonly else libvirt.open
+
+    def attempt() -> libvirt.virConnect:
+        return call(target, f"connecting to {target}", opener, target)
+
+    if not retry:
+        return attempt()
+    return retrying()(attempt)
+
+
+def supports_passt(conn: libvirt.virConnect) -> bool:
+    """Whether libvirt accepts ``<interface type='user'><backend type='passt'/>``.
+
+    Asked of the domain capabilities where libvirt lists interface backends;
+    libvirt that does not list them (Debian 12's 9.0 among them) is taken at
+    its version: 9.2 was the first whose QEMU driver took passt.
+    """
+    try:
+        caps = etree.fromstring(conn.getDomainCapabilities().encode())
+        values = caps.xpath("/domainCapabilities/devices/interface/enum[@name='backendType']/value/text()")
+        if values:
+            return "passt" in values
+    except libvirt.libvirtError:
+        pass
+    try:
+        return conn.getLibVersion() >= 9_002_000
+    except libvirt.libvirtError:
+        return False

@@ -1,0 +1,48 @@
+"""CPU sets: ``frozenset[int]`` inside, ``"0-3,^2"`` strings only at the edges."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+CpuSet = frozenset[int]
+
+
+def parse_cpuset(spec: str) -> CpuSet:
+    """Parse libvirt/sysfs CPU list syntax: ``"0-3,^2,8"`` -> ``{0, 1, 3, 8}``.
+
+    An empty or blank string is the empty set (sysfs writes ``isolated`` that way).
+    """
+    include: set[int] = set()
+    exclude: set[int] = set()
+    for raw in spec.replace("\n", "").split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        target = include
+        if part.startswith("^"):
+            target = exclude
+            part = part[1:].strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if sep else first
+        except ValueError:
+            raise ValueError(f"invalid CPU list {spec!r}: {raw.strip()!r} is not a number or range") from None
+        if first < 0 or last < first:
+            raise ValueError(f"invalid CPU list {spec!r}: bad range {raw.strip()!r}")
+        target.update(range(first, last + 1))
+    return frozenset(include - exclude)
+
+
+def format_cpuset(cpus: Iterable[int]) -> str:
+    """Format a CPU set compactly: ``{0, 1, 2, 5}`` -> ``"0-2,5"``."""
+    ordered = sorted(set(cpus))
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)

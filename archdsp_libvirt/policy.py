@@ -1,0 +1,233 @@
+"""Decisions: from what the user asked (the config) and what the host is
+(its facts) to the concrete tuning the renderer maps to XML.
+
+Nothing here builds XML, and nothing in the renderer decides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DspConfig
+from .cpuset import CpuSet, format_cpuset, parse_cpuset
+from .errors import ConfigError
+
+QCOW2_MAGIC = b"QFI\xfb"
+SYSFS_ONLINE = "/sys/devices/system/cpu/online"
+HOSTFWD_NETDEV = "archdspfwd0"
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the renderer needs to know about the host the domain is for.
+
+    ``online_cpus`` is None when rendering for a host we cannot see:
+    emulator threads are then left unpinned (with a warning).
+    ``passt`` tells whether libvirt accepts ``<backend type='passt'>``.
+    """
+
+    online_cpus: CpuSet | None = None
+    passt: bool = False
+
+    @classmethod
+    def local(cls, passt: bool = False, sysfs_online: str = SYSFS_ONLINE) -> HostFacts:
+        try:
+            cpus = parse_cpuset(Path(sysfs_online).read_text())
+        except (OSError, ValueError):
+            cpus = None
+        return cls(online_cpus=cpus, passt=passt)
+
+
+@dataclass(frozen=True)
+class VcpuPin:
+    vcpu: int
+    cpus: CpuSet
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One virtio NIC the domain has: ``kind`` is network, bridge or user."""
+
+    kind: str
+    source: str | None
+    mac: str
+    forwards: tuple[tuple[int, int], ...] = ()
+    address: str = "127.0.0.1"
+    passt: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Concrete tuning of one DSP domain: what to render, nothing left to decide."""
+
+    config: DspConfig
+    pins: tuple[VcpuPin, ...]
+    emulator_cpus: CpuSet
+    fifo_vcpus: CpuSet
+    disk_format: str | None
+    disk_path: str | None
+    kernel: str | None
+    initrd: str | None
+    cmdline: str | None
+    nics: tuple[Nic, ...]
+    hostfwd_args: tuple[str, ...]
+    console_log: str
+    uuid: str | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def port_forward_backend(self) -> str | None:
+        if self.hostfwd_args:
+            return "hostfwd"
+        if any(n.passt for n in self.nics):
+            return "passt"
+        return None
+
+    @property
+    def extra_args(self) -> tuple[str, ...]:
+        return self.hostfwd_args + tuple(self.config.qemu_extra_args)
+
+
+def mac_for(name: str, index: int) -> str:
+    """A stable locally administered MAC for NIC ``index`` of domain ``name``.
+
+    libvirt invents a new MAC on every define without one, and a definition
+    that changes on every define never compares equal to itself.
+    """
+    digest = hashlib.sha256(f"{name}/{index}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def detect_disk_format(path: str, forced: str | None) -> str:
+    """qcow2 or raw: the ``disk_format`` key, else the file's header, else its extension."""
+    if forced:
+        return forced
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        head = None
+    if head is not None:
+        return "qcow2" if head == QCOW2_MAGIC else "raw"
+    suffix = Path(path).suffix.lower()
+    if suffix == ".qcow2":
+        return "qcow2"
+    if suffix in (".raw", ".img"):
+        return "raw"
+    raise ConfigError(
+        f"archibaldos.disk_image: cannot tell the format of {path} (unreadable here, extension "
+        f"{suffix or 'none'}); set archibaldos.disk_format = \"qcow2\" or \"raw\""
+    )
+
+
+def netjack_cmdline(cfg: DspConfig) -> list[str]:
+    """Kernel arguments that tell the demo guest's init how to join the link."""
+    nj = cfg.netjack
+    if not nj.enable:
+        return []
+    args = [
+        f"archdsp.master={nj.master_ip}",
+        f"archdsp.port={nj.source_port}",
+        f"archdsp.name={nj.client_name}",
+        f"archdsp.latency={nj.network_latency}",
+        f"archdsp.channels={nj.channels}",
+    ]
+    if nj.guest_ip:
+        args.append(f"archdsp.ip={nj.guest_ip}")
+    return args
+
+
+def _hostfwd_args(cfg: DspConfig, mac: str) -> tuple[str, ...]:
+    net = cfg.network
+    rules = ",".join(f"hostfwd=tcp:{net.hostfwd_address}:{h}-:{g}" for h, g in net.forwards)
+    bus = "pcie.0" if cfg.machine == "q35" else "pci.0"
+    return (
+        "-netdev",
+        f"user,id={HOSTFWD_NETDEV},{rules}",
+        "-device",
+        f"virtio-net-pci,netdev={HOSTFWD_NETDEV},mac={mac},bus={bus},addr=0x10",
+    )
+
+
+def _nics(cfg: DspConfig, passt: bool) -> tuple[tuple[Nic, ...], tuple[str, ...]]:
+    net = cfg.network
+    if not net.enable:
+        return (), ()
+    nics: list[Nic] = []
+    hostfwd: tuple[str, ...] = ()
+    if net.mode in ("nat", "bridge"):
+        kind = "network" if net.mode == "nat" else "bridge"
+        nics.append(Nic(kind=kind, source=net.source, mac=mac_for(cfg.name, 0)))
+    forwards = tuple(net.forwards)
+    if net.mode == "user" or forwards:
+        mac = mac_for(cfg.name, len(nics))
+        use_passt = bool(forwards) and (
+            net.port_forward_backend == "passt" or (net.port_forward_backend == "auto" and passt)
+        )
+        if forwards and not use_passt:
+            hostfwd = _hostfwd_args(cfg, mac)
+        else:
+            nics.append(
+                Nic(kind="user", source=None, mac=mac, forwards=forwards,
+                    address=net.hostfwd_address, passt=use_passt)
+            )
+    return tuple(nics), hostfwd
+
+
+def plan(cfg: DspConfig, host: HostFacts, uuid: str | None = None) -> Plan:
+    """Derive the concrete tuning of ``cfg`` for ``host``."""
+    warnings: list[str] = []
+    isolated = frozenset(cfg.isolated_cores)
+    pins = tuple(VcpuPin(i, frozenset({core})) for i, core in enumerate(cfg.isolated_cores))
+
+    if cfg.emulator_cores is not None:
+        emulator = frozenset(cfg.emulator_cores)
+    elif host.online_cpus is None:
+        emulator = frozenset()
+        warnings.append("emulatorpin omitted: the host's CPUs are unknown; set emulator_cores to pin QEMU's own threads")
+    else:
+        emulator = host.online_cpus - isolated
+        if not emulator:
+            warnings.append(
+                f"emulatorpin omitted: the host has no core outside isolated_cores "
+                f"({format_cpuset(isolated)}); QEMU's own threads will share the vCPUs' cores"
+            )
+
+    disk_path = disk_format = None
+    if cfg.disk_image:
+        disk_path = os.path.expanduser(cfg.disk_image)
+        disk_format = detect_disk_format(disk_path, cfg.archibaldos.disk_format)
+
+    kernel = os.path.expanduser(cfg.boot.kernel) if cfg.boot.kernel else None
+    initrd = os.path.expanduser(cfg.boot.initrd) if cfg.boot.initrd else None
+    cmdline = " ".join([cfg.boot.cmdline, *netjack_cmdline(cfg)]).strip() if kernel else None
+
+    nics, hostfwd = _nics(cfg, host.passt)
+    if hostfwd or cfg.qemu_extra_args:
+        users = " and ".join(
+            what for what, used in (("port forwards (hostfwd)", hostfwd), ("qemu_extra_args", cfg.qemu_extra_args))
+            if used
+        )
+        warnings.append(f"{users} go through <qemu:commandline>: libvirt marks the domain tainted (custom-argv)")
+
+    console_log = cfg.console_log or f"/var/log/libvirt/qemu/{cfg.name}-console.log"
+    fifo = frozenset(range(len(pins))) if cfg.realtime.enable else frozenset()
+    return Plan(
+        config=cfg,
+        pins=pins,
+        emulator_cpus=emulator,
+        fifo_vcpus=fifo,
+        disk_format=disk_format,
+        disk_path=disk_path,
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline,
+        nics=nics,
+        hostfwd_args=hostfwd,
+        console_log=console_log,
+        uuid=uuid,
+        warnings=tuple(warnings),
+    )

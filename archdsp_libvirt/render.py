@@ -1,0 +1,282 @@
+"""Mapping: a :class:`~archdsp_libvirt.policy.Plan` to libvirt domain XML.
+
+One function per libvirt element, named after it, with the XML it emits in
+its docstring. Functions return Elements; text is made once, in
+:func:`to_xml`. No decisions are taken here (see ``policy``).
+"""
+
+from __future__ import annotations
+
+from lxml import etree
+from lxml.builder import ElementMaker
+
+from .cpuset import format_cpuset
+from .policy import Nic, Plan
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+E = ElementMaker(typemap={int: lambda _el, v: str(v)})
+Q = ElementMaker(namespace=QEMU_NS, nsmap={"qemu": QEMU_NS})
+
+
+def yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def memory(plan: Plan) -> list[etree._Element]:
+    """<memory unit='MiB'>N</memory><currentMemory unit='MiB'>N</currentMemory>"""
+    mb = plan.config.memory_mb
+    return [E.memory(str(mb), unit="MiB"), E.currentMemory(str(mb), unit="MiB")]
+
+
+def memtune(plan: Plan) -> list[etree._Element]:
+    """<memtune><hard_limit unit='MiB'>N</hard_limit></memtune>, only with locked memory.
+
+    libvirt advises a hard limit with <locked/>: the guest's memory plus
+    1 GiB for QEMU itself.
+    """
+    if not plan.config.realtime.mlock:
+        return []
+    return [E.memtune(E.hard_limit(str(plan.config.memory_mb + 1024), unit="MiB"))]
+
+
+def memoryBacking(plan: Plan) -> list[etree._Element]:
+    """<memoryBacking><hugepages><page size='2048' unit='KiB'/></hugepages><nosharepages/><locked/></memoryBacking>"""
+    cfg = plan.config
+    children = []
+    if cfg.hugepages:
+        children.append(E.hugepages(E.page(size=cfg.page_size_kib, unit="KiB")))
+    children.append(E.nosharepages())
+    if cfg.realtime.mlock:
+        children.append(E.locked())
+    return [E.memoryBacking(*children)]
+
+
+def vcpu(plan: Plan) -> etree._Element:
+    """<vcpu placement='static'>N</vcpu>"""
+    return E.vcpu(str(len(plan.pins)), placement="static")
+
+
+def cputune(plan: Plan) -> etree._Element:
+    """<cputune><vcpupin vcpu='0' cpuset='1'/>...<emulatorpin cpuset='0'/>
+    <vcpusched vcpus='0' scheduler='fifo' priority='1'/></cputune>"""
+    return E.cputune(
+        *(E.vcpupin(vcpu=p.vcpu, cpuset=format_cpuset(p.cpus)) for p in plan.pins),
+        *([E.emulatorpin(cpuset=format_cpuset(plan.emulator_cpus))] if plan.emulator_cpus else []),
+        *(
+            [E.vcpusched(vcpus=format_cpuset(plan.fifo_vcpus), scheduler="fifo",
+                         priority=plan.config.realtime.priority)]
+            if plan.fifo_vcpus
+            else []
+        ),
+    )
+
+
+def os_(plan: Plan) -> etree._Element:
+    """<os><type arch='x86_64' machine='q35'>hvm</type><kernel/><initrd/><cmdline/><boot dev='hd'/></os>"""
+    children = [E.type("hvm", arch="x86_64", machine=plan.config.machine)]
+    if plan.kernel:
+        children.append(E.kernel(plan.kernel))
+        if plan.initrd:
+            children.append(E.initrd(plan.initrd))
+        if plan.cmdline:
+            children.append(E.cmdline(plan.cmdline))
+    else:
+        children.append(E.boot(dev="hd"))
+    return E.os(*children)
+
+
+def features(plan: Plan) -> etree._Element:
+    """<features><acpi/><apic/><pmu state='off'/></features>"""
+    return E.features(E.acpi(), E.apic(), E.pmu(state="off"))
+
+
+def cpu(plan: Plan) -> list[etree._Element]:
+    """<cpu mode='host-passthrough' check='none' migratable='off'><feature policy='require' name='tsc-deadline'/></cpu>
+
+    KVM only: a TCG (``qemu``) domain keeps QEMU's default CPU model.
+    """
+    if plan.config.domain_type != "kvm":
+        return []
+    return [
+        E.cpu(
+            E.feature(policy="require", name="tsc-deadline"),
+            *(E.feature(policy="disable", name=f) for f in plan.config.cpu_disable_features),
+            mode="host-passthrough",
+            check="none",
+            migratable="off",
+        )
+    ]
+
+
+def clock(plan: Plan) -> etree._Element:
+    """<clock offset='utc'><timer name='kvmclock' present='yes'/>...</clock>"""
+    timers = [
+        E.timer(name="rtc", tickpolicy="catchup"),
+        E.timer(name="pit", tickpolicy="delay"),
+        E.timer(name="hpet", present="no"),
+    ]
+    if plan.config.domain_type == "kvm":
+        timers.append(E.timer(name="kvmclock", present="yes"))
+    return E.clock(*timers, offset="utc")
+
+
+def lifecycle(plan: Plan) -> list[etree._Element]:
+    """<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>"""
+    return [E.on_poweroff("destroy"), E.on_reboot("restart"), E.on_crash("destroy")]
+
+
+def disk(plan: Plan) -> list[etree._Element]:
+    """<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none' io='native'/>
+    <source file='...'/><target dev='vda' bus='virtio'/></disk>"""
+    if not plan.disk_path:
+        return []
+    return [
+        E.disk(
+            E.driver(name="qemu", type=plan.disk_format, cache="none", io="native"),
+            E.source(file=plan.disk_path),
+            E.target(dev="vda", bus="virtio"),
+            type="file",
+            device="disk",
+        )
+    ]
+
+
+def controller(plan: Plan) -> etree._Element:
+    """<controller type='usb' model='none'/>: no USB, no polling controller."""
+    return E.controller(type="usb", model="none")
+
+
+def interface(nic: Nic) -> etree._Element:
+    """<interface type='network'><mac address='52:54:00:..'/><source network='default'/><model type='virtio'/></interface>
+
+    A user-mode NIC with port forwards on passt:
+    <interface type='user'><mac/><portForward proto='tcp' address='127.0.0.1'><range start='2222' to='22'/>
+    </portForward><model type='virtio'/><backend type='passt'/></interface>
+    """
+    children = [E.mac(address=nic.mac)]
+    if nic.kind == "network":
+        children.append(E.source(network=nic.source))
+    elif nic.kind == "bridge":
+        children.append(E.source(bridge=nic.source))
+    if nic.passt:
+        children.extend(
+            E.portForward(E.range(start=h, to=g), proto="tcp", address=nic.address) for h, g in nic.forwards
+        )
+    children.append(E.model(type="virtio"))
+    if nic.passt:
+        children.append(E.backend(type="passt"))
+    return E.interface(*children, type=nic.kind)
+
+
+def serial(plan: Plan) -> etree._Element:
+    """<serial type='pty'><log file='...' append='off'/><target port='0'/></serial>"""
+    return E.serial(E.log(file=plan.console_log, append="off"), E.target(port=0), type="pty")
+
+
+def console(plan: Plan) -> etree._Element:
+    """<console type='pty'><target type='serial' port='0'/></console>"""
+    return E.console(E.target(type="serial", port=0), type="pty")
+
+
+def graphics(plan: Plan) -> list[etree._Element]:
+    """<graphics type='spice' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>"""
+    out = []
+    for kind, wanted in (("spice", plan.config.spice), ("vnc", plan.config.vnc)):
+        if wanted:
+            out.append(
+                E.graphics(E.listen(type="address", address="127.0.0.1"), type=kind, autoport="yes",
+                           listen="127.0.0.1")
+            )
+    return out
+
+
+def video(plan: Plan) -> list[etree._Element]:
+    """<video><model type='virtio' heads='1' primary='yes'/></video>, only with a display."""
+    if not (plan.config.spice or plan.config.vnc):
+        return []
+    return [E.video(E.model(type="virtio", heads=1, primary="yes"))]
+
+
+def hostdev(plan: Plan) -> list[etree._Element]:
+    """<hostdev mode='subsystem' type='pci' managed='yes'><driver name='vfio'/>
+    <source><address domain='0x0000' bus='0x00' slot='0x1b' function='0x0'/></source></hostdev>"""
+    dev = plan.config.audio_device
+    if not dev.enable:
+        return []
+    dom, bus, slot, fn = dev.pci_address
+    return [
+        E.hostdev(
+            E.driver(name="vfio"),
+            E.source(E.address(domain=f"0x{dom:04x}", bus=f"0x{bus:02x}", slot=f"0x{slot:02x}",
+                               function=f"0x{fn:x}")),
+            mode="subsystem",
+            type="pci",
+            managed=yes_no(dev.managed),
+        )
+    ]
+
+
+def memballoon(plan: Plan) -> etree._Element:
+    """<memballoon model='none'/>"""
+    return E.memballoon(model="none")
+
+
+def devices(plan: Plan) -> etree._Element:
+    """<devices>disk, controller, interfaces, serial, console, graphics, video, hostdev, memballoon</devices>"""
+    return E.devices(
+        *disk(plan),
+        controller(plan),
+        *(interface(n) for n in plan.nics),
+        serial(plan),
+        console(plan),
+        *graphics(plan),
+        *video(plan),
+        *hostdev(plan),
+        memballoon(plan),
+    )
+
+
+def commandline(plan: Plan) -> list[etree._Element]:
+    """<qemu:commandline><qemu:arg value='-netdev'/>...</qemu:commandline>"""
+    args = plan.extra_args
+    if not args:
+        return []
+    return [Q.commandline(*(Q.arg(value=a) for a in args))]
+
+
+def domain(plan: Plan) -> etree._Element:
+    """<domain type='kvm'> with every element above, in libvirt's own order."""
+    cfg = plan.config
+    nsmap = {"qemu": QEMU_NS} if plan.extra_args else None
+    root = etree.Element("domain", type=cfg.domain_type, nsmap=nsmap)
+    root.append(E.name(cfg.name))
+    if plan.uuid:
+        root.append(E.uuid(plan.uuid))
+    root.append(E.description(f"archdsp-libvirt DSP VM {cfg.name}"))
+    for el in (
+        *memory(plan),
+        *memtune(plan),
+        *memoryBacking(plan),
+        vcpu(plan),
+        cputune(plan),
+        os_(plan),
+        features(plan),
+        *cpu(plan),
+        clock(plan),
+        *lifecycle(plan),
+        devices(plan),
+        *commandline(plan),
+    ):
+        root.append(el)
+    return root
+
+
+def to_xml(root: etree._Element) -> str:
+    """Serialise once, at the edge: two-space indent, trailing newline."""
+    etree.indent(root, space="  ")
+    return etree.tostring(root, encoding="unicode") + "\n"

@@ -1,0 +1,212 @@
+"""Per-element tests of the renderer and the policy behind it."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from archdsp_libvirt import HostFacts, parse_config, render_domain
+from archdsp_libvirt.errors import ConfigError
+from archdsp_libvirt.policy import detect_disk_format, mac_for, plan
+from archdsp_libvirt import render
+
+BASE = {"isolated_cores": [2, 3], "memory_mb": 2048, "boot": {"kernel": "/k"}}
+HOST4 = HostFacts(online_cpus=frozenset(range(4)))
+
+
+def cfg(**over):
+    data = {**BASE}
+    for k, v in over.items():
+        data[k] = v
+    return parse_config(data)
+
+
+def xml_of(c, host=HOST4):
+    return etree.fromstring(render_domain(c, host).xml.encode())
+
+
+def test_vcpupin_one_to_one_and_emulator_on_the_rest():
+    root = xml_of(cfg())
+    pins = [(p.get("vcpu"), p.get("cpuset")) for p in root.iterfind("cputune/vcpupin")]
+    assert pins == [("0", "2"), ("1", "3")]
+    assert root.find("cputune/emulatorpin").get("cpuset") == "0-1"
+    assert root.findtext("vcpu") == "2"
+    assert root.find("vcpu").get("cpuset") is None
+
+
+def test_emulatorpin_from_config_overrides_the_host():
+    root = xml_of(cfg(emulator_cores=[0]))
+    assert root.find("cputune/emulatorpin").get("cpuset") == "0"
+
+
+def test_no_housekeeping_core_omits_emulatorpin_with_a_warning():
+    c = cfg(isolated_cores=[0, 1])
+    r = render_domain(c, HostFacts(online_cpus=frozenset({0, 1})))
+    assert "emulatorpin" not in r.xml
+    assert any("emulatorpin omitted" in w for w in r.warnings)
+
+
+def test_unknown_host_omits_emulatorpin_with_a_warning():
+    r = render_domain(cfg(), HostFacts(online_cpus=None))
+    assert "emulatorpin" not in r.xml
+    assert any("host's CPUs are unknown" in w for w in r.warnings)
+
+
+def test_vcpusched_fifo_only_when_realtime():
+    assert xml_of(cfg()).find("cputune/vcpusched").attrib == {"vcpus": "0-1", "scheduler": "fifo", "priority": "1"}
+    assert xml_of(cfg(realtime={"enable": False})).find("cputune/vcpusched") is None
+    assert xml_of(cfg(realtime={"priority": 10})).find("cputune/vcpusched").get("priority") == "10"
+
+
+def test_memory_backing():
+    root = xml_of(cfg(hugepages=1024))
+    mb = root.find("memoryBacking")
+    assert [c.tag for c in mb] == ["hugepages", "nosharepages", "locked"]
+    assert mb.find("hugepages/page").attrib == {"size": "2048", "unit": "KiB"}
+    assert root.find("memtune/hard_limit").text == str(2048 + 1024)
+    root = xml_of(cfg(realtime={"mlock": False}))
+    assert [c.tag for c in root.find("memoryBacking")] == ["nosharepages"]
+    assert root.find("memtune") is None
+
+
+def test_gigantic_pages():
+    root = xml_of(cfg(hugepages=2, hugepage_size="1G"))
+    assert root.find("memoryBacking/hugepages/page").get("size") == str(1024 * 1024)
+
+
+def test_hugepages_must_cover_memory():
+    with pytest.raises(ConfigError, match=r"1000 x 2M pages = 2000 MiB do not cover memory_mb = 2048; set hugepages >= 1024"):
+        cfg(hugepages=1000)
+
+
+def test_hostdev():
+    root = xml_of(cfg(audio_device={"enable": True, "pci_id": "0000:0a:1b.3"}))
+    hd = root.find("devices/hostdev")
+    assert hd.attrib == {"mode": "subsystem", "type": "pci", "managed": "yes"}
+    assert hd.find("source/address").attrib == {"domain": "0x0000", "bus": "0x0a", "slot": "0x1b", "function": "0x3"}
+    root = xml_of(cfg(audio_device={"enable": True, "pci_id": "0000:0a:1b.3", "managed": False}))
+    assert root.find("devices/hostdev").get("managed") == "no"
+    assert xml_of(cfg()).find("devices/hostdev") is None
+
+
+def test_virtio_nic_with_stable_mac():
+    root = xml_of(cfg())
+    nic = root.find("devices/interface")
+    assert nic.get("type") == "network"
+    assert nic.find("source").get("network") == "default"
+    assert nic.find("model").get("type") == "virtio"
+    assert nic.find("mac").get("address") == mac_for("archibaldos-dsp", 0)
+    assert mac_for("a", 0) != mac_for("b", 0) and mac_for("a", 0) == mac_for("a", 0)
+
+
+def test_bridge_and_user_modes():
+    nic = xml_of(cfg(network={"mode": "bridge", "source": "br0"})).find("devices/interface")
+    assert nic.get("type") == "bridge" and nic.find("source").get("bridge") == "br0"
+    nic = xml_of(cfg(network={"mode": "user"})).find("devices/interface")
+    assert nic.get("type") == "user" and nic.find("backend") is None
+
+
+def test_port_forwards_passt():
+    r = render_domain(cfg(network={"hostfwd": {"2222": 22, "8080": 80}}), HostFacts(frozenset(range(4)), passt=True))
+    root = etree.fromstring(r.xml.encode())
+    user = root.find("devices/interface[@type='user']")
+    assert user.find("backend").get("type") == "passt"
+    fwds = [(f.get("address"), f.find("range").get("start"), f.find("range").get("to")) for f in user.iterfind("portForward")]
+    assert fwds == [("127.0.0.1", "2222", "22"), ("127.0.0.1", "8080", "80")]
+    assert r.plan.port_forward_backend == "passt"
+    assert "qemu:commandline" not in r.xml
+
+
+def test_port_forwards_hostfwd_fallback():
+    r = render_domain(cfg(network={"hostfwd": {"2222": 22}}), HOST4)
+    root = etree.fromstring(r.xml.encode())
+    args = root.xpath("//qemu:commandline/qemu:arg/@value", namespaces={"qemu": render.QEMU_NS})
+    assert args[0] == "-netdev" and "hostfwd=tcp:127.0.0.1:2222-:22" in args[1]
+    assert args[2] == "-device" and "bus=pcie.0,addr=0x10" in args[3]
+    assert root.find("devices/interface[@type='user']") is None
+    assert r.plan.port_forward_backend == "hostfwd"
+    assert any("tainted" in w for w in r.warnings)
+
+
+def test_serial_console_log_and_balloon():
+    root = xml_of(cfg(name="dsp1"))
+    assert root.find("devices/serial/log").attrib == {"file": "/var/log/libvirt/qemu/dsp1-console.log", "append": "off"}
+    assert root.find("devices/console/target").get("type") == "serial"
+    assert root.find("devices/memballoon").get("model") == "none"
+    assert root.find("devices/controller[@type='usb']").get("model") == "none"
+    assert xml_of(cfg(console_log="/tmp/c.log")).find("devices/serial/log").get("file") == "/tmp/c.log"
+
+
+def test_kvm_cpu_clock_and_pmu():
+    root = xml_of(cfg(cpu_disable_features=["arch-capabilities"]))
+    assert root.get("type") == "kvm"
+    assert root.find("cpu").get("mode") == "host-passthrough"
+    assert root.find("cpu/feature[@name='arch-capabilities']").get("policy") == "disable"
+    assert root.find("clock/timer[@name='kvmclock']").get("present") == "yes"
+    assert root.find("features/pmu").get("state") == "off"
+
+
+def test_tcg_has_no_passthrough_or_kvmclock():
+    root = xml_of(cfg(domain_type="qemu"))
+    assert root.get("type") == "qemu"
+    assert root.find("cpu") is None
+    assert root.find("clock/timer[@name='kvmclock']") is None
+
+
+def test_graphics_only_on_loopback_when_enabled():
+    assert xml_of(cfg()).find("devices/graphics") is None
+    root = xml_of(cfg(spice=True, vnc=True))
+    kinds = [(g.get("type"), g.get("listen"), g.find("listen").get("address")) for g in root.iterfind("devices/graphics")]
+    assert kinds == [("spice", "127.0.0.1", "127.0.0.1"), ("vnc", "127.0.0.1", "127.0.0.1")]
+
+
+def test_direct_kernel_boot_with_netjack_arguments():
+    c = cfg(boot={"kernel": "/g/vmlinuz", "initrd": "/g/initrd.img", "cmdline": "console=ttyS0 quiet"},
+            archibaldos={"netjack": {"enable": True, "source_port": 4713, "network_latency": 0, "guest_ip": "192.168.122.50/24"}})
+    root = xml_of(c)
+    assert root.findtext("os/kernel") == "/g/vmlinuz"
+    assert root.findtext("os/initrd") == "/g/initrd.img"
+    assert root.findtext("os/cmdline") == (
+        "console=ttyS0 quiet archdsp.master=192.168.122.1 archdsp.port=4713 archdsp.name=netjack "
+        "archdsp.latency=0 archdsp.channels=2 archdsp.ip=192.168.122.50/24"
+    )
+    assert root.find("os/boot") is None and root.find("devices/disk") is None
+
+
+def test_qemu_extra_args_go_to_commandline_with_a_warning():
+    r = render_domain(cfg(qemu_extra_args=["-overcommit", "cpu-pm=on"]), HOST4)
+    assert '<qemu:arg value="-overcommit"/>' in r.xml
+    assert any("qemu_extra_args" in w and "tainted" in w for w in r.warnings)
+
+
+def test_markup_in_values_is_escaped():
+    c = cfg(boot={"kernel": "/k<'\"&>", "cmdline": "a=<b> & 'c'"})
+    r = render_domain(c, HOST4)
+    root = etree.fromstring(r.xml.encode())
+    assert root.findtext("os/kernel") == "/k<'\"&>"
+    assert "&lt;b&gt; &amp;" in r.xml
+
+
+def test_uuid_is_rendered_when_given():
+    r = render_domain(cfg(), HOST4, uuid="4dea22b3-1d52-d8f3-2516-782e98ab3fa0")
+    assert "<uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>" in r.xml
+
+
+def test_disk_format(tmp_path):
+    q = tmp_path / "img.raw"
+    q.write_bytes(b"QFI\xfb" + b"\0" * 60)
+    assert detect_disk_format(str(q), None) == "qcow2"  # the header wins over the extension
+    r = tmp_path / "img.qcow2"
+    r.write_bytes(b"\0" * 64)
+    assert detect_disk_format(str(r), None) == "raw"
+    assert detect_disk_format(str(tmp_path / "missing.qcow2"), None) == "qcow2"
+    assert detect_disk_format(str(tmp_path / "missing.img"), None) == "raw"
+    assert detect_disk_format(str(r), "qcow2") == "qcow2"
+    with pytest.raises(ConfigError, match="archibaldos.disk_format"):
+        detect_disk_format(str(tmp_path / "missing.bin"), None)
+
+
+def test_rendering_needs_no_disk_image():
+    c = parse_config({"isolated_cores": [1], "memory_mb": 512, "archibaldos": {"disk_image": "/nonexistent/x.qcow2"}})
+    p = plan(c, HOST4)
+    assert p.disk_path == "/nonexistent/x.qcow2" and p.disk_format == "qcow2"
