@@ -84,6 +84,71 @@ def xml(obj: Ctx, config: Path, host_cpus: str | None, port_forwards: str | None
     click.echo(rendered.xml, nl=False)
 
 
+def _session(obj: Ctx, readonly: bool = False):
+    from .connection import Session
+
+    return Session(obj.uri, readonly=readonly)
+
+
+@cli.command()
+@config_argument
+@click.option("--restart", is_flag=True, help="Restart a running domain whose definition changed.")
+@click.option("--no-autostart", is_flag=True, help="Do not mark the domain to start when the host boots.")
+@click.option("--skip-check", "skip_checks", multiple=True, metavar="ID",
+              help="Go on despite a failing preflight check ID (repeatable; recorded in the output).")
+@click.option("--no-check", is_flag=True, help="Skip the host preflight altogether.")
+@click.pass_obj
+def up(obj: Ctx, config: Path, restart: bool, no_autostart: bool, skip_checks: tuple[str, ...], no_check: bool) -> None:
+    """Define CONFIG's domain (keeping its UUID) and start it."""
+    from .service import up_command
+
+    up_command(config, obj.uri, restart=restart, autostart=not no_autostart, skip=set(skip_checks),
+               preflight=not no_check, say=click.echo)
+
+
+@cli.command()
+@config_argument
+@click.option("--timeout", type=click.FloatRange(0, 3600), default=60.0, show_default=True,
+              help="Seconds to wait for the ACPI shutdown before destroying.")
+@click.option("--force", is_flag=True, help="Destroy at once, without an ACPI shutdown.")
+@click.option("--undefine", is_flag=True, help="Remove the definition too.")
+@click.pass_obj
+def down(obj: Ctx, config: Path, timeout: float, force: bool, undefine: bool) -> None:
+    """Shut CONFIG's domain down (ACPI, then destroy after --timeout)."""
+    from .config import load_config
+    from .lifecycle import down as do_down
+
+    cfg = load_config(config)
+    with _session(obj) as session:
+        do_down(cfg.name, session, timeout=timeout, force=force, undefine=undefine, say=click.echo)
+
+
+@cli.command()
+@config_argument
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_obj
+def status(obj: Ctx, config: Path, as_json: bool) -> None:
+    """The DSP VM's state, vCPUs, isolation, hugepages, console log and drift."""
+    from .service import status_command
+
+    click.echo(status_command(config, obj.uri, as_json=as_json), nl=False)
+
+
+@cli.command()
+@config_argument
+@click.option("--force", is_flag=True, help="Take over a console another session holds.")
+@click.option("--expect", "pattern", metavar="REGEX", help="Non-interactive: read until REGEX matches, then exit 0.")
+@click.option("--timeout", type=click.FloatRange(0, 86400), default=60.0, show_default=True,
+              help="With --expect: give up (exit 1) after this many seconds.")
+@click.pass_obj
+def console(obj: Ctx, config: Path, force: bool, pattern: str | None, timeout: float) -> None:
+    """Attach to the serial console (Ctrl-] leaves), or wait for --expect REGEX."""
+    from .service import console_command
+
+    console_command(config, obj.uri, force=force, pattern=pattern, timeout=timeout,
+                    echo=lambda t: click.echo(t, nl=False))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="archdsp-virt", standalone_mode=True)

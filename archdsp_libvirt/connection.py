@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import urlsplit
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -148,3 +149,73 @@ def supports_passt(conn: libvirt.virConnect) -> bool:
         return conn.getLibVersion() >= 9_002_000
     except libvirt.libvirtError:
         return False
+
+
+class Session:
+    """A libvirt connection that reconnects and retries transient failures.
+
+    Domain handles do not survive a reconnect, so calls name the domain and
+    look it up again on every attempt (see :meth:`dom`).
+    """
+
+    def __init__(self, uri: str | None = None, readonly: bool = False,
+                 attempts: int = 6, seconds: float = 30.0) -> None:
+        self.uri = resolve_uri(uri)
+        self.readonly = readonly
+        self.attempts = attempts
+        self.seconds = seconds
+        self._conn: libvirt.virConnect | None = None
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        if self._conn is None:
+            self._conn = open_connection(self.uri, readonly=self.readonly, retry=False)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except libvirt.libvirtError:
+                pass
+        self._conn = None
+
+    def run(self, doing: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+        """``fn(conn)`` with transient failures retried on a fresh connection."""
+
+        def attempt() -> T:
+            try:
+                return call(self.uri, doing, fn, self.conn)
+            except LibvirtFailure as err:
+                if err.transient:
+                    self._drop()
+                raise
+
+        return retrying(self.attempts, self.seconds)(attempt)
+
+    def dom(self, name: str, doing: str, fn: Callable[[libvirt.virDomain], T]) -> T:
+        """``fn(domain)`` for the domain called ``name``, looked up on each attempt."""
+        return self.run(doing, lambda conn: fn(conn.lookupByName(name)))
+
+    def lookup(self, name: str) -> libvirt.virDomain | None:
+        """The domain called ``name``, or None when there is none."""
+        try:
+            return self.run(f"looking up domain {name}", lambda conn: conn.lookupByName(name))
+        except LibvirtFailure as err:
+            if err.code == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def is_local(self) -> bool:
+        """True when the domain's QEMU runs on this machine (its /proc is ours to read)."""
+        return urlsplit(self.uri).hostname in (None, "", "localhost")

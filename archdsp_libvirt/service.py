@@ -57,3 +57,69 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
     elif backend == "hostfwd":
         notes.append("port forwards: QEMU user-net hostfwd in <qemu:commandline> (no passt backend in this libvirt)")
     return rendered, notes
+
+
+def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, skip: set[str],
+               preflight: bool, say) -> None:
+    """``archdsp-virt up``: preflight, define, start, verify."""
+    from .connection import Session
+    from .lifecycle import up
+
+    cfg = load_config(config)
+    with Session(uri) as session:
+        if preflight:
+            run_preflight(cfg, session, skip, say)
+        up(cfg, session, restart=restart, autostart=autostart, say=say)
+
+
+def run_preflight(cfg: DspConfig, session, skip: set[str], say) -> None:
+    """Refuse to go on when a host check fails (unless skipped, which is said)."""
+    try:
+        from .hostcheck import Host, failures, preflight
+    except ImportError:  # pragma: no cover - the preflight module is part of the package
+        return
+    reachable = True
+    try:
+        session.conn
+    except ArchdspError:
+        reachable = False
+    findings = preflight(cfg, Host(), reachable, skip)
+    for f in findings:
+        if f.status == "skip":
+            say(f"preflight: {f.id} skipped on request (--skip-check {f.id}): {f.observed}")
+    failed = failures(findings)
+    if failed:
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more: see 'archdsp-virt check')" if len(failed) > 1 else ""
+        raise ArchdspError(
+            f"preflight {first.id} failed: {first.observed}; expected {first.expected}; fix: {first.fix}{more}"
+            f" (or --skip-check {first.id})"
+        )
+    say(f"preflight: {len(findings)} checks, none failed")
+
+
+def status_command(config: Path, uri: str | None, as_json: bool) -> str:
+    import json
+
+    from .connection import Session
+    from .lifecycle import format_status, status
+
+    cfg = load_config(config)
+    with Session(uri) as session:
+        info = status(cfg, session)
+    return json.dumps(info, indent=2, sort_keys=True) + "\n" if as_json else format_status(info)
+
+
+def console_command(config: Path, uri: str | None, force: bool, pattern: str | None, timeout: float, echo) -> None:
+    from .connection import Session
+    from .console import ensure_event_loop, expect, interactive
+
+    cfg = load_config(config)
+    ensure_event_loop()
+    with Session(uri) as session:
+        if pattern is None:
+            interactive(session, cfg.name, force=force)
+            return
+        matched, _seen = expect(session, cfg.name, pattern, timeout, force=force, echo=echo)
+    if not matched:
+        raise ArchdspError(f"console: {pattern!r} did not appear within {timeout:g} s")
