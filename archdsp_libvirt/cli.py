@@ -140,13 +140,14 @@ def status(obj: Ctx, config: Path, as_json: bool) -> None:
 @click.option("--expect", "pattern", metavar="REGEX", help="Non-interactive: read until REGEX matches, then exit 0.")
 @click.option("--timeout", type=click.FloatRange(0, 86400), default=60.0, show_default=True,
               help="With --expect: give up (exit 1) after this many seconds.")
+@click.option("--send", metavar="TEXT", help="With --expect: type TEXT first (backslash escapes such as \\n work).")
 @click.pass_obj
-def console(obj: Ctx, config: Path, force: bool, pattern: str | None, timeout: float) -> None:
+def console(obj: Ctx, config: Path, force: bool, pattern: str | None, timeout: float, send: str | None) -> None:
     """Attach to the serial console (Ctrl-] leaves), or wait for --expect REGEX."""
     from .service import console_command
 
     console_command(config, obj.uri, force=force, pattern=pattern, timeout=timeout,
-                    echo=lambda t: click.echo(t, nl=False))
+                    echo=lambda t: click.echo(t, nl=False), send=send)
 
 
 def main(argv: list[str] | None = None) -> None:

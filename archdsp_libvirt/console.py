@@ -109,13 +109,18 @@ class ConsoleStream:
 
 
 def expect(session: Session, name: str, pattern: str, timeout: float, force: bool = False,
-           echo=None) -> tuple[bool, str]:
-    """Read the console until ``pattern`` matches or ``timeout`` s pass: (matched, text seen)."""
+           echo=None, send: bytes | None = None) -> tuple[bool, str]:
+    """Read the console until ``pattern`` matches or ``timeout`` s pass: (matched, text seen).
+
+    ``send`` is written to the console once it is attached (e.g. a command for a shell).
+    """
     try:
         regex = re.compile(pattern)
     except re.error as exc:
         raise ArchdspError(f"--expect: not a regular expression: {exc}") from None
     cons = ConsoleStream(session, name, force=force)
+    if send:
+        cons.send(send)
     seen = ""
     deadline = time.monotonic() + timeout
     try:

@@ -110,7 +110,8 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
     return json.dumps(info, indent=2, sort_keys=True) + "\n" if as_json else format_status(info)
 
 
-def console_command(config: Path, uri: str | None, force: bool, pattern: str | None, timeout: float, echo) -> None:
+def console_command(config: Path, uri: str | None, force: bool, pattern: str | None, timeout: float, echo,
+                    send: str | None = None) -> None:
     from .connection import Session
     from .console import ensure_event_loop, expect, interactive
 
@@ -118,8 +119,11 @@ def console_command(config: Path, uri: str | None, force: bool, pattern: str | N
     ensure_event_loop()
     with Session(uri) as session:
         if pattern is None:
+            if send:
+                raise UsageError("--send goes with --expect")
             interactive(session, cfg.name, force=force)
             return
-        matched, _seen = expect(session, cfg.name, pattern, timeout, force=force, echo=echo)
+        data = send.encode().decode("unicode_escape").encode("latin-1") if send else None
+        matched, _seen = expect(session, cfg.name, pattern, timeout, force=force, echo=echo, send=data)
     if not matched:
         raise ArchdspError(f"console: {pattern!r} did not appear within {timeout:g} s")

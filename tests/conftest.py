@@ -63,3 +63,138 @@ def test_uri(tmp_path: Path) -> str:
 @pytest.fixture
 def unique_name() -> str:
     return f"archdsp-test-{uuid.uuid4().hex[:8]}"
+
+
+# --- the real tier: a real libvirtd with QEMU -------------------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+SYSTEM_URI = "qemu:///system"
+TEST_IMAGES = Path("/var/lib/libvirt/images/archdsp-test")
+
+
+def _virsh_answers() -> bool:
+    if not shutil.which("virsh"):
+        return False
+    try:
+        return subprocess.run(["virsh", "-c", SYSTEM_URI, "version"], capture_output=True, timeout=20).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.fixture(scope="session")
+def system_libvirt():
+    """qemu:///system with libvirtd, virtlogd, hugepages and the default network, started if needed.
+
+    Skips (with the reason) where the machine cannot run QEMU domains. Stops at the end
+    of the session only what it started.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the real tier needs root: it starts libvirtd and QEMU")
+    for tool in ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed (scripts/install-test-deps installs it)")
+    was_up = _virsh_answers()
+    proc = subprocess.run(["bash", str(REPO / "scripts/host-services"), "start"],
+                          capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/host-services start failed:\n{proc.stdout}\n{proc.stderr}")
+    yield SYSTEM_URI
+    if not was_up:
+        subprocess.run(["bash", str(REPO / "scripts/host-services"), "stop"], capture_output=True, timeout=120)
+
+
+def virsh(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(["virsh", "-c", SYSTEM_URI, *args], capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"virsh {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def archdsp(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed CLI for real (a subprocess, as a user would)."""
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "archdsp_libvirt", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def remove_domain(name: str) -> None:
+    virsh("destroy", name, check=False)
+    virsh("undefine", name, "--nvram", check=False)
+    virsh("undefine", name, check=False)
+
+
+GUEST_DIR = Path(os.environ.get("ARCHDSP_GUEST_DIR", "/var/lib/archdsp-libvirt/guest"))
+
+
+@pytest.fixture(scope="session")
+def dsp_guest_files(system_libvirt):
+    """The demo guest's kernel and initramfs (built from Debian packages; cached between runs)."""
+    proc = subprocess.run(["bash", str(REPO / "scripts/build-dsp-guest"), "--dir", str(GUEST_DIR)],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/build-dsp-guest failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return GUEST_DIR / "vmlinuz", GUEST_DIR / "initrd.img"
+
+
+@pytest.fixture(scope="session")
+def demo_domain(dsp_guest_files, tmp_path_factory):
+    """One TCG demo guest for the whole session (TCG boots are slow): its config path and name."""
+    import tomllib
+    import uuid as uuidlib
+
+    name = f"archdsp-test-demo-{uuidlib.uuid4().hex[:6]}"
+    text = (DOMAINS / "demo-dsp.toml").read_text()
+    assert 'name = "archdsp-demo"' in text
+    text = text.replace('name = "archdsp-demo"', f'name = "{name}"')
+    kernel, initrd = dsp_guest_files
+    text = text.replace("/var/lib/archdsp-libvirt/guest/vmlinuz", str(kernel))
+    text = text.replace("/var/lib/archdsp-libvirt/guest/initrd.img", str(initrd))
+    tomllib.loads(text)
+    path = tmp_path_factory.mktemp("demo") / "demo.toml"
+    path.write_text(text)
+    r = archdsp("-c", SYSTEM_URI, "up", "--no-check", str(path))
+    if r.returncode != 0:
+        remove_domain(name)
+        pytest.fail(f"archdsp-virt up of the demo guest failed:\n{r.stdout}\n{r.stderr}")
+    yield path, name
+    remove_domain(name)
+
+
+@pytest.fixture
+def kvm_config(system_libvirt, tmp_path, unique_name):
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine: the KVM domain cannot run")
+    if os.cpu_count() < 2:
+        pytest.skip("needs two host cores: core 1 for the vCPU, core 0 for QEMU itself")
+    TEST_IMAGES.mkdir(parents=True, exist_ok=True)
+    disk = TEST_IMAGES / f"{unique_name}.raw"
+    with open(disk, "wb") as fh:
+        fh.truncate(1024 * 1024)
+    cfg = tmp_path / "kvm.toml"
+    cfg.write_text(f"""
+name = "{unique_name}"
+domain_type = "kvm"
+isolated_cores = [1]
+memory_mb = 128
+hugepages = 64
+cpu_disable_features = ["arch-capabilities"]
+console_log = "/var/log/libvirt/qemu/{unique_name}-console.log"
+
+[archibaldos]
+disk_image = "{disk}"
+
+[realtime]
+enable = true
+mlock = false
+nice = -5
+
+[network]
+enable = false
+""")
+    yield cfg, unique_name
+    remove_domain(unique_name)
+    disk.unlink(missing_ok=True)
