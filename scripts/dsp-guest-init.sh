@@ -1,0 +1,358 @@
+#!/bin/sh
+# /init of the archdsp DSP test guest (busybox sh; copied into the initramfs
+# by scripts/build-dsp-guest).  It never exits: PID 1 exiting panics the
+# kernel.
+#
+# Kernel command line (console=ttyS0 is expected: markers go to /dev/console):
+#   archdsp.master=IP     NETJACK master's unicast IP (REQUIRED; multicast is
+#                         refused: it would follow the default route out)
+#   archdsp.ip=A.B.C.D/N  static address for the NIC (default: DHCP, udhcpc)
+#   archdsp.gw=IP         default gateway with a static address (default none)
+#   archdsp.iface=eth0    network interface
+#   archdsp.port=19000    NETJACK UDP port (jackd -d net -p)
+#   archdsp.name=dsp      slave client name (jackd -d net -n); the master then
+#                         shows ports NAME:from_slave_N / NAME:to_slave_N
+#   archdsp.latency=0     network latency in periods (jackd -d net -l)
+#   archdsp.channels=2    audio channels each way (jackd -d net -C/-P)
+#   archdsp.marker=ARCHDSP-READY   ready marker text
+#   archdsp.dsp=thru      DSP loop: "thru" = Debian's jack_thru pass-through
+#                         client (channels 1-2; further channels direct),
+#                         "direct" = system:capture_N -> system:playback_N
+#   archdsp.sync=0        1 = run jackd in synchronous mode (jackd -S): the
+#                         slave returns a period's output in the same cycle,
+#                         so a client in the loop adds no period
+#                         Round trip measured with jack_iodelay on the master
+#                         (96 kHz, 128-frame periods, TCG guest): thru 256
+#                         frames at latency 0 and 384 at 1 ((L+2) periods,
+#                         the async slave adds one for a client in the loop);
+#                         direct, or thru with sync=1: 128 ((L+1) periods)
+#   archdsp.timeout=120   seconds to wait for jackd + master before FAILED
+#   archdsp.debug=1       jackd output on the console, kernel log level kept
+#   archdsp.shell=1       also start a busybox shell on the console
+#
+# Console protocol (one line each, nothing periodic):
+#   ARCHDSP-READY name=NAME master=IP port=PORT   (the marker; again after a
+#                                                  lost master comes back)
+#   ARCHDSP-FAILED <reason>
+# Other lines start with "archdsp-init:".
+
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+umask 022
+
+# ---------------------------------------------------------------- basics ---
+
+hold() {
+	# PID 1 must never return.
+	while :; do sleep 3600; done
+}
+
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/shm /dev/pts
+mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run 2>/dev/null
+[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
+
+log() { echo "archdsp-init: $*"; }
+fail_msg() {
+	echo "ARCHDSP-FAILED $*"
+}
+fail() {
+	# fatal: report once, then keep PID 1 alive
+	fail_msg "$@"
+	hold
+}
+
+# --------------------------------------------------------------- options ---
+
+IP='' GW='' IFACE=eth0 MASTER='' PORT=19000 NAME=dsp LATENCY=0 CHANNELS=2
+MARKER=ARCHDSP-READY DSP=thru SYNC=0 TIMEOUT=120 DEBUG=0 SHELL_ON_CONSOLE=0
+set -f # no globbing of kernel command line words
+for w in $(cat /proc/cmdline); do
+	case "$w" in
+	archdsp.ip=*) IP=${w#*=} ;;
+	archdsp.gw=*) GW=${w#*=} ;;
+	archdsp.iface=*) IFACE=${w#*=} ;;
+	archdsp.master=*) MASTER=${w#*=} ;;
+	archdsp.port=*) PORT=${w#*=} ;;
+	archdsp.name=*) NAME=${w#*=} ;;
+	archdsp.latency=*) LATENCY=${w#*=} ;;
+	archdsp.channels=*) CHANNELS=${w#*=} ;;
+	archdsp.marker=*) MARKER=${w#*=} ;;
+	archdsp.dsp=*) DSP=${w#*=} ;;
+	archdsp.sync=*) SYNC=${w#*=} ;;
+	archdsp.timeout=*) TIMEOUT=${w#*=} ;;
+	archdsp.debug=*) DEBUG=${w#*=} ;;
+	archdsp.shell=*) SHELL_ON_CONSOLE=${w#*=} ;;
+	esac
+done
+set +f
+
+is_uint() {
+	case "$1" in '' | *[!0-9]*) return 1 ;; esac
+	[ ${#1} -le 9 ]
+}
+is_ipv4() {
+	case "$1" in *[!0-9.]* | *..* | .* | *.) return 1 ;; esac
+	old_ifs=$IFS; IFS=.
+	set -f
+	set -- $1
+	set +f
+	IFS=$old_ifs
+	[ $# -eq 4 ] || return 1
+	for o in "$@"; do is_uint "$o" && [ "$o" -le 255 ] || return 1; done
+	return 0
+}
+
+case "$MARKER" in '' | *[!A-Za-z0-9._-]*) MARKER=ARCHDSP-READY; log "bad archdsp.marker, using $MARKER" ;; esac
+[ -n "$MASTER" ] || fail "no archdsp.master= on the kernel command line (the NETJACK master's unicast IP is required)"
+is_ipv4 "$MASTER" || fail "archdsp.master=$MASTER is not an IPv4 address"
+first_octet=${MASTER%%.*}
+if [ "$first_octet" -ge 224 ] && [ "$first_octet" -le 239 ]; then
+	fail "archdsp.master=$MASTER is multicast; give the master's unicast IP"
+fi
+is_uint "$PORT" && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] || fail "bad archdsp.port=$PORT"
+is_uint "$LATENCY" && [ "$LATENCY" -le 64 ] || fail "bad archdsp.latency=$LATENCY"
+is_uint "$CHANNELS" && [ "$CHANNELS" -ge 1 ] && [ "$CHANNELS" -le 64 ] || fail "bad archdsp.channels=$CHANNELS"
+is_uint "$TIMEOUT" && [ "$TIMEOUT" -ge 1 ] || fail "bad archdsp.timeout=$TIMEOUT"
+case "$NAME" in '' | *[!A-Za-z0-9_.-]*) fail "bad archdsp.name=$NAME (letters, digits, . _ - only)" ;; esac
+case "$IFACE" in '' | *[!A-Za-z0-9_.-]*) fail "bad archdsp.iface=$IFACE" ;; esac
+case "$DSP" in thru | direct) ;; *) fail "bad archdsp.dsp=$DSP (thru or direct)" ;; esac
+case "$SYNC" in 0 | 1) ;; *) fail "bad archdsp.sync=$SYNC (0 or 1)" ;; esac
+if [ -n "$IP" ]; then
+	case "$IP" in
+	*/*) is_ipv4 "${IP%/*}" && is_uint "${IP#*/}" && [ "${IP#*/}" -le 32 ] || fail "bad archdsp.ip=$IP" ;;
+	*) is_ipv4 "$IP" || fail "bad archdsp.ip=$IP"; IP=$IP/24; log "archdsp.ip without a prefix length, using $IP" ;;
+	esac
+fi
+[ -z "$GW" ] || is_ipv4 "$GW" || fail "bad archdsp.gw=$GW"
+
+[ -r /etc/archdsp/build-info ] && log "$(tr '\n' ' ' </etc/archdsp/build-info)"
+
+# --------------------------------------------------------------- modules ---
+
+if [ -f /etc/archdsp/modules ]; then
+	while read -r ko; do
+		[ -n "$ko" ] || continue
+		mod=${ko%.ko}
+		[ -d "/sys/module/$mod" ] && continue
+		insmod "/lib/modules/archdsp/$ko" || fail "insmod $mod failed"
+	done </etc/archdsp/modules
+fi
+# keep the console for our markers (kernel messages would interleave)
+[ "$DEBUG" = 1 ] || dmesg -n 1 2>/dev/null
+
+hostname "$NAME" 2>/dev/null
+
+if [ "$SHELL_ON_CONSOLE" = 1 ]; then
+	setsid cttyhack sh </dev/console >/dev/console 2>&1 &
+fi
+
+# --------------------------------------------------------------- network ---
+
+ip link set lo up
+i=0
+while [ ! -e "/sys/class/net/$IFACE" ] && [ $i -lt 100 ]; do
+	usleep 100000
+	i=$((i + 1))
+done
+[ -e "/sys/class/net/$IFACE" ] || fail "no network interface $IFACE (have: $(ls /sys/class/net | tr '\n' ' '))"
+ip link set "$IFACE" up || fail "cannot bring $IFACE up"
+if [ -n "$IP" ]; then
+	ip addr add "$IP" dev "$IFACE" || fail "cannot set $IP on $IFACE"
+	if [ -n "$GW" ]; then ip route add default via "$GW" dev "$IFACE" || fail "cannot add route via $GW"; fi
+	log "$IFACE $IP${GW:+ via $GW}"
+else
+	udhcpc -i "$IFACE" -n -q -t 6 -T 2 -s /usr/share/udhcpc/default.script >/tmp/udhcpc.log 2>&1 ||
+		fail "DHCP on $IFACE failed: $(tail -n 1 /tmp/udhcpc.log)"
+	grep '^archdsp-init:' /tmp/udhcpc.log
+fi
+
+# ------------------------------------------------------------------ JACK ---
+
+export JACK_NO_AUDIO_RESERVATION=1 JACK_NO_START_SERVER=1 HOME=/root USER=root
+JACKD_LOG=/tmp/jackd.log
+DSP_LOG=/tmp/dsp.log
+THRU=archdsp_thru
+JACKD_PID=
+THRU_PID=
+
+start_jackd() {
+	# -R realtime; the net backend names the master by unicast IP (-a), so
+	# no multicast is sent.  MIDI off: the loop is audio only.
+	sync_flag=
+	[ "$SYNC" = 1 ] && sync_flag=-S
+	set -- jackd -R $sync_flag -d net -a "$MASTER" -p "$PORT" -n "$NAME" -l "$LATENCY" \
+		-C "$CHANNELS" -P "$CHANNELS" -i 0 -o 0
+	log "starting: $*"
+	if [ "$DEBUG" = 1 ]; then
+		"$@" &
+	else
+		"$@" >>"$JACKD_LOG" 2>&1 &
+	fi
+	JACKD_PID=$!
+}
+
+alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+
+# the DSP loop as "source destination" lines
+want_pairs() {
+	i=1
+	while [ $i -le "$CHANNELS" ]; do
+		if [ "$DSP" = thru ] && [ "$CHANNELS" -ge 2 ] && [ $i -le 2 ]; then
+			echo "system:capture_$i $THRU:input_$i"
+			echo "$THRU:output_$i system:playback_$i"
+		else
+			echo "system:capture_$i system:playback_$i"
+		fi
+		i=$((i + 1))
+	done
+}
+
+# connected SRC DST: in the `jack_lsp -c` dump held in $LSP
+connected() {
+	printf '%s\n' "$LSP" | awk -v a="$1" -v b="$2" '
+		/^[^ \t]/ { cur = $0; next }
+		{ sub(/^[ \t]+/, ""); if (cur == a && $0 == b) found = 1 }
+		END { exit !found }'
+}
+
+has_port() { printf '%s\n' "$LSP" | grep -qx "$1"; }
+
+# master_ports: the net driver has created all system ports (it does so
+# only once the master has answered)
+master_ports() {
+	LSP=$(jack_lsp -c 2>/dev/null) || return 1
+	has_port "system:capture_$CHANNELS" && has_port "system:playback_$CHANNELS"
+}
+
+start_dsp_client() {
+	[ "$DSP" = thru ] && [ "$CHANNELS" -ge 2 ] || return 0
+	alive "$THRU_PID" && return 0
+	jack_thru "$THRU" >>"$DSP_LOG" 2>&1 &
+	THRU_PID=$!
+	i=0
+	while [ $i -lt 50 ]; do
+		LSP=$(jack_lsp -c 2>/dev/null)
+		has_port "$THRU:output_2" && return 0
+		alive "$THRU_PID" || break
+		usleep 200000
+		i=$((i + 1))
+	done
+	fail_msg "DSP client jack_thru did not start: $(tail -n 2 "$DSP_LOG" | tr '\n' ' ')"
+	return 1
+}
+
+# ensure_loop: make every wanted connection that is missing; true when the
+# whole loop is in place
+ensure_loop() {
+	LSP=$(jack_lsp -c 2>/dev/null) || return 1
+	missing=0
+	want_pairs >/tmp/pairs
+	while read -r src dst; do
+		connected "$src" "$dst" && continue
+		jack_connect "$src" "$dst" >/dev/null 2>&1
+		missing=1
+	done </tmp/pairs
+	[ $missing = 0 ] && return 0
+	LSP=$(jack_lsp -c 2>/dev/null) || return 1
+	while read -r src dst; do
+		connected "$src" "$dst" || return 1
+	done </tmp/pairs
+	return 0
+}
+
+ready_line() { echo "$MARKER name=$NAME master=$MASTER port=$PORT"; }
+
+trim_logs() {
+	for f in "$JACKD_LOG" "$DSP_LOG"; do
+		[ -f "$f" ] && [ "$(stat -c %s "$f" 2>/dev/null || echo 0)" -gt 1048576 ] && : >"$f"
+	done
+}
+
+# bring_up: wait (bounded) for jackd and the master, start the DSP client,
+# connect the loop; prints the marker or ARCHDSP-FAILED.  0 = ready.
+bring_up() {
+	t0=$(cut -d. -f1 /proc/uptime)
+	server_up=0
+	while :; do
+		alive "$JACKD_PID" || {
+			fail_msg "jackd exited: $(tail -n 3 "$JACKD_LOG" 2>/dev/null | tr '\n' ' ')"
+			return 2
+		}
+		if master_ports; then
+			break
+		elif [ $server_up = 0 ] && [ -n "$LSP" ]; then
+			server_up=1
+			log "jackd is up, waiting for the master at $MASTER:$PORT"
+		fi
+		now=$(cut -d. -f1 /proc/uptime)
+		if [ $((now - t0)) -ge "$TIMEOUT" ]; then
+			if [ $server_up = 1 ]; then
+				fail_msg "no NETJACK master answered at $MASTER:$PORT within ${TIMEOUT}s"
+			else
+				# jackd -d net only opens its server once a master has
+				# answered: a live jackd that is not up is still waiting
+				fail_msg "no NETJACK master answered at $MASTER:$PORT within ${TIMEOUT}s (jackd is waiting for it)"
+			fi
+			return 1
+		fi
+		sleep 1
+	done
+	start_dsp_client || return 1
+	i=0
+	while [ $i -lt 10 ]; do
+		if ensure_loop; then
+			ready_line
+			return 0
+		fi
+		sleep 1
+		i=$((i + 1))
+	done
+	fail_msg "cannot connect the DSP loop ($(want_pairs | tr '\n' ',' | sed 's/,$//'))"
+	return 1
+}
+
+MAX_RESTARTS=10
+restarts=0
+while :; do
+	start_jackd
+	bring_up
+	rc=$?
+	state=$rc # 0 ready, 1 not ready (jackd running), 2 jackd gone
+	# Watch quietly every ~10 s: re-make a lost loop (the net driver drops
+	# and re-creates its ports when the master goes away and comes back),
+	# announce transitions only.
+	while [ $state != 2 ]; do
+		sleep 10
+		trim_logs
+		if ! alive "$JACKD_PID"; then
+			fail_msg "jackd exited: $(tail -n 3 "$JACKD_LOG" 2>/dev/null | tr '\n' ' ')"
+			state=2
+			break
+		fi
+		if master_ports; then
+			start_dsp_client >/dev/null 2>&1
+			if ensure_loop; then
+				[ $state = 0 ] || ready_line
+				state=0
+				continue
+			fi
+		fi
+		[ $state = 0 ] && log "DSP loop lost (master gone?); waiting for it to come back"
+		state=1
+	done
+	alive "$THRU_PID" && kill "$THRU_PID" 2>/dev/null
+	THRU_PID=
+	restarts=$((restarts + 1))
+	if [ $restarts -ge $MAX_RESTARTS ]; then
+		fail "jackd failed $restarts times, giving up"
+	fi
+	log "restarting jackd ($restarts/$MAX_RESTARTS)"
+	sleep 2
+done
+hold
