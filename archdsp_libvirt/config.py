@@ -66,6 +66,8 @@ class NetjackConfig(_Section):
     sample_rate: int = 96000
     channels: Annotated[int, Field(ge=1, le=64)] = 2
     network_latency: Annotated[int, Field(ge=0, le=10)] = 1
+    sync: bool = False
+    dsp_client: bool = True
     master_ip: str = "192.168.122.1"
     guest_ip: str | None = None
     client_name: str = "netjack"

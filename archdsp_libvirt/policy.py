@@ -137,6 +137,10 @@ def netjack_cmdline(cfg: DspConfig) -> list[str]:
     ]
     if nj.guest_ip:
         args.append(f"archdsp.ip={nj.guest_ip}")
+    if nj.sync:
+        args.append("archdsp.sync=1")
+    if not nj.dsp_client:
+        args.append("archdsp.dsp=direct")
     return args
 
 

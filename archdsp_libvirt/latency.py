@@ -1,0 +1,121 @@
+"""The latency budget of the NETJACK bridge, computed from measured behaviour.
+
+One period is ``buffer_size / sample_rate``. A round trip through the bridge
+(host -> VM -> host) takes ``(L + 1 + c)`` periods, where L is the NETJACK
+network latency in periods and c = 1 when the guest's slave runs
+asynchronously (JACK2's default) with a DSP client in its loop, else 0.
+Measured with jack_iodelay at 96 kHz / 128 frames through the demo guest:
+a direct loop gives 128 frames at L=0, 256 at L=1, 384 at L=2; with
+jack_thru in the loop 256 at L=0 and 384 at L=1; a synchronous slave
+(``jackd -d net -S``) with jack_thru 128 at L=0.
+
+A host backend with real hardware adds its own periods on top (JACK's ALSA
+backend: ``nperiods`` periods of playback buffering); the dummy backend adds none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .config import DspConfig
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Budget:
+    sample_rate: int
+    buffer_size: int
+    network_latency: int
+    sync_slave: bool
+    dsp_client: bool
+    host_backend: str
+    host_nperiods: int
+    period_ms: float
+    bridge_frames: int
+    host_frames: int
+    predicted_frames: int
+    predicted_ms: float
+    target_ms: float | None
+    meets_target: bool | None
+    notes: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["notes"] = list(self.notes)
+        return d
+
+
+def frames_to_ms(frames: float, rate: int) -> float:
+    return frames * 1000.0 / rate
+
+
+def budget(cfg: DspConfig, host_backend: str = "dummy", host_nperiods: int = 2,
+           target_ms: float | None = None) -> Budget:
+    """The round trip the config predicts, and whether it meets ``target_ms``."""
+    nj = cfg.netjack
+    if not nj.enable:
+        raise ConfigError("archibaldos.netjack.enable: the latency budget is for the NETJACK link; set enable = true")
+    period = nj.buffer_size
+    rate = nj.sample_rate
+    a = 1 + (1 if nj.dsp_client and not nj.sync else 0)
+    bridge = (nj.network_latency + a) * period
+    host = host_nperiods * period if host_backend == "alsa" else 0
+    total = bridge + host
+    total_ms = frames_to_ms(total, rate)
+    period_ms = frames_to_ms(period, rate)
+    notes = [
+        f"one period = {period} / {rate} Hz = {period_ms:.3f} ms (one way through JACK's cycle)",
+        f"bridge round trip = (L + {a}) x period ({'sync' if nj.sync else 'async'} slave, "
+        f"{'a DSP client' if nj.dsp_client else 'no client'} in the guest's loop)"
+        f": ({nj.network_latency} + {a}) x {period} = {bridge} frames "
+        f"= {frames_to_ms(bridge, rate):.3f} ms",
+        f"'2 x buffer / rate' = {frames_to_ms(2 * period, rate):.3f} ms is two periods (a JACK host's own "
+        f"capture + playback), not the bridge's round trip",
+    ]
+    if host:
+        notes.append(f"host ALSA backend: + {host_nperiods} x {period} = {host} frames of playback buffering")
+    meets = None
+    if target_ms is not None:
+        meets = total_ms <= target_ms + 1e-9
+        if not meets:
+            notes.append(f"target {target_ms:g} ms cannot be met: {total_ms:.3f} ms predicted; "
+                         + _what_would_meet(cfg, target_ms, a, host_backend, host_nperiods))
+    return Budget(
+        sample_rate=rate, buffer_size=period, network_latency=nj.network_latency, sync_slave=nj.sync,
+        dsp_client=nj.dsp_client,
+        host_backend=host_backend, host_nperiods=host_nperiods, period_ms=round(period_ms, 4),
+        bridge_frames=bridge, host_frames=host, predicted_frames=total, predicted_ms=round(total_ms, 4),
+        target_ms=target_ms, meets_target=meets, notes=tuple(notes),
+    )
+
+
+def _what_would_meet(cfg: DspConfig, target_ms: float, a: int, backend: str, nperiods: int) -> str:
+    nj = cfg.netjack
+    host_periods = nperiods if backend == "alsa" else 0
+    options = []
+    if a == 2 and frames_to_ms((nj.network_latency + 1 + host_periods) * nj.buffer_size, nj.sample_rate) <= target_ms:
+        options.append("sync = true (a synchronous slave)")
+    for latency in range(nj.network_latency - 1, -1, -1):
+        if frames_to_ms((latency + a + host_periods) * nj.buffer_size, nj.sample_rate) <= target_ms:
+            options.append(f"network_latency = {latency}")
+            break
+    size = nj.buffer_size // 2
+    while size >= 16:
+        if frames_to_ms((nj.network_latency + a + host_periods) * size, nj.sample_rate) <= target_ms:
+            options.append(f"buffer_size = {size}")
+            break
+        size //= 2
+    return ("try " + " or ".join(options)) if options else "no buffer size or network latency reaches it"
+
+
+def format_budget(b: Budget) -> str:
+    lines = [
+        f"NETJACK2 link: {b.sample_rate} Hz, {b.buffer_size}-frame periods, network latency {b.network_latency}, "
+        f"{'sync' if b.sync_slave else 'async'} slave{' with a DSP client' if b.dsp_client else ''}, "
+        f"host backend {b.host_backend}",
+        f"predicted round trip: {b.predicted_frames} frames = {b.predicted_ms:.3f} ms",
+    ]
+    if b.target_ms is not None:
+        lines.append(f"target {b.target_ms:g} ms: {'met' if b.meets_target else 'NOT met'}")
+    lines.extend(f"  {n}" for n in b.notes)
+    return "\n".join(lines) + "\n"
