@@ -155,3 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="archdsp-virt", standalone_mode=True)
     except KeyboardInterrupt:  # pragma: no cover - interactive only
         sys.exit(130)
+
+
+from .cli_host import check, host, vfio  # noqa: E402
+
+cli.add_command(check)
+cli.add_command(host)
+cli.add_command(vfio)

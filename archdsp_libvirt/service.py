@@ -7,7 +7,7 @@ from pathlib import Path
 from . import Rendered, render_domain
 from .config import DspConfig, load_config
 from .cpuset import parse_cpuset
-from .errors import ArchdspError, UsageError
+from .errors import ArchdspError, HostError, UsageError
 from .policy import HostFacts
 
 
@@ -74,28 +74,27 @@ def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, sk
 
 def run_preflight(cfg: DspConfig, session, skip: set[str], say) -> None:
     """Refuse to go on when a host check fails (unless skipped, which is said)."""
-    try:
-        from .hostcheck import Host, failures, preflight
-    except ImportError:  # pragma: no cover - the preflight module is part of the package
-        return
-    reachable = True
-    try:
-        session.conn
-    except ArchdspError:
-        reachable = False
-    findings = preflight(cfg, Host(), reachable, skip)
+    from .hostcheck import Host, failures, preflight
+
+    try:  # through the session: a daemon that is restarting gets its bounded retries
+        version = session.run("connecting", lambda conn: conn.getLibVersion())
+        reachable, detail = True, f"connected to {session.uri} (libvirt {version // 1_000_000}.{version // 1000 % 1000})"
+    except ArchdspError as err:
+        reachable, detail = False, str(err)
+    findings = preflight(cfg, Host(), reachable, skip, libvirt_detail=detail)
     for f in findings:
-        if f.status == "skip":
-            say(f"preflight: {f.id} skipped on request (--skip-check {f.id}): {f.observed}")
+        if f.observed.startswith("skipped on request"):
+            say(f"preflight: {f.id} {f.observed} (--skip-check)")
     failed = failures(findings)
     if failed:
         first = failed[0]
         more = f" (and {len(failed) - 1} more: see 'archdsp-virt check')" if len(failed) > 1 else ""
-        raise ArchdspError(
+        raise HostError(
             f"preflight {first.id} failed: {first.observed}; expected {first.expected}; fix: {first.fix}{more}"
-            f" (or --skip-check {first.id})"
+            f" (or --skip-check {first.id}); nothing was defined or started"
         )
-    say(f"preflight: {len(findings)} checks, none failed")
+    warned = sum(f.status == "warn" for f in findings)
+    say(f"preflight: {len(findings)} checks, none failed" + (f", {warned} warnings (archdsp-virt check)" if warned else ""))
 
 
 def status_command(config: Path, uri: str | None, as_json: bool) -> str:

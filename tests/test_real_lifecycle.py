@@ -22,7 +22,7 @@ def free_hugepages() -> int:
 def test_kvm_domain_up_verify_idempotent_down(kvm_config):
     cfg, name = kvm_config
     free_before = free_hugepages()
-    r = archdsp("-c", "qemu:///system", "up", "--no-check", str(cfg))
+    r = archdsp("-c", "qemu:///system", "up", str(cfg))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     assert virsh("domstate", name) == "running"
@@ -42,7 +42,7 @@ def test_kvm_domain_up_verify_idempotent_down(kvm_config):
     assert free_before - free_hugepages() == 64
 
     uuid = virsh("domuuid", name)
-    again = archdsp("-c", "qemu:///system", "up", "--no-check", str(cfg))
+    again = archdsp("-c", "qemu:///system", "up", str(cfg))
     assert again.returncode == 0, again.stderr
     assert virsh("domuuid", name) == uuid
     assert f"{name} is already running" in again.stdout
@@ -65,7 +65,7 @@ def test_kvm_domain_up_verify_idempotent_down(kvm_config):
 
 def test_status_reports_what_virsh_did(kvm_config):
     cfg, name = kvm_config
-    assert archdsp("up", "--no-check", str(cfg), env={"LIBVIRT_DEFAULT_URI": "qemu:///system"}).returncode == 0
+    assert archdsp("up", str(cfg), env={"LIBVIRT_DEFAULT_URI": "qemu:///system"}).returncode == 0
     virsh("destroy", name)
     info = archdsp("status", "--json", str(cfg), env={"LIBVIRT_DEFAULT_URI": "qemu:///system"})
     import json
@@ -81,19 +81,19 @@ def test_status_reports_what_virsh_did(kvm_config):
     assert any(d.startswith("vcpupin:") for d in data["drift"])
     # up puts the config back, keeping the UUID.
     uuid = virsh("domuuid", name)
-    assert archdsp("-c", "qemu:///system", "up", "--no-check", str(cfg)).returncode == 0
+    assert archdsp("-c", "qemu:///system", "up", str(cfg)).returncode == 0
     assert virsh("domuuid", name) == uuid
     assert "cpuset='1'" in virsh("dumpxml", "--inactive", name)
 
 
 def test_rejected_change_leaves_the_definition_byte_for_byte(kvm_config):
     cfg, name = kvm_config
-    assert archdsp("-c", "qemu:///system", "up", "--no-check", str(cfg)).returncode == 0
+    assert archdsp("-c", "qemu:///system", "up", str(cfg)).returncode == 0
     before = virsh("dumpxml", "--inactive", "--security-info", name)
     bad = cfg.parent / "bad.toml"
     # 1 GiB of memory on a pool of 64 pages: the config itself is refused, nothing reaches libvirt.
     bad.write_text(cfg.read_text().replace("memory_mb = 128", "memory_mb = 1024"))
-    r = archdsp("-c", "qemu:///system", "up", "--no-check", str(bad))
+    r = archdsp("-c", "qemu:///system", "up", str(bad))
     assert r.returncode == 2 and "hugepages" in r.stderr and "Traceback" not in r.stderr
     assert virsh("dumpxml", "--inactive", "--security-info", name) == before
 
@@ -104,14 +104,33 @@ def test_change_libvirt_refuses_leaves_the_definition_byte_for_byte(kvm_config):
     if libvirt.getVersion() >= 9_002_000:
         pytest.skip("this libvirt accepts the passt backend, so the change is not refused")
     cfg, name = kvm_config
-    assert archdsp("-c", "qemu:///system", "up", "--no-check", str(cfg)).returncode == 0
+    assert archdsp("-c", "qemu:///system", "up", str(cfg)).returncode == 0
     before = virsh("dumpxml", "--inactive", "--security-info", name)
     bad = cfg.parent / "passt.toml"
     bad.write_text(cfg.read_text().replace("[network]\nenable = false",
                                            '[network]\nenable = true\nmode = "user"\nhostfwd = { "22222" = 22 }\n'
                                            'port_forward_backend = "passt"'))
-    r = archdsp("-c", "qemu:///system", "up", "--no-check", str(bad))
+    r = archdsp("-c", "qemu:///system", "up", str(bad))
     assert r.returncode == 1, r.stdout
     assert "defining the domain failed" in r.stderr and "passt" in r.stderr and "Traceback" not in r.stderr
     assert virsh("dumpxml", "--inactive", "--security-info", name) == before
+    assert virsh("domstate", name) == "running"
+
+
+def test_up_refuses_on_a_failing_preflight_before_defining(kvm_config):
+    cfg, name = kvm_config
+    bad = cfg.parent / "nocore.toml"
+    bad.write_text(cfg.read_text().replace("isolated_cores = [1]", "isolated_cores = [4000]"))
+    r = archdsp("-c", "qemu:///system", "up", str(bad))
+    assert r.returncode == 1
+    assert "preflight cpu.online failed" in r.stderr and "nothing was defined" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert name not in virsh("list", "--all", "--name").split()
+
+
+def test_skip_check_is_recorded_in_the_output(kvm_config):
+    cfg, name = kvm_config
+    r = archdsp("-c", "qemu:///system", "up", "--skip-check", "cpu.isolated", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "preflight: cpu.isolated skipped on request" in r.stdout
     assert virsh("domstate", name) == "running"

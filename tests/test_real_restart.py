@@ -57,7 +57,7 @@ def test_up_retries_while_libvirtd_restarts(system_libvirt, kvm_config):
     cfg, name = kvm_config
     kill_libvirtd()
     try:
-        proc = cli("up", "--no-check", str(cfg))
+        proc = cli("up", str(cfg))
         time.sleep(2)
     finally:
         restart_libvirtd()

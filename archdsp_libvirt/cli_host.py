@@ -1,0 +1,112 @@
+"""``check``, ``host kernel-params`` and ``vfio``: the host side of the CLI.
+
+Thin, like the rest of it: each command parses its options and calls one
+library function. ``--host-root`` (hidden) reads a fake host tree instead
+of this machine's /sys, /proc, /dev and /etc.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .hostcheck import Host
+from .kernelparams import FORMATS
+
+config_argument = click.argument("config", type=click.Path(dir_okay=True, path_type=Path))
+host_root_option = click.option(
+    "--host-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="/",
+    hidden=True,
+    help="Read the host (sysfs, procfs, /dev, /etc) under this directory instead of /.",
+)
+pci_argument = click.argument("pci", metavar="PCI")
+dry_run_option = click.option("--dry-run", is_flag=True, help="Print the sysfs writes without making them.")
+
+
+@click.command()
+@config_argument
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as a JSON list.")
+@host_root_option
+@click.pass_obj
+def check(obj, config: Path, as_json: bool, host_root: Path) -> None:
+    """Check that this host can run CONFIG's DSP VM (exit 1 on any fail)."""
+    from .hostcheck import check_command
+
+    text, failed = check_command(config, getattr(obj, "uri", None), Host(host_root), as_json=as_json)
+    click.echo(text, nl=False)
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@click.group()
+def host() -> None:
+    """Prepare the host for a DSP VM."""
+
+
+@host.command("kernel-params")
+@config_argument
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="plain", show_default=True,
+              help="plain: one line; nix: boot.kernelParams; grub: a line for /etc/default/grub.")
+@click.option("--diff", is_flag=True,
+              help="Compare with /proc/cmdline: missing and conflicting parameters (exit 1 when any).")
+@click.option("--cpu-vendor", type=click.Choice(["AuthenticAMD", "GenuineIntel", "HygonGenuine"]),
+              help="Render for this CPU vendor (default: /proc/cpuinfo's vendor_id).")
+@host_root_option
+def kernel_params(config: Path, fmt: str, diff: bool, cpu_vendor: str | None, host_root: Path) -> None:
+    """Print the kernel command line CONFIG needs."""
+    from .kernelparams import kernel_params_command
+
+    text, differs = kernel_params_command(config, Host(host_root), fmt=fmt, diff=diff, cpu_vendor=cpu_vendor)
+    click.echo(text, nl=False)
+    if differs:
+        raise click.exceptions.Exit(1)
+
+
+@click.group()
+def vfio() -> None:
+    """Show a PCI device, bind it to vfio-pci, give it back (for managed = false)."""
+
+
+@vfio.command("show")
+@pci_argument
+@host_root_option
+def vfio_show(pci: str, host_root: Path) -> None:
+    """Driver, vendor:device, class and IOMMU group (with every member) of PCI."""
+    from .vfio import show
+
+    click.echo(show(Host(host_root), pci).format(), nl=False)
+
+
+def _print_writes(writes, dry_run: bool, nothing: str) -> None:
+    if not writes:
+        click.echo(nothing, err=True)
+        return
+    if dry_run:
+        click.echo("# dry run: these writes were not made", err=True)
+    for w in writes:
+        click.echo(str(w))
+
+
+@vfio.command("bind")
+@pci_argument
+@dry_run_option
+@host_root_option
+def vfio_bind(pci: str, dry_run: bool, host_root: Path) -> None:
+    """Bind PCI to vfio-pci, remembering its driver for unbind."""
+    from .vfio import bind
+
+    _print_writes(bind(Host(host_root), pci, dry_run=dry_run), dry_run, f"{pci}: already bound to vfio-pci")
+
+
+@vfio.command("unbind")
+@pci_argument
+@dry_run_option
+@host_root_option
+def vfio_unbind(pci: str, dry_run: bool, host_root: Path) -> None:
+    """Give PCI back to the driver it had before vfio bind."""
+    from .vfio import unbind
+
+    _print_writes(unbind(Host(host_root), pci, dry_run=dry_run), dry_run, f"{pci}: not bound to vfio-pci")
