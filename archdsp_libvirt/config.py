@@ -12,8 +12,10 @@ line: ``FILE: KEY: what is wrong; what is expected``.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -33,6 +36,7 @@ from .errors import ConfigError
 DEFAULT_NAME = "archibaldos-dsp"
 SAMPLE_RATES = (22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000)
 PAGE_SIZES_KIB = {"2M": 2048, "1G": 1024 * 1024}
+CONFIG_MAX_BYTES = 1024 * 1024
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _PCI_RE = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
@@ -51,6 +55,184 @@ def _clean_text(value: str, what: str) -> str:
     if _CONTROL_RE.search(value):
         raise _fail("control_chars", f"{what} must not contain control characters or newlines")
     return value
+
+
+PATH_MAX = 4096
+
+
+def _clean_path(value: str, what: str = "the path") -> str:
+    """A path as libvirt will get it: no control characters, no ``..`` segments, at most PATH_MAX.
+
+    ``..`` is refused rather than resolved: a path that climbs out of the
+    folder it names is almost always a mistake or a trick, and libvirt's
+    security drivers label the path as written.
+    """
+    _clean_text(value, what)
+    if len(value) > PATH_MAX:
+        raise _fail("path_length", f"{what} must be at most {PATH_MAX} characters, got {len(value)}")
+    if ".." in value.split("/"):
+        raise _fail("dotdot", f"{what} must not contain '..' segments; write the folder it means (e.g. /var/lib/libvirt/images/dsp.qcow2)")
+    return value
+
+
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
+
+
+# --- qemu_extra_args: what would go around libvirt -------------------------------------------
+
+# QEMU options that take no value; every other option takes exactly one.
+_QEMU_FLAGS = frozenset({
+    "S", "s", "daemonize", "enable-kvm", "enable-sync-profile", "enable-fips", "full-screen", "mem-prealloc",
+    "no-acpi", "no-fd-bootchk", "no-hpet", "no-reboot", "no-shutdown", "no-user-config", "nodefaults",
+    "nodefconfig", "nographic", "only-migratable", "portrait", "singlestep", "one-insn-per-tb", "snapshot",
+    "usb", "version", "win2k-hack", "xen-attach", "xen-domid-restrict", "preconfig", "audio-help", "h", "help",
+    "no-quit", "alt-grab", "ctrl-grab", "no-frame", "sdl", "curses", "semihosting", "no-kvm",
+})
+_DISK = "gives the guest a host file or device as a disk (use archibaldos.disk_image)"
+_HOST_FILE = "makes QEMU read or write a host file that libvirt does not label"
+_MONITOR = "opens a QEMU monitor that libvirt does not own (it could reconfigure or stop the domain)"
+_CHAR = "connects a guest port or channel to a host file, device or socket"
+# Options refused outright, and why.
+_QEMU_REFUSED = {
+    "sandbox": "changes QEMU's seccomp sandbox, which libvirt sets itself",
+    "runas": "changes the user QEMU runs as (libvirt runs it as libvirt-qemu)",
+    "run-with": "changes the user or root folder QEMU runs as",
+    "chroot": "changes QEMU's root folder",
+    "daemonize": "detaches QEMU from libvirt",
+    "add-fd": "hands QEMU host file descriptors",
+    "incoming": "loads guest state from a host file, socket or command",
+    "loadvm": "restores a snapshot libvirt does not know of",
+    "monitor": _MONITOR, "qmp": _MONITOR, "qmp-pretty": _MONITOR, "mon": _MONITOR,
+    "gdb": "opens a debugger socket into the guest", "s": "opens a debugger socket into the guest (tcp::1234)",
+    "serial": _CHAR, "parallel": _CHAR, "debugcon": _CHAR, "chardev": _CHAR,
+    "drive": _DISK, "blockdev": _DISK, "hda": _DISK, "hdb": _DISK, "hdc": _DISK, "hdd": _DISK,
+    "cdrom": _DISK, "fda": _DISK, "fdb": _DISK, "mtdblock": _DISK, "sd": _DISK, "pflash": _DISK,
+    "iscsi": _DISK, "usbdevice": "passes a host USB device or file through",
+    "bios": _HOST_FILE, "L": _HOST_FILE, "option-rom": _HOST_FILE, "dtb": _HOST_FILE,
+    "kernel": "boots a host file (use [boot] kernel)", "initrd": "boots a host file (use [boot] initrd)",
+    "append": "sets the kernel command line (use [boot] cmdline)",
+    "readconfig": _HOST_FILE, "writeconfig": _HOST_FILE, "pidfile": _HOST_FILE, "D": _HOST_FILE,
+    "dump-vmstate": _HOST_FILE, "acpitable": _HOST_FILE, "mem-path": "backs guest memory with a host file",
+    "plugin": "loads a host shared library into QEMU",
+    "virtfs": "shares a host folder with the guest", "fsdev": "shares a host folder with the guest",
+    "tpmdev": "passes the host's TPM through",
+    "vnc": "opens a display outside libvirt's graphics (use vnc = true with display_listen/display_password)",
+    "spice": "opens a display outside libvirt's graphics (use spice = true with display_listen/display_password)",
+    "display": "opens a display outside libvirt's graphics (use spice/vnc with display_listen/display_password)",
+    "set": "rewrites options libvirt generated",
+}
+# Keys (in option values) that name a host file, device, socket or file descriptor.
+_HOST_KEYS = frozenset({
+    "file", "filename", "path", "mem-path", "romfile", "script", "downscript", "dumpdtb", "kernel", "initrd",
+    "firmware", "dtb", "bios", "evdev", "dir", "sock", "socket", "fd", "fds", "vhostfd", "vhostfds", "ifname", "br",
+    "helper", "sysfsdev", "host", "hostaddr", "hostbus", "hostport", "hostdevice", "vendorid", "productid",
+    "chardev", "events", "logfile", "smb", "tftp", "bootfile", "guestfwd",
+})
+_NETDEV_TYPES = {"netdev": {"user"}, "nic": {"user", "none"}, "net": {"user", "nic", "none", "hubport"}}
+_DEVICE_REFUSED = re.compile(
+    r"^(vfio-.*|vhost-.*|.*-host|pci-assign|kvm-pci-assign|virtio-9p.*|ivshmem.*|loader|guest-loader|"
+    r"u2f-passthrough|ccid-card-passthru|usb-redir|xen-.*|scsi-generic|scsi-block)$"
+)
+_OBJECT_REFUSED = re.compile(
+    r"^(memory-backend-file|memory-backend-epc|input-linux|filter-dump|filter-mirror|filter-redirector|"
+    r"colo-compare|can-host-socketcan|cryptodev-vhost-user|tls-creds-.*|authz-listfile|pr-manager-helper|"
+    r"rng-random|rng-egd|x-.*)$"
+)
+
+
+def _qemu_pairs(value: str) -> tuple[str, list[tuple[str, str]]]:
+    """QEMU's ``kind,key=value,...`` (or JSON) as its kind and its (key, value) pairs, keys lower-cased.
+
+    Splitting on every comma (QEMU escapes a comma in a value as ``,,``)
+    finds every key QEMU would see, and perhaps a few it would not: for a
+    check that refuses, that errs the right way.
+    """
+    pairs: list[tuple[str, str]] = []
+    if value.lstrip().startswith("{"):
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            raise _fail("qemu_unsafe", f"{value!r} is not valid JSON; QEMU's JSON option syntax is expected") from None
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}{k}.", v)
+            elif isinstance(node, list):
+                for item in node:
+                    walk(prefix, item)
+            else:
+                pairs.append((prefix[:-1].lower(), str(node)))
+
+        walk("", obj)
+        kinds = {k: v for k, v in pairs if k in ("driver", "qom-type", "type")}
+        return next(iter(kinds.values()), ""), pairs
+    parts = value.split(",")
+    kind = ""
+    for i, part in enumerate(parts):
+        key, eq, val = part.partition("=")
+        if not eq:
+            if i == 0:
+                kind = part
+            continue
+        pairs.append((key.strip().lower(), val))
+        if key in ("driver", "qom-type", "type") and not kind:
+            kind = val
+    return kind, pairs
+
+
+def _unsafe_qemu_args(args: list[str]) -> str | None:
+    """Why ``args`` would go around libvirt's security model, or None when they would not."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-") or arg == "-":
+            return (f"{arg[:80]!r} is not an option (QEMU takes a bare argument as a disk image: "
+                    "a host file the guest could read and write)")
+        opt = arg[2:] if arg.startswith("--") else arg[1:]
+        if opt in _QEMU_REFUSED:
+            value = "" if opt in _QEMU_FLAGS or i + 1 >= len(args) else " " + args[i + 1][:80]
+            return f"'{arg}{value}' {_QEMU_REFUSED[opt]}"
+        if opt in _QEMU_FLAGS:
+            i += 1
+            continue
+        if i + 1 >= len(args):
+            return f"'{arg}' needs a value (QEMU would take the next argument libvirt passes)"
+        value = args[i + 1]
+        shown = f"'{arg} {value if len(value) <= 80 else value[:77] + '...'}'"
+        kind, pairs = _qemu_pairs(value)
+        if opt == "device" and _DEVICE_REFUSED.match(kind):
+            return f"{shown} passes a host device or host resource through (device {kind!r}; use [audio_device])"
+        if opt == "object" and _OBJECT_REFUSED.match(kind):
+            return f"{shown} gives QEMU a host file, device or socket (object {kind!r})"
+        if opt in _NETDEV_TYPES and kind not in _NETDEV_TYPES[opt]:
+            return f"{shown} connects the guest to the host network outside libvirt (use [network])"
+        for key, val in pairs:
+            leaf = key.rsplit(".", 1)[-1]
+            if leaf == "property" and val.lower() in _HOST_KEYS:
+                leaf = val.lower()
+            if leaf in ("guestfwd", "smb", "tftp", "bootfile"):
+                return f"{shown} lets the guest reach host files or commands ({leaf}=)"
+            if leaf in _HOST_KEYS:
+                return f"{shown} names a host file, device or socket ({leaf}=), which libvirt does not label"
+        if opt in _NETDEV_TYPES:
+            for key, val in pairs:
+                if key == "hostfwd":
+                    proto, _, rest = val.partition(":")
+                    address = rest.partition(":")[0]
+                    if proto not in ("", "tcp", "udp") or not address or not _loopback_text(address):
+                        return (f"{shown} forwards a host port on {address or 'every address'} "
+                                "(use [network] hostfwd, with hostfwd_allow_external for other hosts)")
+        i += 2
+    return None
+
+
+def _loopback_text(address: str) -> bool:
+    try:
+        return _is_loopback(address)
+    except ValueError:
+        return False
 
 
 class _Section(BaseModel):
@@ -129,7 +311,7 @@ class ArchibaldosConfig(_Section):
     def _absolute(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        _clean_text(v, "the path")
+        _clean_path(v)
         if not (v.startswith("/") or v.startswith("~")):
             raise _fail("relative_path", "must be an absolute path (or start with ~)")
         return v
@@ -147,7 +329,7 @@ class BootConfig(_Section):
     def _absolute(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        _clean_text(v, "the path")
+        _clean_path(v)
         if not (v.startswith("/") or v.startswith("~")):
             raise _fail("relative_path", "must be an absolute path (or start with ~)")
         return v
@@ -155,7 +337,10 @@ class BootConfig(_Section):
     @field_validator("cmdline")
     @classmethod
     def _cmdline(cls, v: str) -> str:
-        return _clean_text(v, "the kernel command line")
+        _clean_text(v, "the kernel command line")
+        if len(v) > 2048:
+            raise _fail("cmdline_length", f"the kernel command line must be at most 2048 characters (x86 Linux), got {len(v)}")
+        return v
 
 
 class AudioDeviceConfig(_Section):
@@ -211,6 +396,7 @@ class NetworkConfig(_Section):
     mode: Literal["nat", "bridge", "user"] = "nat"
     source: str = "default"
     hostfwd: dict[str, Port] = {}
+    hostfwd_allow_external: bool = False
     hostfwd_address: str = "127.0.0.1"
     port_forward_backend: Literal["auto", "passt", "hostfwd"] = "auto"
 
@@ -231,15 +417,16 @@ class NetworkConfig(_Section):
 
     @field_validator("hostfwd_address")
     @classmethod
-    def _loopback(cls, v: str) -> str:
+    def _loopback(cls, v: str, info: ValidationInfo) -> str:
         try:
             addr = ipaddress.IPv4Address(v)
         except ValueError:
             raise _fail("ip", "must be an IPv4 address such as 127.0.0.1") from None
-        if not addr.is_loopback:
+        if not addr.is_loopback and not info.data.get("hostfwd_allow_external", False):
             raise _fail(
                 "exposed",
-                "must be a loopback address (127.0.0.0/8); forwarding a guest port to other hosts is not supported",
+                "must be a loopback address (127.0.0.0/8): other hosts could reach the guest's ports; "
+                "set network.hostfwd_allow_external = true to allow that",
             )
         return v
 
@@ -264,6 +451,9 @@ class DspConfig(_Section):
     console_log: str | None = None
     spice: bool = False
     vnc: bool = False
+    display_listen: str = "127.0.0.1"
+    display_password: str | None = None
+    qemu_extra_args_allow_unsafe: bool = False
     qemu_extra_args: list[str] = []
     archibaldos: ArchibaldosConfig = ArchibaldosConfig()
     boot: BootConfig = BootConfig()
@@ -309,22 +499,63 @@ class DspConfig(_Section):
     @classmethod
     def _log(cls, v: str | None) -> str | None:
         if v is not None:
-            _clean_text(v, "the path")
+            _clean_path(v)
             if not v.startswith("/"):
                 raise _fail("relative_path", "must be an absolute path")
+            if not v.endswith(".log") or v.endswith("/.log"):
+                raise _fail(
+                    "log_name",
+                    "must be a file name ending in .log (virtlogd truncates it on every start), "
+                    "e.g. /var/log/libvirt/qemu/dsp-console.log",
+                )
+        return v
+
+    @field_validator("display_listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise _fail("ip", "must be an IP address such as 127.0.0.1") from None
+        return v
+
+    @field_validator("display_password")
+    @classmethod
+    def _password(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        _clean_text(v, "the password")
+        if not 1 <= len(v) <= 64:
+            raise _fail("password", "must be 1 to 64 characters")
         return v
 
     @field_validator("qemu_extra_args")
     @classmethod
-    def _args(cls, v: list[str]) -> list[str]:
+    def _args(cls, v: list[str], info: ValidationInfo) -> list[str]:
         for arg in v:
             _clean_text(arg, "a QEMU argument")
+        if not info.data.get("qemu_extra_args_allow_unsafe", False):
+            why = _unsafe_qemu_args(v)
+            if why:
+                raise _fail(
+                    "qemu_unsafe",
+                    f"{why}; this goes around libvirt's security model: remove it, "
+                    "or set qemu_extra_args_allow_unsafe = true",
+                )
         return v
 
     @model_validator(mode="after")
     def _whole(self) -> DspConfig:
         if self.emulator_cores and set(self.emulator_cores) & set(self.isolated_cores):
             raise _fail("overlap", "emulator_cores must not overlap isolated_cores")
+        if not _is_loopback(self.display_listen) and not self.display_password:
+            raise _fail(
+                "display_exposed",
+                f"display_listen = {self.display_listen!r} lets other hosts reach the spice/vnc display: "
+                "set display_password, or listen on 127.0.0.1",
+            )
+        if self.vnc and self.display_password and len(self.display_password) > 8:
+            raise _fail("display_password", "display_password: VNC uses at most 8 characters; give a shorter one")
         if self.hugepages:
             covered_mb = self.hugepages * PAGE_SIZES_KIB[self.hugepage_size] // 1024
             if covered_mb < self.memory_mb:
@@ -394,7 +625,9 @@ def _key_path(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            text = str(part)
+            # A key is the user's text: one with a newline or a terminal escape is quoted.
+            out += ("." if out else "") + (repr(text) if _CONTROL_RE.search(text) else text)
     return out or "(top level)"
 
 
@@ -448,19 +681,34 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> DspConfig:
 def load_config(path: str | os.PathLike[str]) -> DspConfig:
     """Read and check a DSP VM description from a TOML file."""
     p = Path(path)
+    # The file's name goes into a one-line message: a name with a newline or an escape is quoted.
+    shown = repr(str(p)) if _CONTROL_RE.search(str(p)) else str(p)
     try:
-        raw = p.read_bytes()
+        # Opened without blocking (a FIFO would wait for a writer), then refused unless a regular file:
+        # /dev/zero or a FIFO would be read for ever.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"{shown}: not a regular file (a device, FIFO or socket); pass the path of a TOML file")
+            raw = fh.read(CONFIG_MAX_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file; pass the path of a TOML file such as domains/minimal.toml") from None
+        raise ConfigError(f"{shown}: no such file; pass the path of a TOML file such as domains/minimal.toml") from None
     except IsADirectoryError:
-        raise ConfigError(f"{p}: is a directory; pass the path of a TOML file") from None
+        raise ConfigError(f"{shown}: is a directory; pass the path of a TOML file") from None
     except OSError as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{shown}: cannot read: {exc.strerror}") from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{shown}: larger than {CONFIG_MAX_BYTES // 1024} KiB; a DSP VM description is a few lines")
     try:
         text = raw.decode("utf-8")
         data = tomllib.loads(text)
     except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not UTF-8 text; a TOML file is expected") from None
+        raise ConfigError(f"{shown}: not UTF-8 text; a TOML file is expected") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
-    return parse_config(data, str(p))
+        raise ConfigError(f"{shown}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{shown}: invalid TOML: arrays or tables nested too deeply") from None
+    return parse_config(data, shown)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 CpuSet = frozenset[int]
+# Linux's largest CONFIG_NR_CPUS: a bound, so that "0-99999999" is an error and not 100 million ints.
+MAX_CPU = 8191
 
 
 def parse_cpuset(spec: str) -> CpuSet:
@@ -30,6 +32,8 @@ def parse_cpuset(spec: str) -> CpuSet:
             raise ValueError(f"invalid CPU list {spec!r}: {raw.strip()!r} is not a number or range") from None
         if first < 0 or last < first:
             raise ValueError(f"invalid CPU list {spec!r}: bad range {raw.strip()!r}")
+        if last > MAX_CPU:
+            raise ValueError(f"invalid CPU list {spec[:40]!r}: CPU {last} is above {MAX_CPU}")
         target.update(range(first, last + 1))
     return frozenset(include - exclude)
 

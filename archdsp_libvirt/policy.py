@@ -7,7 +7,9 @@ Nothing here builds XML, and nothing in the renderer decides.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +125,42 @@ def detect_disk_format(path: str, forced: str | None) -> str:
     )
 
 
+def check_host_file(path: str, key: str) -> None:
+    """Refuse a path that, followed through its symlinks, is not a regular file.
+
+    Symlinks are fine: libvirt and QEMU open what they point to. What they
+    point to must be a file: a link to a host disk (``/dev/sda``), to
+    ``/dev/zero`` or to a FIFO is refused. A path that does not exist here
+    is left to libvirt on the host that runs the domain.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a block device" if stat.S_ISBLK(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a folder" if stat.S_ISDIR(mode) else "a FIFO or socket")
+    real = os.path.realpath(path)
+    via = f" (through a symlink to {real})" if real != os.path.abspath(path) else ""
+    raise ConfigError(f"{key}: {path} is {kind}{via}; a regular file is expected")
+
+
+def check_console_log(path: str) -> None:
+    """virtlogd, as root, truncates the console log on every start: never through a symlink."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISLNK(mode):
+        raise ConfigError(
+            f"console_log: {path} is a symlink to {os.path.realpath(path)}: virtlogd (root) would truncate "
+            "what it points to; give the real path"
+        )
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"console_log: {path} exists and is not a regular file; give a log file's path")
+
+
 def netjack_cmdline(cfg: DspConfig) -> list[str]:
     """Kernel arguments that tell the demo guest's init how to join the link."""
     nj = cfg.netjack
@@ -203,10 +241,15 @@ def plan(cfg: DspConfig, host: HostFacts, uuid: str | None = None) -> Plan:
     disk_path = disk_format = None
     if cfg.disk_image:
         disk_path = os.path.expanduser(cfg.disk_image)
+        check_host_file(disk_path, "archibaldos.disk_image")
         disk_format = detect_disk_format(disk_path, cfg.archibaldos.disk_format)
 
     kernel = os.path.expanduser(cfg.boot.kernel) if cfg.boot.kernel else None
     initrd = os.path.expanduser(cfg.boot.initrd) if cfg.boot.initrd else None
+    if kernel:
+        check_host_file(kernel, "boot.kernel")
+    if initrd:
+        check_host_file(initrd, "boot.initrd")
     cmdline = " ".join([cfg.boot.cmdline, *netjack_cmdline(cfg)]).strip() if kernel else None
 
     nics, hostfwd = _nics(cfg, host.passt)
@@ -217,7 +260,19 @@ def plan(cfg: DspConfig, host: HostFacts, uuid: str | None = None) -> Plan:
         )
         warnings.append(f"{users} go through <qemu:commandline>: libvirt marks the domain tainted (custom-argv)")
 
+    net = cfg.network
+    if net.enable and net.forwards and not ipaddress.ip_address(net.hostfwd_address).is_loopback:
+        warnings.append(
+            f"port forwards listen on {net.hostfwd_address} (network.hostfwd_allow_external): "
+            "other hosts can reach the guest's ports"
+        )
+    if cfg.qemu_extra_args and cfg.qemu_extra_args_allow_unsafe:
+        warnings.append("qemu_extra_args_allow_unsafe = true: qemu_extra_args were passed to QEMU unchecked")
+    if (cfg.spice or cfg.vnc) and not ipaddress.ip_address(cfg.display_listen).is_loopback:
+        warnings.append(f"the display listens on {cfg.display_listen}, password-protected: other hosts can reach it")
+
     console_log = cfg.console_log or f"/var/log/libvirt/qemu/{cfg.name}-console.log"
+    check_console_log(console_log)
     fifo = frozenset(range(len(pins))) if cfg.realtime.enable else frozenset()
     return Plan(
         config=cfg,

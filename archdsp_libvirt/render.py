@@ -184,13 +184,20 @@ def console(plan: Plan) -> etree._Element:
 
 
 def graphics(plan: Plan) -> list[etree._Element]:
-    """<graphics type='spice' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>"""
+    """<graphics type='spice' autoport='yes' listen='127.0.0.1' passwd='...'>
+    <listen type='address' address='127.0.0.1'/></graphics>
+
+    ``passwd`` only with ``display_password``.
+    """
+    cfg = plan.config
+    listen = cfg.display_listen
+    secret = {"passwd": cfg.display_password} if cfg.display_password else {}
     out = []
-    for kind, wanted in (("spice", plan.config.spice), ("vnc", plan.config.vnc)):
+    for kind, wanted in (("spice", cfg.spice), ("vnc", cfg.vnc)):
         if wanted:
             out.append(
-                E.graphics(E.listen(type="address", address="127.0.0.1"), type=kind, autoport="yes",
-                           listen="127.0.0.1")
+                E.graphics(E.listen(type="address", address=listen), type=kind, autoport="yes",
+                           listen=listen, **secret)
             )
     return out
 
