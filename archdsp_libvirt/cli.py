@@ -150,6 +150,111 @@ def console(obj: Ctx, config: Path, force: bool, pattern: str | None, timeout: f
                     echo=lambda t: click.echo(t, nl=False), send=send)
 
 
+@cli.group()
+def netjack() -> None:
+    """The host side of the NETJACK2 link (dsp-netjack-bridge)."""
+
+
+jack_server_option = click.option("--jack-server", metavar="NAME",
+                                  help="JACK server to join (default: $JACK_DEFAULT_SERVER, else 'default').")
+server_option = click.option("--server", "start_server", type=click.Choice(["dummy", "alsa"]),
+                             help="Start a jackd with this backend at the config's rate and period if none runs.")
+wait_option = click.option("--wait", type=click.FloatRange(0, 3600), default=0.0, show_default=True,
+                           help="Wait this many seconds for the VM to join; exit 1 if it does not.")
+
+
+@netjack.command("start")
+@config_argument
+@jack_server_option
+@server_option
+@click.option("--device", default="hw:0", show_default=True, help="ALSA device for --server alsa.")
+@click.option("--nperiods", type=click.IntRange(2, 8), default=2, show_default=True, help="ALSA periods.")
+@wait_option
+def netjack_start(config: Path, jack_server: str | None, start_server: str | None, device: str, nperiods: int,
+                  wait: float) -> None:
+    """Join the host's JACK graph and load the NETJACK master for CONFIG's VM."""
+    from .config import load_config
+    from .netjack import start
+
+    start(load_config(config), server=jack_server, start_server=start_server, device=device, nperiods=nperiods,
+          wait=wait, say=click.echo)
+
+
+@netjack.command("stop")
+@config_argument
+def netjack_stop(config: Path) -> None:
+    """Stop the bridge: its supervisor, the NETJACK master, and a jackd it started."""
+    from .config import load_config
+    from .netjack import stop
+
+    stop(load_config(config).name, say=click.echo)
+
+
+@netjack.command("restart")
+@config_argument
+@jack_server_option
+@server_option
+@wait_option
+def netjack_restart(config: Path, jack_server: str | None, start_server: str | None, wait: float) -> None:
+    """Stop and start the bridge again (dsp-netjack-restart)."""
+    from .config import load_config
+    from .netjack import restart
+
+    restart(load_config(config), wait=wait, say=click.echo, server=jack_server, start_server=start_server)
+
+
+@netjack.command("status")
+@config_argument
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def netjack_status(config: Path, as_json: bool) -> None:
+    """Server, link up/down, the VM's ports and xruns since start."""
+    import json
+
+    from .config import load_config
+    from .netjack import format_status, status
+
+    info = status(load_config(config).name)
+    click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else "\n".join(format_status(info)))
+
+
+@netjack.command("unit")
+@config_argument
+@jack_server_option
+@server_option
+def netjack_unit(config: Path, jack_server: str | None, start_server: str | None) -> None:
+    """Print a systemd unit that runs the bridge at boot."""
+    from .config import load_config
+    from .netjack import Link, systemd_unit
+
+    cfg = load_config(config)
+    Link.of(cfg)
+    click.echo(systemd_unit(cfg, config, start_server, jack_server), nl=False)
+
+
+@cli.command()
+@config_argument
+@click.option("--measure", is_flag=True, help="Measure the round trip through the VM with jack_iodelay.")
+@click.option("--seconds", type=click.FloatRange(2, 600), default=6.0, show_default=True,
+              help="How long --measure listens.")
+@click.option("--target-ms", type=click.FloatRange(0, 1000), help="Say whether this round trip can be met.")
+@click.option("--host-backend", type=click.Choice(["dummy", "alsa"]), default="dummy", show_default=True,
+              help="The host JACK backend: alsa adds its periods of buffering.")
+@click.option("--nperiods", type=click.IntRange(2, 8), default=2, show_default=True, help="ALSA periods.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (measured_frames, predicted_frames, xruns, ...).")
+def latency(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
+            nperiods: int, as_json: bool) -> None:
+    """The latency budget of CONFIG's link, and with --measure the real round trip."""
+    import json
+
+    from .config import load_config
+    from .latency import budget, format_report, measure as do_measure, report
+
+    cfg = load_config(config)
+    b = budget(cfg, host_backend=host_backend, host_nperiods=nperiods, target_ms=target_ms)
+    rep = report(cfg, b, do_measure(cfg, seconds=seconds) if measure else None)
+    click.echo(json.dumps(rep, indent=2, sort_keys=True) if as_json else format_report(rep, b), nl=as_json)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="archdsp-virt", standalone_mode=True)

@@ -89,6 +89,10 @@ def translate(err: libvirt.libvirtError, uri: str, doing: str) -> LibvirtFailure
         hint = "no such domain: run 'archdsp-virt up CONFIG' to define it"
     elif code == libvirt.VIR_ERR_OPERATION_INVALID and "already running" in text:
         hint = "the domain is already running"
+    elif "host forwarding rule" in text:
+        hint = "a forwarded host port is already in use: free it or pick another port in network.hostfwd"
+    elif "hugepages" in text.lower() and ("Cannot allocate memory" in text or "unable to map" in text):
+        hint = "the hugepage pool is exhausted: see 'archdsp-virt check' (hugepages.free)"
     else:
         hint = ""
     msg = f"{doing} failed: {text}" + (f" ({hint})" if hint else "")

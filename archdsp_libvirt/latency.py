@@ -15,6 +15,8 @@ backend: ``nperiods`` periods of playback buffering); the dummy backend adds non
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import asdict, dataclass
 
 from .config import DspConfig
@@ -119,3 +121,133 @@ def format_budget(b: Budget) -> str:
         lines.append(f"target {b.target_ms:g} ms: {'met' if b.meets_target else 'NOT met'}")
     lines.extend(f"  {n}" for n in b.notes)
     return "\n".join(lines) + "\n"
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+_IODELAY_LINE = re.compile(r"^\s*([\d.]+) frames\s+([\d.]+) ms total roundtrip latency", re.M)
+
+
+def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
+    """Round trip host -> netjack:capture_N -> DSP in the VM -> netjack:playback_N -> host, with jack_iodelay.
+
+    Needs the bridge up (``archdsp-virt netjack start``). Returns the measured frames (the most frequent
+    reading of the second half of the run, when the loop has settled), every reading, and the xruns the
+    server reported meanwhile.
+    """
+    import os
+    import selectors
+    import subprocess
+    import threading
+    from collections import Counter
+
+    from .netjack import ALIAS_CLIENT, BridgeError, jack_env, open_client, status, wait_for_link
+    from .procs import Owned
+
+    info = status(cfg.name)
+    if not info.get("running"):
+        raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
+    wait_for_link(cfg.name, 30)
+    server = info["server"]
+    client = open_client(server, "archdsp-latency")
+    xruns = 0
+    lock = threading.Lock()
+
+    def on_xrun(_delay):
+        nonlocal xruns
+        with lock:
+            xruns += 1
+
+    client.set_xrun_callback(on_xrun)
+    client.activate()
+    proc = subprocess.Popen(["stdbuf", "-oL", "jack_iodelay"],  # line-buffered: it prints with printf
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=jack_env(server), text=True, start_new_session=True)
+    owned = Owned.of(proc.pid)
+    readings: list[float] = []
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            names = {p.name for p in client.get_ports()}
+            if {"jack_delay:out", "jack_delay:in"} <= names:
+                break
+            time.sleep(0.1)
+        else:
+            raise BridgeError("jack_iodelay did not register its ports within 10 s")
+        _connect_loop(client, channel, timeout=20)
+        with lock:
+            xruns = 0
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        os.set_blocking(proc.stdout.fileno(), False)
+        buf = ""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if sel.select(timeout=0.2):
+                chunk = proc.stdout.read() or ""
+                buf += chunk
+                for m in _IODELAY_LINE.finditer(buf):
+                    readings.append(float(m.group(1)))
+                buf = buf[buf.rfind("\n") + 1:]
+            if proc.poll() is not None:
+                break
+    finally:
+        owned.stop()
+        proc.wait(timeout=10)
+        try:
+            client.deactivate()
+            client.close()
+        except Exception:  # noqa: BLE001
+            pass
+    if not readings:
+        raise BridgeError(f"jack_iodelay saw no signal come back through {ALIAS_CLIENT}:playback_{channel} in "
+                          f"{seconds:g} s: is the DSP loop in the VM connected? (archdsp-virt console)")
+    settled = readings[len(readings) // 2:]
+    measured = Counter(round(r) for r in settled).most_common(1)[0][0]
+    return {"measured_frames": measured, "readings": readings, "xruns": xruns, "seconds": seconds,
+            "server": server}
+
+
+def _connect_loop(client, channel: int, timeout: float) -> None:
+    """Connect jack_iodelay through the VM; the aliases may be re-made a moment after a VM rejoins."""
+    import errno
+
+    import jack
+
+    from .netjack import ALIAS_CLIENT, BridgeError
+
+    pairs = [("jack_delay:out", f"{ALIAS_CLIENT}:capture_{channel}"),
+             (f"{ALIAS_CLIENT}:playback_{channel}", "jack_delay:in")]
+    deadline = time.monotonic() + timeout
+    pending = list(pairs)
+    while pending:
+        src, dst = pending[0]
+        try:
+            client.connect(src, dst)
+        except jack.JackError as exc:
+            if getattr(exc, "code", None) != errno.EEXIST:  # already connected is done
+                if time.monotonic() > deadline:
+                    raise BridgeError(f"cannot connect jack_iodelay through the VM within {timeout:g} s: {exc}") from None
+                time.sleep(0.5)
+                continue
+        pending.pop(0)
+
+
+def report(cfg: DspConfig, b: Budget, measured: dict | None) -> dict:
+    out = b.as_dict()
+    out["predicted_frames"] = b.predicted_frames
+    if measured is not None:
+        out.update(measured)
+        out["measured_ms"] = round(frames_to_ms(measured["measured_frames"], b.sample_rate), 4)
+        out["difference_frames"] = measured["measured_frames"] - b.predicted_frames
+        out["matches_prediction"] = abs(out["difference_frames"]) <= 1
+    return out
+
+
+def format_report(rep: dict, b: Budget) -> str:
+    text = format_budget(b)
+    if "measured_frames" in rep:
+        text += (f"measured round trip: {rep['measured_frames']} frames = {rep['measured_ms']:.3f} ms "
+                 f"({'matches' if rep['matches_prediction'] else 'DIFFERS FROM'} the prediction, "
+                 f"{rep['difference_frames']:+d} frames); {rep['xruns']} xruns in {rep['seconds']:g} s\n")
+    return text

@@ -145,7 +145,17 @@ def up(
         say(f"port forwards: {'libvirt portForward (passt)' if backend == 'passt' else 'QEMU hostfwd (qemu:commandline)'}")
 
     # Define; then check that libvirt kept what we own.
-    _define(session, rendered.xml)
+    try:
+        _define(session, rendered.xml)
+    except LibvirtFailure as err:
+        if old_xml is not None or "already exists with uuid" not in str(err):
+            raise
+        # Another `up` of this config defined it between our lookup and our define: once, take its UUID.
+        say(f"{name} was defined meanwhile (another up?): defining over it with its UUID")
+        old_xml = _inactive_xml(session, name)
+        uuid = session.dom(name, "reading the UUID", lambda d: d.UUIDString())
+        rendered = render_domain(cfg, facts, uuid=uuid)
+        _define(session, rendered.xml)
     new_xml = _inactive_xml(session, name)
     lost = differences(rendered.xml, new_xml, with_commandline=_has_qemu_namespace(session))
     if lost:
@@ -190,19 +200,33 @@ def up(
         say(f"autostart on: {name} starts when the host boots")
 
     if verify_threads and session.is_local and _has_qemu_namespace(session):
+        _wait_started(session, name, start_timeout)
         tune_and_verify(cfg, rendered, say, timeout=start_timeout)
     elif verify_threads:
         say("thread check skipped: no local QEMU process behind this connection")
     return result
 
 
+def _wait_started(session: Session, name: str, timeout: float) -> None:
+    """Wait while libvirt is still starting the domain (another ``up`` or a ``virsh start`` got there
+    first): it is active from the moment QEMU is launched, but its vCPUs are pinned and scheduled
+    only by the end of the start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state, reason = session.dom(name, "checking state", lambda d: d.state())
+        if not (state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP):
+            return
+        time.sleep(0.1)
+
+
 def _is_updated(session: Session, name: str) -> bool:
-    try:
-        return bool(session.dom(name, "checking for a newer definition", lambda d: d.isUpdated()))
-    except LibvirtFailure as err:
-        if err.code == libvirt.VIR_ERR_NO_SUPPORT:
-            return False
-        raise
+    """Whether the running domain was started from an older definition than the persistent one.
+
+    Compared on what the config owns, between libvirt's live and inactive XML (virDomainIsUpdated
+    does not track redefinitions).
+    """
+    live = session.dom(name, "reading the running definition", lambda d: d.XMLDesc(0))
+    return bool(differences(_inactive_xml(session, name), live, with_commandline=_has_qemu_namespace(session)))
 
 
 def tune_and_verify(cfg: DspConfig, rendered: Rendered, say: Say, timeout: float = 30.0,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import Rendered, render_domain
-from .config import DspConfig, load_config
+from .config import ConfigError, DspConfig, load_config
 from .cpuset import parse_cpuset
 from .errors import ArchdspError, HostError, UsageError
 from .policy import HostFacts
@@ -43,6 +44,17 @@ def host_facts(cfg: DspConfig, uri: str | None, host_cpus: str | None = None,
     return facts, notes
 
 
+@contextmanager
+def _naming(config: Path):
+    """Policy refusals (a disk image that is a host device, ...) name the key; add the file, as load_config does."""
+    try:
+        yield
+    except ConfigError as err:
+        if err.message.startswith(f"{config}: "):
+            raise
+        raise ConfigError(f"{config}: {err.message}") from None
+
+
 def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
                    port_forwards: str | None = None, uuid: str | None = None) -> tuple[Rendered, list[str]]:
     """Load ``config`` and render it for the host, with the notes to show the user."""
@@ -50,7 +62,8 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
     if port_forwards and port_forwards != "auto":
         cfg = cfg.model_copy(update={"network": cfg.network.model_copy(update={"port_forward_backend": port_forwards})})
     facts, notes = host_facts(cfg, uri, host_cpus=host_cpus, port_forwards=port_forwards)
-    rendered = render_domain(cfg, facts, uuid=uuid)
+    with _naming(config):
+        rendered = render_domain(cfg, facts, uuid=uuid)
     backend = rendered.plan.port_forward_backend
     if backend == "passt":
         notes.append("port forwards: libvirt <portForward> on the passt backend")
@@ -69,7 +82,16 @@ def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, sk
     with Session(uri) as session:
         if preflight:
             run_preflight(cfg, session, skip, say)
-        up(cfg, session, restart=restart, autostart=autostart, say=say)
+        with _naming(config):
+            result = up(cfg, session, restart=restart, autostart=autostart, say=say)
+    if cfg.netjack.enable and (result.started or result.restarted):
+        from .netjack import reload_master, status as bridge_status
+
+        bridge = bridge_status(cfg.name)
+        if bridge.get("running") and bridge.get("slave"):
+            # The master would keep the old guest's slave for a minute; a fresh master lets the new one join cleanly.
+            say("the VM (re)started while the bridge held its old slave: reloading the NETJACK master")
+            reload_master(cfg, say=say)
 
 
 def run_preflight(cfg: DspConfig, session, skip: set[str], say) -> None:
@@ -106,7 +128,15 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
     cfg = load_config(config)
     with Session(uri) as session:
         info = status(cfg, session)
-    return json.dumps(info, indent=2, sort_keys=True) + "\n" if as_json else format_status(info)
+    if cfg.netjack.enable:
+        from .netjack import format_status as format_bridge, status as bridge_status
+
+        info["bridge"] = bridge_status(cfg.name)
+        info["sections"] = [format_bridge(info["bridge"])]
+    if as_json:
+        info.pop("sections", None)
+        return json.dumps(info, indent=2, sort_keys=True) + "\n"
+    return format_status(info)
 
 
 def console_command(config: Path, uri: str | None, force: bool, pattern: str | None, timeout: float, echo,
@@ -122,7 +152,10 @@ def console_command(config: Path, uri: str | None, force: bool, pattern: str | N
                 raise UsageError("--send goes with --expect")
             interactive(session, cfg.name, force=force)
             return
-        data = send.encode().decode("unicode_escape").encode("latin-1") if send else None
+        try:
+            data = send.encode().decode("unicode_escape").encode("latin-1") if send else None
+        except UnicodeError as exc:
+            raise UsageError(f"--send: {exc.reason} in {send!r}; backslash escapes such as \\n or \\x1b are expected") from None
         matched, _seen = expect(session, cfg.name, pattern, timeout, force=force, echo=echo, send=data)
     if not matched:
         raise ArchdspError(f"console: {pattern!r} did not appear within {timeout:g} s")

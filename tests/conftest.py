@@ -142,26 +142,41 @@ def dsp_guest_files(system_libvirt):
 
 @pytest.fixture(scope="session")
 def demo_domain(dsp_guest_files, tmp_path_factory):
-    """One TCG demo guest for the whole session (TCG boots are slow): its config path and name."""
+    """One TCG demo guest for the whole session (TCG boots are slow), joined to a host JACK
+    server of the test's own through the bridge: yields the config path, domain name and server name.
+
+    The link uses a port and JACK server name of this session's own, and the master's unicast
+    address on libvirt's virbr0 (no multicast, nothing leaves the machine).
+    """
+    import random
     import tomllib
     import uuid as uuidlib
 
-    name = f"archdsp-test-demo-{uuidlib.uuid4().hex[:6]}"
+    tag = uuidlib.uuid4().hex[:6]
+    name = f"archdsp-test-demo-{tag}"
+    server = "archdsp-test"  # a fixed name: JACK reclaims a stale registry slot only for the same name
+    port = random.randint(19100, 19900)
     text = (DOMAINS / "demo-dsp.toml").read_text()
-    assert 'name = "archdsp-demo"' in text
-    text = text.replace('name = "archdsp-demo"', f'name = "{name}"')
+    for old, new in (('name = "archdsp-demo"', f'name = "{name}"'), ("source_port = 19000", f"source_port = {port}")):
+        assert old in text
+        text = text.replace(old, new)
     kernel, initrd = dsp_guest_files
     text = text.replace("/var/lib/archdsp-libvirt/guest/vmlinuz", str(kernel))
     text = text.replace("/var/lib/archdsp-libvirt/guest/initrd.img", str(initrd))
     tomllib.loads(text)
     path = tmp_path_factory.mktemp("demo") / "demo.toml"
     path.write_text(text)
-    r = archdsp("-c", SYSTEM_URI, "up", "--no-check", str(path))
+    bridge = archdsp("netjack", "start", "--jack-server", server, "--server", "dummy", str(path), timeout=120)
+    if bridge.returncode != 0:
+        pytest.fail(f"archdsp-virt netjack start failed:\n{bridge.stdout}\n{bridge.stderr}")
+    r = archdsp("-c", SYSTEM_URI, "up", str(path))
     if r.returncode != 0:
         remove_domain(name)
+        archdsp("netjack", "stop", str(path))
         pytest.fail(f"archdsp-virt up of the demo guest failed:\n{r.stdout}\n{r.stderr}")
-    yield path, name
+    yield path, name, server
     remove_domain(name)
+    archdsp("netjack", "stop", str(path))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.real
 
 
 def test_console_expect_reads_what_the_guest_prints(demo_domain):
-    cfg, name = demo_domain
+    cfg, name, _server = demo_domain
     assert virsh("domstate", name) == "running"
     # The guest runs a shell on its console: have it compute something only it can answer.
     deadline = time.monotonic() + 240
@@ -29,7 +29,7 @@ def test_console_expect_reads_what_the_guest_prints(demo_domain):
 
 
 def test_console_expect_times_out_with_a_clear_message(demo_domain):
-    cfg, _name = demo_domain
+    cfg, _name, _server = demo_domain
     t0 = time.monotonic()
     r = archdsp("-c", "qemu:///system", "console", "--expect", "THIS-NEVER-APPEARS", "--timeout", "2", str(cfg),
                 timeout=60)
@@ -42,7 +42,7 @@ def test_busy_console_needs_force(demo_domain):
     import subprocess
     import sys
 
-    cfg, name = demo_domain
+    cfg, name, _server = demo_domain
     holder = subprocess.Popen([sys.executable, "-m", "archdsp_libvirt", "-c", "qemu:///system", "console",
                                "--expect", "NEVER-SEEN", "--timeout", "30", str(cfg)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,0 +1,493 @@
+"""The host side of the NETJACK2 link (the original design's dsp-netjack-bridge).
+
+``start`` joins the host's JACK graph (a running server, or one it starts
+with ``--server dummy|alsa`` at the config's rate and period), loads JACK2's
+NETJACK master (``netmanager``) bound to the host's unicast address on the
+VM's network, and leaves a supervisor running. The supervisor is a plain
+JACK client (no audio ports, no process callback) that:
+
+- gives the VM's ports stable names: ``netjack:capture_N`` (host -> VM) and
+  ``netjack:playback_N`` (VM -> host) are JACK aliases of the slave's
+  ``to_slave_N`` / ``from_slave_N``, re-made whenever the slave rejoins;
+- counts the server's xruns since the bridge started;
+- writes what it sees to a status file once a second.
+
+Every process is known by PID and start time and stopped by PID.
+NETJACK discovery stays on the VM's bridge: the master is given the host's
+unicast address there, so it joins no multicast group and nothing follows
+the default route out of the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DspConfig
+from .errors import ArchdspError, ConfigError
+from .procs import Owned, spawn_detached
+
+RUN_DIR = Path(os.environ.get("ARCHDSP_RUN_DIR", "/run/archdsp-libvirt"))
+ALIAS_CLIENT = "netjack"
+SUPERVISOR_CLIENT = "archdsp-bridge"
+STATUS_PERIOD = 1.0
+
+
+class BridgeError(ArchdspError):
+    """The NETJACK bridge cannot do what was asked."""
+
+
+def default_server() -> str:
+    return os.environ.get("JACK_DEFAULT_SERVER") or "default"
+
+
+def jack_env(server: str) -> dict[str, str]:
+    """Environment for JACK tools: this server, never auto-started, no D-Bus device reservation."""
+    return {**os.environ, "JACK_DEFAULT_SERVER": server, "JACK_NO_START_SERVER": "1",
+            "JACK_NO_AUDIO_RESERVATION": "1"}
+
+
+def _paths(name: str) -> tuple[Path, Path, Path]:
+    return (RUN_DIR / f"netjack-{name}.json", RUN_DIR / f"netjack-{name}.status.json",
+            RUN_DIR / f"netjack-{name}.log")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _owned(entry: dict | None) -> Owned | None:
+    return Owned(entry["pid"], entry["start"]) if entry else None
+
+
+def open_client(server: str, name: str):
+    """A JACK client on ``server`` (never starting one), or :class:`BridgeError`."""
+    os.environ.setdefault("JACK_NO_AUDIO_RESERVATION", "1")
+    try:
+        import jack
+    except OSError as exc:  # libjack is missing
+        raise BridgeError(f"JACK is not installed ({exc}): apt-get install jackd2") from None
+    jack.set_error_function(lambda _msg: None)  # libjack's own chatter: our errors say what matters
+    jack.set_info_function(lambda _msg: None)
+    try:
+        return jack.Client(name, servername=server, no_start_server=True)
+    except jack.JackOpenError:
+        raise BridgeError(f"no JACK server '{server}' is running") from None
+
+
+@dataclass(frozen=True)
+class Link:
+    """What the bridge needs from the config."""
+
+    domain: str
+    slave: str
+    master_ip: str
+    port: int
+    rate: int
+    period: int
+    channels: int
+
+    @classmethod
+    def of(cls, cfg: DspConfig) -> Link:
+        nj = cfg.netjack
+        if not nj.enable:
+            raise ConfigError("archibaldos.netjack.enable: the bridge is for the NETJACK link; set enable = true")
+        return cls(cfg.name, nj.client_name, nj.master_ip, nj.source_port, nj.sample_rate, nj.buffer_size,
+                   nj.channels)
+
+
+def _check_local_address(ip: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((ip, 0))
+        except OSError:
+            raise BridgeError(
+                f"archibaldos.netjack.master_ip {ip} is not an address of this host: start the VM's network "
+                "(virsh net-start default) or set master_ip to the host's address on the VM's bridge"
+            ) from None
+
+
+def _start_server(link: Link, server: str, kind: str, device: str, nperiods: int, log: Path, say) -> Owned:
+    if not shutil.which("jackd"):
+        raise BridgeError("jackd is not installed: apt-get install jackd2")
+    driver = ["-d", "dummy", "-r", str(link.rate), "-p", str(link.period)]
+    if kind == "alsa":
+        driver = ["-d", "alsa", "-d", device, "-r", str(link.rate), "-p", str(link.period), "-n", str(nperiods)]
+    argv = ["jackd", "-n", server, "-R", "-t", "5000", *driver]
+    proc = spawn_detached(argv, log, env=jack_env(server))
+    say(f"started jackd '{server}' ({kind}, {link.rate} Hz, {link.period} frames), pid {proc.pid}")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            why = lines[-2:] if lines else ["(no output)"]
+            raise BridgeError(f"jackd '{server}' exited at start: {' / '.join(why)} (see {log})")
+        try:
+            open_client(server, "archdsp-probe").close()
+            return proc
+        except BridgeError:
+            time.sleep(0.2)
+    proc.stop()
+    raise BridgeError(f"jackd '{server}' did not answer within 10 s; see {log}")
+
+
+def _jack_tool(argv: list[str], server: str, timeout: float = 15) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=jack_env(server))
+    except subprocess.TimeoutExpired:
+        raise BridgeError(f"{argv[0]} did not finish within {timeout:g} s") from None
+
+
+def _load_master(server: str, master_ip: str, port: int) -> str:
+    """(Re)load JACK2's netmanager bound to ``master_ip:port``; retried briefly while an unloaded
+    master still holds the port."""
+    _jack_tool(["jack_unload", "netmanager", server], server)  # a master from an earlier run
+    options = f"-a {master_ip} -p {port}"
+    out = ""
+    for _attempt in range(20):
+        loaded = _jack_tool(["jack_load", "-s", server, "netmanager", "-i", options], server)
+        if loaded.returncode == 0:
+            return options
+        out = (loaded.stderr or loaded.stdout).strip()[-300:]
+        time.sleep(0.5)
+    raise BridgeError(f"cannot load the NETJACK master on {master_ip}:{port}: {out}")
+
+
+def start(cfg: DspConfig, server: str | None = None, start_server: str | None = None, device: str = "hw:0",
+          nperiods: int = 2, wait: float = 0.0, say=print) -> dict:
+    """Bring the host side of the link up (idempotent); wait up to ``wait`` s for the VM to join."""
+    link = Link.of(cfg)
+    state_file, status_file, log = _paths(link.domain)
+    state = _read_json(state_file)
+    if state and (sup := _owned(state.get("supervisor"))) and sup.alive():
+        say(f"bridge for {link.domain} already running on JACK server '{state['server']}'")
+        if wait:
+            wait_for_link(link.domain, wait)
+        return state
+    server = server or (state or {}).get("server") or default_server()
+    _check_local_address(link.master_ip)
+    owned_server = None
+    try:
+        probe = open_client(server, "archdsp-probe")
+    except BridgeError:
+        if start_server is None:
+            raise BridgeError(f"no JACK server '{server}' is running: start yours (jackd, or PipeWire's JACK), "
+                              "or pass --server dummy (or --server alsa) to start one") from None
+        owned_server = _start_server(link, server, start_server, device, nperiods, log, say)
+        probe = open_client(server, "archdsp-probe")
+    try:
+        if probe.samplerate != link.rate:
+            raise BridgeError(f"JACK server '{server}' runs at {probe.samplerate} Hz, the config wants "
+                              f"{link.rate} Hz (archibaldos.netjack.sample_rate): restart it at {link.rate} Hz")
+        if probe.blocksize != link.period:
+            say(f"JACK server '{server}': period {probe.blocksize} -> {link.period} frames")
+            probe.blocksize = link.period
+    except BridgeError:
+        probe.close()
+        if owned_server:
+            owned_server.stop()
+        raise
+    probe.close()
+
+    try:
+        options = _load_master(server, link.master_ip, link.port)
+    except BridgeError:
+        if owned_server:
+            owned_server.stop()
+        raise
+    say(f"NETJACK master listening on {link.master_ip}:{link.port}/udp (netmanager {options})")
+
+    status_file.unlink(missing_ok=True)
+    sup = spawn_detached(
+        [sys.executable, "-m", "archdsp_libvirt.netjack", "--server", server, "--slave", link.slave,
+         "--channels", str(link.channels), "--status", str(status_file)],
+        log, env=jack_env(server),
+    )
+    state = {
+        "domain": link.domain, "server": server, "server_process": owned_server.as_dict() if owned_server else None,
+        "server_kind": start_server, "device": device, "nperiods": nperiods,
+        "supervisor": sup.as_dict(), "master_ip": link.master_ip, "port": link.port, "slave": link.slave,
+        "channels": link.channels, "started": time.time(),
+    }
+    _write_json(state_file, state)
+    say(f"bridge supervisor pid {sup.pid}: VM ports as {ALIAS_CLIENT}:capture_N (host -> VM) and "
+        f"{ALIAS_CLIENT}:playback_N (VM -> host)")
+    if wait:
+        wait_for_link(link.domain, wait)
+        say(f"link up: slave '{link.slave}' joined")
+    return state
+
+
+def wait_for_link(domain: str, timeout: float) -> dict:
+    """Block until the VM's slave has joined, or :class:`BridgeError` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    info: dict = {}
+    while time.monotonic() < deadline:
+        info = status(domain)
+        if info.get("link") == "up":
+            return info
+        if not info.get("running"):
+            break
+        time.sleep(0.25)
+    state = _read_json(_paths(domain)[0]) or {}
+    raise BridgeError(
+        f"the guest side of the link is missing: no NETJACK slave '{state.get('slave', '?')}' joined "
+        f"{state.get('master_ip', '?')}:{state.get('port', '?')} within {timeout:g} s "
+        f"(is the VM up and its JACK running? archdsp-virt status / console)"
+        if info.get("running") else f"the bridge for {domain} is not running: {info.get('problem', 'stopped')}"
+    )
+
+
+def stop(domain: str, say=print) -> bool:
+    """Stop what ``start`` started (by PID): supervisor, NETJACK master, our jackd. Idempotent."""
+    state_file, status_file, _log = _paths(domain)
+    state = _read_json(state_file)
+    if not state:
+        say(f"bridge for {domain} is not running")
+        return False
+    sup = _owned(state.get("supervisor"))
+    if sup and sup.stop():
+        say(f"stopped bridge supervisor (pid {sup.pid})")
+    server = state["server"]
+    srv = _owned(state.get("server_process"))
+    if srv is None or srv.alive():
+        r = _jack_tool(["jack_unload", "netmanager", server], server)
+        if r.returncode == 0:
+            say(f"unloaded the NETJACK master from JACK server '{server}'")
+    if srv and srv.stop():
+        say(f"stopped jackd '{server}' (pid {srv.pid})")
+    state_file.unlink(missing_ok=True)
+    status_file.unlink(missing_ok=True)
+    return True
+
+
+def reload_master(cfg: DspConfig, say=print) -> None:
+    """Unload and load the NETJACK master again: a restarted VM's slave then joins under its own name
+    instead of waiting for the master to drop the old one (about a minute)."""
+    link = Link.of(cfg)
+    state = _read_json(_paths(link.domain)[0])
+    if not state:
+        raise BridgeError(f"the bridge for {link.domain} is not running")
+    _load_master(state["server"], state["master_ip"], state["port"])
+    say(f"reloaded the NETJACK master on {state['master_ip']}:{state['port']}/udp")
+
+
+def restart(cfg: DspConfig, wait: float = 0.0, say=print, **overrides) -> dict:
+    """Stop and start again with the options of the last start (``dsp-netjack-restart``)."""
+    state = _read_json(_paths(cfg.name)[0]) or {}
+    stop(cfg.name, say=say)
+    opts = {"server": state.get("server"), "start_server": state.get("server_kind"),
+            "device": state.get("device", "hw:0"), "nperiods": state.get("nperiods", 2)}
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    return start(cfg, wait=wait, say=say, **opts)
+
+
+def status(domain: str) -> dict:
+    """The bridge as data: server, link up/down, ports, xruns since start."""
+    state_file, status_file, log = _paths(domain)
+    state = _read_json(state_file)
+    if not state:
+        return {"running": False, "problem": "not started (archdsp-virt netjack start CONFIG)"}
+    sup = _owned(state.get("supervisor"))
+    srv = _owned(state.get("server_process"))
+    seen = _read_json(status_file) or {}
+    info = {
+        "running": bool(sup and sup.alive()),
+        "server": state["server"],
+        "server_pid": srv.pid if srv else None,
+        "server_started_by_bridge": srv is not None,
+        "server_alive": seen.get("server") == "running" if srv is None else srv.alive(),
+        "master": f"{state['master_ip']}:{state['port']}/udp",
+        "slave": seen.get("slave"),
+        "link": seen.get("link", "down"),
+        "ports": seen.get("ports", {}),
+        "xruns": seen.get("xruns", 0),
+        "since": state["started"],
+        "link_changed": seen.get("link_changed"),
+        "log": str(log),
+    }
+    if not info["running"]:
+        info["link"] = "down"
+        info["problem"] = ("the JACK server went away (archdsp-virt netjack restart)"
+                           if seen.get("server") == "gone" else "the bridge supervisor is not running")
+    elif seen and time.time() - seen.get("updated", 0) > 5 * STATUS_PERIOD + 5:
+        info["problem"] = "the bridge supervisor stopped reporting"
+    return info
+
+
+def format_status(info: dict) -> list[str]:
+    lines = ["=== NETJACK Bridge ==="]
+    if not info.get("running") and "server" not in info:
+        return lines + [f"  {info.get('problem')}"]
+    owner = f"started by the bridge, pid {info['server_pid']}" if info["server_started_by_bridge"] else "external"
+    lines.append(f"  server: JACK '{info['server']}' ({owner})   master: {info['master']}")
+    link = info["link"]
+    lines.append(f"  link: {link}" + (f" (slave '{info['slave']}')" if link == "up" and info.get("slave") else "")
+                 + f"   xruns since start: {info['xruns']}")
+    for alias, real in sorted(info.get("ports", {}).items()):
+        lines.append(f"  {alias} = {real}")
+    if info.get("problem"):
+        lines.append(f"  problem: {info['problem']}")
+    return lines
+
+
+def systemd_unit(cfg: DspConfig, config_path: Path, server_kind: str | None, server: str | None) -> str:
+    """A unit that runs the bridge like the original design's dsp-netjack-bridge.service."""
+    exe = shutil.which("archdsp-virt") or "archdsp-virt"
+    opts = "".join([f" --jack-server {server}" if server else "", f" --server {server_kind}" if server_kind else ""])
+    cfg_path = Path(config_path).resolve()
+    return (
+        "[Unit]\n"
+        f"Description=NETJACK bridge to the DSP VM {cfg.name}\n"
+        "After=libvirtd.service sound.target\n"
+        "Wants=libvirtd.service\n\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        "RemainAfterExit=yes\n"
+        f"ExecStart={exe} netjack start{opts} {cfg_path}\n"
+        f"ExecStop={exe} netjack stop {cfg_path}\n"
+        f"ExecReload={exe} netjack restart {cfg_path}\n"
+        "KillMode=none\n\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+# --- the supervisor (python -m archdsp_libvirt.netjack ...) -------------------------------------
+
+_SLAVE_PORT = re.compile(r"^(?P<client>[^:]+):(?P<dir>to|from)_slave_(?P<n>\d+)$")
+
+
+def _slave_clients(port_names: list[str], slave: str) -> dict[str, set[str]]:
+    """Clients that are the slave (``dsp``, or ``dsp-01`` when a stale one still holds the name)."""
+    out: dict[str, set[str]] = {}
+    for name in port_names:
+        m = _SLAVE_PORT.match(name)
+        if m and re.fullmatch(re.escape(slave) + r"(-\d+)?", m["client"]):
+            out.setdefault(m["client"], set()).add(name)
+    return out
+
+
+def _newest(clients: list[str], slave: str) -> str:
+    return max(clients, key=lambda c: int(c[len(slave) + 1:]) if c != slave else -1)
+
+
+def supervise(server: str, slave: str, channels: int, status_file: Path) -> int:
+    import threading
+
+    client = open_client(server, SUPERVISOR_CLIENT)
+    xruns = 0
+    gone = threading.Event()
+    stop_flag = threading.Event()
+
+    def on_xrun(_delay):
+        nonlocal xruns
+        xruns += 1
+
+    client.set_xrun_callback(on_xrun)
+    client.set_shutdown_callback(lambda _status, _reason: gone.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop_flag.set())
+    signal.signal(signal.SIGINT, lambda *_: stop_flag.set())
+    client.activate()
+    link = "down"
+    changed = time.time()
+    started = time.time()
+    try:
+        while not stop_flag.is_set():
+            if gone.is_set():
+                _write_json(status_file, {"server": "gone", "link": "down", "xruns": xruns, "updated": time.time(),
+                                          "since": started, "link_changed": time.time(), "ports": {}})
+                return 3
+            names = [p.name for p in client.get_ports()]
+            clients = _slave_clients(names, slave)
+            ports: dict[str, str] = {}
+            current = None
+            if clients:
+                current = _newest(list(clients), slave)
+                for i in range(1, channels + 1):
+                    for direction, alias in (("to", "capture"), ("from", "playback")):
+                        real = f"{current}:{direction}_slave_{i}"
+                        want = f"{ALIAS_CLIENT}:{alias}_{i}"
+                        if real in clients[current]:
+                            ports[want] = real
+                            _ensure_alias(client, real, want)
+                for other in clients:
+                    if other != current:
+                        for real in clients[other]:
+                            _drop_aliases(client, real)
+            now_up = "up" if current and len(ports) == 2 * channels else "down"
+            if now_up != link:
+                link, changed = now_up, time.time()
+            _write_json(status_file, {"server": "running", "link": link, "slave": current, "ports": ports,
+                                      "xruns": xruns, "updated": time.time(), "since": started,
+                                      "link_changed": changed})
+            stop_flag.wait(STATUS_PERIOD if link == "up" else 0.25)
+    finally:
+        try:
+            client.deactivate()
+            client.close()
+        except Exception:  # noqa: BLE001 - the server may be gone already
+            pass
+    return 0
+
+
+def _ensure_alias(client, real: str, alias: str) -> None:
+    import jack
+
+    try:
+        port = client.get_port_by_name(real)
+        if alias not in port.aliases:
+            port.set_alias(alias)
+    except jack.JackError:
+        pass
+
+
+def _drop_aliases(client, real: str) -> None:
+    import jack
+
+    try:
+        port = client.get_port_by_name(real)
+        for alias in port.aliases:
+            if alias.startswith(f"{ALIAS_CLIENT}:"):
+                port.unset_alias(alias)
+    except jack.JackError:
+        pass
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m archdsp_libvirt.netjack", description="NETJACK bridge supervisor")
+    ap.add_argument("--server", required=True)
+    ap.add_argument("--slave", required=True)
+    ap.add_argument("--channels", type=int, required=True)
+    ap.add_argument("--status", type=Path, required=True)
+    args = ap.parse_args(argv)
+    try:
+        return supervise(args.server, args.slave, args.channels, args.status)
+    except ArchdspError as err:
+        print(f"bridge supervisor: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,100 @@
+"""Processes this package starts, known by PID *and* start time, so that a
+reused PID is never mistaken for ours and nothing else is ever signalled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+@dataclass(frozen=True)
+class Owned:
+    """A process we started."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> Owned:
+        st = start_time(pid)
+        if st is None:
+            raise ProcessLookupError(pid)
+        return cls(pid, st)
+
+    def alive(self) -> bool:
+        if start_time(self.pid) != self.start:
+            return False
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            threads = len(os.listdir(f"/proc/{self.pid}/task"))
+        except (OSError, IndexError):
+            return False
+        # A zombie leader whose other threads still run is a process still shutting down.
+        return state != "Z" or threads > 1
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. True if it was running.
+
+        Returns once the process is reaped too (bounded): a JACK server whose zombie still holds its
+        PID counts as active for a new server of the same name.
+        """
+        try:
+            return self._stop(timeout)
+        finally:
+            for _ in range(100):
+                _reap(self.pid)
+                if start_time(self.pid) != self.start:
+                    break
+                time.sleep(0.05)
+
+    def _stop(self, timeout: float) -> bool:
+        if not self.alive():
+            return False
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                _reap(self.pid)
+                return True
+            _reap(self.pid)
+            time.sleep(0.05)
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            for _ in range(100):
+                _reap(self.pid)
+                if not self.alive():
+                    break
+                time.sleep(0.05)
+        return True
+
+    def as_dict(self) -> dict:
+        return {"pid": self.pid, "start": self.start}
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def spawn_detached(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Owned:
+    """Start ``argv`` in its own session, output to ``log``; it outlives this process."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, env=env)
+    return Owned.of(proc.pid)

@@ -1,0 +1,141 @@
+"""The NETJACK bridge against real JACK servers on loopback (no VM): link, aliases, faults.
+
+The 'VM' here is a second jackd running JACK2's net backend on 127.0.0.1: the same slave the
+demo guest runs, without the boot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from archdsp_libvirt import parse_config
+from archdsp_libvirt.netjack import _newest, _slave_clients, systemd_unit
+from archdsp_libvirt.procs import Owned, spawn_detached
+from conftest import archdsp
+
+RUN = Path("/run/archdsp-libvirt")
+needs_jack = pytest.mark.skipif(not shutil.which("jackd"), reason="jackd is not installed (apt-get install jackd2)")
+
+
+def test_slave_clients_prefer_the_newest():
+    names = ["system:capture_1", "dsp:to_slave_1", "dsp:from_slave_1", "dsp-01:to_slave_1", "dspx:to_slave_1",
+             "other:to_slave_1"]
+    clients = _slave_clients(names, "dsp")
+    assert set(clients) == {"dsp", "dsp-01"}
+    assert _newest(list(clients), "dsp") == "dsp-01"
+    assert _newest(["dsp"], "dsp") == "dsp"
+
+
+def test_systemd_unit(tmp_path):
+    cfg_path = tmp_path / "dsp.toml"
+    cfg = parse_config({"name": "dsp1", "isolated_cores": [1], "memory_mb": 256,
+                        "archibaldos": {"netjack": {"enable": True}}})
+    unit = systemd_unit(cfg, cfg_path, "dummy", None)
+    assert "Description=NETJACK bridge to the DSP VM dsp1" in unit
+    assert f"netjack start --server dummy {cfg_path}" in unit and f"netjack stop {cfg_path}" in unit
+    assert "After=libvirtd.service" in unit and "WantedBy=multi-user.target" in unit
+
+
+def test_bridge_commands_need_netjack_enabled(tmp_path):
+    cfg = tmp_path / "nonet.toml"
+    cfg.write_text("isolated_cores = [1]\nmemory_mb = 256\n")
+    r = archdsp("netjack", "start", str(cfg))
+    assert r.returncode == 2 and "archibaldos.netjack.enable" in r.stderr
+
+
+def test_master_ip_must_be_ours(tmp_path):
+    cfg = tmp_path / "far.toml"
+    cfg.write_text("isolated_cores = [1]\nmemory_mb = 256\n[archibaldos.netjack]\nenable = true\n"
+                   "master_ip = \"192.0.2.1\"\n")
+    r = archdsp("netjack", "start", "--server", "dummy", str(cfg))
+    assert r.returncode == 1 and "not an address of this host" in r.stderr
+
+
+@pytest.fixture
+def loopback(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("writes the bridge state under /run: needs root")
+    if not shutil.which("jackd"):
+        pytest.skip("jackd is not installed (apt-get install jackd2)")
+    port = random.randint(20000, 20900)
+    cfg = tmp_path / "lb.toml"
+    cfg.write_text(f"""
+name = "archdsp-test-lb"
+isolated_cores = [1]
+memory_mb = 256
+[boot]
+kernel = "/k"
+[archibaldos.netjack]
+enable = true
+source_port = {port}
+master_ip = "127.0.0.1"
+client_name = "lbslave"
+network_latency = 0
+""")
+    slaves: list[Owned] = []
+
+    def start_slave():
+        env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1", "JACK_NO_START_SERVER": "1"}
+        proc = spawn_detached(["jackd", "-n", "archdsp-test-lbslave", "-d", "net", "-a", "127.0.0.1", "-p", str(port),
+                               "-n", "lbslave", "-l", "0", "-C", "2", "-P", "2", "-i", "0", "-o", "0"],
+                              tmp_path / "slave.log", env=env)
+        slaves.append(proc)
+        return proc
+
+    yield cfg, start_slave
+    for s in slaves:
+        s.stop()
+    archdsp("netjack", "stop", str(cfg))
+
+
+def status(cfg):
+    return json.loads(archdsp("netjack", "status", "--json", str(cfg)).stdout)
+
+
+def test_guest_side_missing_is_reported_within_the_timeout(loopback):
+    cfg, _start_slave = loopback
+    t0 = time.monotonic()
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", "--wait", "3", str(cfg))
+    assert r.returncode == 1
+    assert "the guest side of the link is missing: no NETJACK slave 'lbslave' joined 127.0.0.1" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 30
+    st = status(cfg)
+    assert st["running"] and st["link"] == "down"
+
+
+def test_link_aliases_and_recovery_after_the_host_server_dies(loopback):
+    cfg, start_slave = loopback
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
+    assert r.returncode == 0, r.stderr
+    start_slave()
+    assert archdsp("netjack", "start", "--wait", "30", str(cfg)).returncode == 0
+    st = status(cfg)
+    assert st["link"] == "up" and st["slave"] == "lbslave"
+    assert st["ports"]["netjack:capture_1"] == "lbslave:to_slave_1"
+    assert st["ports"]["netjack:playback_2"] == "lbslave:from_slave_2"
+    # Users connect by the stable names.
+    env = {**os.environ, "JACK_NO_START_SERVER": "1"}
+    c = subprocess.run(["jack_connect", "-s", "archdsp-test-lb", "system:capture_1", "netjack:capture_1"],
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert c.returncode == 0, c.stderr
+
+    # The host JACK server dies: status says so, restart recovers the link.
+    state = json.loads((RUN / "netjack-archdsp-test-lb.json").read_text())
+    Owned(**state["server_process"]).stop()
+    deadline = time.monotonic() + 20
+    while status(cfg)["running"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    st = status(cfg)
+    assert not st["running"] and "went away" in st["problem"]
+    r = archdsp("netjack", "restart", "--wait", "60", str(cfg))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert status(cfg)["link"] == "up"

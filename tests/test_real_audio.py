@@ -1,0 +1,103 @@
+"""End to end: the demo guest boots, the bridge links, and the measured round trip equals the prediction."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from archdsp_libvirt.procs import Owned
+from conftest import archdsp, virsh
+
+pytestmark = pytest.mark.real
+RUN = Path("/run/archdsp-libvirt")
+
+
+def wait_link(cfg, timeout=180):
+    deadline = time.monotonic() + timeout
+    info = {}
+    while time.monotonic() < deadline:
+        r = archdsp("netjack", "status", "--json", str(cfg), timeout=60)
+        info = json.loads(r.stdout)
+        if info.get("link") == "up":
+            return info
+        time.sleep(2)
+    raise AssertionError(f"the link did not come up within {timeout} s: {info}")
+
+
+def measure(cfg):
+    r = archdsp("latency", "--measure", "--json", "--seconds", "6", str(cfg), timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_link_comes_up_with_stable_port_names(demo_domain):
+    cfg, name, server = demo_domain
+    info = wait_link(cfg)
+    assert info["server"] == server and info["running"]
+    assert info["ports"] == {
+        "netjack:capture_1": "dsp:to_slave_1", "netjack:capture_2": "dsp:to_slave_2",
+        "netjack:playback_1": "dsp:from_slave_1", "netjack:playback_2": "dsp:from_slave_2",
+    } or set(info["ports"]) == {"netjack:capture_1", "netjack:capture_2", "netjack:playback_1", "netjack:playback_2"}
+    # jack_lsp shows the aliases users connect with.
+    lsp = subprocess.run(["jack_lsp", "-s", server, "-A"], capture_output=True, text=True, timeout=30,
+                         env={"JACK_NO_START_SERVER": "1", "PATH": "/usr/bin:/bin"}).stdout
+    assert "netjack:capture_1" in lsp and "netjack:playback_2" in lsp
+    # The guest said it is ready on its serial console (logged by libvirt).
+    log = Path(f"/var/log/libvirt/qemu/{name}-console.log")
+    deadline = time.monotonic() + 60
+    while "ARCHDSP-READY" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert "ARCHDSP-READY name=dsp master=192.168.122.1" in log.read_text(errors="replace")
+    # status --json shows the link up.
+    st = json.loads(archdsp("-c", "qemu:///system", "status", "--json", str(cfg)).stdout)
+    assert st["state"] == "running" and st["bridge"]["link"] == "up"
+
+
+def test_no_multicast_group_joined():
+    """The master was given a unicast address: no NETJACK multicast membership on any interface."""
+    groups = subprocess.run(["ip", "maddr", "show"], capture_output=True, text=True, timeout=30).stdout
+    assert "225.3.19.154" not in groups
+
+
+def test_round_trip_matches_prediction_at_l0(demo_domain):
+    cfg, _name, _server = demo_domain
+    wait_link(cfg)
+    rep = measure(cfg)
+    assert rep["predicted_frames"] == 256  # (0 + 1 + 1 client period) x 128
+    assert abs(rep["measured_frames"] - rep["predicted_frames"]) <= 1, rep
+    assert rep["xruns"] >= 0 and rep["readings"]
+
+
+def test_round_trip_matches_prediction_at_l1(demo_domain):
+    cfg, name, _server = demo_domain
+    text = cfg.read_text()
+    l1 = cfg.parent / "demo-l1.toml"
+    l1.write_text(text.replace("network_latency = 0", "network_latency = 1"))
+    r = archdsp("-c", "qemu:///system", "up", "--restart", str(l1), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "restarting it" in r.stdout and "reloading the NETJACK master" in r.stdout
+    assert "archdsp.latency=1" in virsh("dumpxml", name)
+    wait_link(l1)
+    rep = measure(l1)
+    assert rep["predicted_frames"] == 384
+    assert abs(rep["measured_frames"] - rep["predicted_frames"]) <= 1, rep
+
+
+def test_bridge_stop_leaves_nothing_running(demo_domain):
+    cfg, name, server = demo_domain
+    state = json.loads((RUN / f"netjack-{name}.json").read_text())
+    sup = Owned(**state["supervisor"])
+    srv = Owned(**state["server_process"])
+    assert sup.alive() and srv.alive()
+    r = archdsp("netjack", "stop", str(cfg))
+    assert r.returncode == 0
+    assert not sup.alive() and not srv.alive()
+    assert not (RUN / f"netjack-{name}.json").exists()
+    st = json.loads(archdsp("netjack", "status", "--json", str(cfg)).stdout)
+    assert st["running"] is False
+    again = archdsp("netjack", "stop", str(cfg))
+    assert again.returncode == 0 and "not running" in again.stdout
