@@ -130,6 +130,7 @@ def up(
     say: Say = _quiet,
     verify_threads: bool = True,
     start_timeout: float = 30.0,
+    before_start: Callable[[], None] | None = None,
 ) -> UpResult:
     """Define ``cfg`` (keeping an existing UUID), start it, tune and verify its threads."""
     name = cfg.name
@@ -183,6 +184,8 @@ def up(
         else:
             say(f"{name} is already running")
     if not active:
+        if before_start is not None:
+            before_start()
         try:
             session.dom(name, f"starting {name}", lambda d: d.create())
         except LibvirtFailure as err:

@@ -217,9 +217,11 @@ def start(cfg: DspConfig, server: str | None = None, start_server: str | None = 
     say(f"NETJACK master listening on {link.master_ip}:{link.port}/udp (netmanager {options})")
 
     status_file.unlink(missing_ok=True)
+    _exclude_path(link.domain).unlink(missing_ok=True)
     sup = spawn_detached(
         [sys.executable, "-m", "archdsp_libvirt.netjack", "--server", server, "--slave", link.slave,
-         "--channels", str(link.channels), "--status", str(status_file)],
+         "--channels", str(link.channels), "--status", str(status_file),
+         "--stale", str(_exclude_path(link.domain))],
         log, env=jack_env(server),
     )
     state = {
@@ -269,26 +271,38 @@ def stop(domain: str, say=print) -> bool:
         say(f"stopped bridge supervisor (pid {sup.pid})")
     server = state["server"]
     srv = _owned(state.get("server_process"))
-    if srv is None or srv.alive():
-        r = _jack_tool(["jack_unload", "netmanager", server], server)
-        if r.returncode == 0:
-            say(f"unloaded the NETJACK master from JACK server '{server}'")
-    if srv and srv.stop():
-        say(f"stopped jackd '{server}' (pid {srv.pid})")
-    state_file.unlink(missing_ok=True)
-    status_file.unlink(missing_ok=True)
+    if srv is None:  # someone else's server: take our master out of it, leave the server alone
+        try:
+            r = _jack_tool(["jack_unload", "netmanager", server], server, timeout=20)
+            if r.returncode == 0:
+                say(f"unloaded the NETJACK master from JACK server '{server}'")
+        except BridgeError as err:
+            say(f"could not unload the NETJACK master from '{server}' ({err}); it stays until that server stops")
+    elif srv.stop():
+        say(f"stopped jackd '{server}' (pid {srv.pid}) and the NETJACK master in it")
+    for path in (state_file, status_file, _exclude_path(domain)):
+        path.unlink(missing_ok=True)
     return True
 
 
-def reload_master(cfg: DspConfig, say=print) -> None:
-    """Unload and load the NETJACK master again: a restarted VM's slave then joins under its own name
-    instead of waiting for the master to drop the old one (about a minute)."""
-    link = Link.of(cfg)
-    state = _read_json(_paths(link.domain)[0])
-    if not state:
-        raise BridgeError(f"the bridge for {link.domain} is not running")
-    _load_master(state["server"], state["master_ip"], state["port"])
-    say(f"reloaded the NETJACK master on {state['master_ip']}:{state['port']}/udp")
+def forget_slave(domain: str, say=print) -> list[str]:
+    """Mark the slave clients the bridge sees now as stale (the VM behind them is gone or restarting).
+
+    JACK2's master keeps a dead slave's ports for about a minute; a restarted VM joins beside it as
+    ``NAME-01``. The supervisor then ignores the stale ones, and the aliases follow the new slave.
+    (Unloading the master instead can deadlock JACK2 1.9.21 while a master is exiting.)
+    """
+    _state_file, status_file, _log = _paths(domain)
+    seen = _read_json(status_file) or {}
+    stale = sorted(seen.get("clients", []))
+    if stale:
+        _write_json(_exclude_path(domain), {"stale": stale})
+        say(f"bridge: the old NETJACK slave {', '.join(stale)} is stale; the VM's new slave takes the aliases")
+    return stale
+
+
+def _exclude_path(domain: str) -> Path:
+    return RUN_DIR / f"netjack-{domain}.stale.json"
 
 
 def restart(cfg: DspConfig, wait: float = 0.0, say=print, **overrides) -> dict:
@@ -391,7 +405,7 @@ def _newest(clients: list[str], slave: str) -> str:
     return max(clients, key=lambda c: int(c[len(slave) + 1:]) if c != slave else -1)
 
 
-def supervise(server: str, slave: str, channels: int, status_file: Path) -> int:
+def supervise(server: str, slave: str, channels: int, status_file: Path, exclude_file: Path) -> int:
     import threading
 
     client = open_client(server, SUPERVISOR_CLIENT)
@@ -419,6 +433,13 @@ def supervise(server: str, slave: str, channels: int, status_file: Path) -> int:
                 return 3
             names = [p.name for p in client.get_ports()]
             clients = _slave_clients(names, slave)
+            stale = set((_read_json(exclude_file) or {}).get("stale", []))
+            if stale and not stale & set(clients):
+                exclude_file.unlink(missing_ok=True)  # the stale slaves are gone
+                stale = set()
+            for gone_client in stale & set(clients):
+                for real in clients.pop(gone_client):
+                    _drop_aliases(client, real)
             ports: dict[str, str] = {}
             current = None
             if clients:
@@ -438,6 +459,7 @@ def supervise(server: str, slave: str, channels: int, status_file: Path) -> int:
             if now_up != link:
                 link, changed = now_up, time.time()
             _write_json(status_file, {"server": "running", "link": link, "slave": current, "ports": ports,
+                                      "clients": sorted(clients) + sorted(stale & set(_slave_clients(names, slave))),
                                       "xruns": xruns, "updated": time.time(), "since": started,
                                       "link_changed": changed})
             stop_flag.wait(STATUS_PERIOD if link == "up" else 0.25)
@@ -481,9 +503,10 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slave", required=True)
     ap.add_argument("--channels", type=int, required=True)
     ap.add_argument("--status", type=Path, required=True)
+    ap.add_argument("--stale", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
-        return supervise(args.server, args.slave, args.channels, args.status)
+        return supervise(args.server, args.slave, args.channels, args.status, args.stale)
     except ArchdspError as err:
         print(f"bridge supervisor: {err}", file=sys.stderr)
         return 1

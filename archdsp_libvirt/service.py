@@ -83,15 +83,19 @@ def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, sk
         if preflight:
             run_preflight(cfg, session, skip, say)
         with _naming(config):
-            result = up(cfg, session, restart=restart, autostart=autostart, say=say)
-    if cfg.netjack.enable and (result.started or result.restarted):
-        from .netjack import reload_master, status as bridge_status
+            up(cfg, session, restart=restart, autostart=autostart, say=say,
+               before_start=lambda: _fresh_master(cfg, say))
 
-        bridge = bridge_status(cfg.name)
-        if bridge.get("running") and bridge.get("slave"):
-            # The master would keep the old guest's slave for a minute; a fresh master lets the new one join cleanly.
-            say("the VM (re)started while the bridge held its old slave: reloading the NETJACK master")
-            reload_master(cfg, say=say)
+
+def _fresh_master(cfg: DspConfig, say) -> None:
+    """Before the VM (re)starts under a running bridge that still holds its old NETJACK slave: mark that
+    slave stale, so the aliases follow the new one (JACK's master keeps a dead slave for a minute)."""
+    if not cfg.netjack.enable:
+        return
+    from .netjack import forget_slave, status as bridge_status
+
+    if bridge_status(cfg.name).get("running"):
+        forget_slave(cfg.name, say=say)
 
 
 def run_preflight(cfg: DspConfig, session, skip: set[str], say) -> None:

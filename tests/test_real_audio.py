@@ -79,7 +79,7 @@ def test_round_trip_matches_prediction_at_l1(demo_domain):
     l1.write_text(text.replace("network_latency = 0", "network_latency = 1"))
     r = archdsp("-c", "qemu:///system", "up", "--restart", str(l1), timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "restarting it" in r.stdout and "reloading the NETJACK master" in r.stdout
+    assert "restarting it" in r.stdout and "is stale; the VM's new slave takes the aliases" in r.stdout
     assert "archdsp.latency=1" in virsh("dumpxml", name)
     wait_link(l1)
     rep = measure(l1)
