@@ -21,7 +21,7 @@ from .connection import LibvirtFailure, Session, supports_passt
 from .cpuset import format_cpuset
 from .drift import differences
 from .errors import ArchdspError, HostError
-from .policy import HostFacts
+from .policy import HostFacts, forced_passt
 from . import threads as qthreads
 
 Say = Callable[[str], None]
@@ -65,9 +65,8 @@ def host_facts_for(session: Session, cfg: DspConfig) -> HostFacts:
             cpus = frozenset(int(c) for c in caps.xpath("//topology/cells/cell/cpus/cpu/@id")) or None
         except ArchdspError:
             cpus = None
-    backend = cfg.network.port_forward_backend
-    passt = backend == "passt"
-    if backend == "auto" and cfg.network.hostfwd:
+    passt = forced_passt(cfg)
+    if passt is None:
         passt = session.run("reading domain capabilities", supports_passt)
     return HostFacts(online_cpus=cpus, passt=passt)
 

@@ -93,6 +93,15 @@ class Plan:
         return self.hostfwd_args + tuple(self.config.qemu_extra_args)
 
 
+def forced_passt(cfg: DspConfig) -> bool | None:
+    """Whether port forwards use passt as far as the config decides it; None when libvirt must be
+    asked (``port_forward_backend = "auto"`` with forwards to render)."""
+    net = cfg.network
+    if net.port_forward_backend != "auto":
+        return net.port_forward_backend == "passt"
+    return None if net.enable and net.hostfwd else False
+
+
 def mac_for(name: str, index: int) -> str:
     """A stable locally administered MAC for NIC ``index`` of domain ``name``.
 

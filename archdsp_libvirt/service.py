@@ -9,11 +9,10 @@ from . import Rendered, render_domain
 from .config import ConfigError, DspConfig, load_config
 from .cpuset import parse_cpuset
 from .errors import ArchdspError, HostError, UsageError
-from .policy import HostFacts
+from .policy import HostFacts, forced_passt
 
 
-def host_facts(cfg: DspConfig, uri: str | None, host_cpus: str | None = None,
-               port_forwards: str | None = None) -> tuple[HostFacts, list[str]]:
+def host_facts(cfg: DspConfig, uri: str | None, host_cpus: str | None = None) -> tuple[HostFacts, list[str]]:
     """This host's facts (or another's, with ``host_cpus``), and notes on how they were found."""
     notes: list[str] = []
     if host_cpus is not None:
@@ -23,14 +22,13 @@ def host_facts(cfg: DspConfig, uri: str | None, host_cpus: str | None = None,
             raise UsageError(f"--host-cpus: {exc}; expected a CPU list such as 0-7") from None
         if not cpus:
             raise UsageError("--host-cpus: empty CPU list; expected a CPU list such as 0-7")
-        facts = HostFacts(online_cpus=cpus)
     else:
-        facts = HostFacts.local()
-    backend = port_forwards or cfg.network.port_forward_backend
-    passt = backend == "passt"
-    if cfg.network.enable and cfg.network.hostfwd and backend == "auto":
+        cpus = HostFacts.local().online_cpus
+    passt = forced_passt(cfg)
+    if passt is None:
         from .connection import open_connection, supports_passt
 
+        passt = False
         try:
             conn = open_connection(uri, readonly=True, retry=False)
         except ArchdspError as err:
@@ -40,8 +38,7 @@ def host_facts(cfg: DspConfig, uri: str | None, host_cpus: str | None = None,
                 passt = supports_passt(conn)
             finally:
                 conn.close()
-    facts = HostFacts(online_cpus=facts.online_cpus, passt=passt)
-    return facts, notes
+    return HostFacts(online_cpus=cpus, passt=passt), notes
 
 
 @contextmanager
@@ -59,9 +56,9 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
                    port_forwards: str | None = None, uuid: str | None = None) -> tuple[Rendered, list[str]]:
     """Load ``config`` and render it for the host, with the notes to show the user."""
     cfg = load_config(config)
-    if port_forwards and port_forwards != "auto":
+    if port_forwards:
         cfg = cfg.model_copy(update={"network": cfg.network.model_copy(update={"port_forward_backend": port_forwards})})
-    facts, notes = host_facts(cfg, uri, host_cpus=host_cpus, port_forwards=port_forwards)
+    facts, notes = host_facts(cfg, uri, host_cpus=host_cpus)
     with _naming(config):
         rendered = render_domain(cfg, facts, uuid=uuid)
     backend = rendered.plan.port_forward_backend
