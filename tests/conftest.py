@@ -213,3 +213,17 @@ enable = false
     yield cfg, unique_name
     remove_domain(unique_name)
     disk.unlink(missing_ok=True)
+
+
+def assert_config_refused(result, path: Path, needles) -> None:
+    """A refused config: exit 2, one line on stderr that names the file and holds each needle, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    err = result.stderr
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"Error: {path}")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert result.stdout == ""
