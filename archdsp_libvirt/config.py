@@ -235,6 +235,24 @@ def _loopback_text(address: str) -> bool:
         return False
 
 
+def _host_path(v: str | None) -> str | None:
+    """A path on the host: absolute (or ~), clean, no '..'."""
+    if v is None:
+        return v
+    _clean_path(v)
+    if not (v.startswith("/") or v.startswith("~")):
+        raise _fail("relative_path", "must be an absolute path (or start with ~)")
+    return v
+
+
+def _ip(parse, v: str, expected: str):
+    """``parse(v)`` (an ipaddress constructor), or the one-line error saying what is expected."""
+    try:
+        return parse(v)
+    except ValueError:
+        raise _fail("ip", f"must be {expected}") from None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -271,10 +289,7 @@ class NetjackConfig(_Section):
     @field_validator("master_ip")
     @classmethod
     def _ipv4(cls, v: str) -> str:
-        try:
-            addr = ipaddress.IPv4Address(v)
-        except ValueError:
-            raise _fail("ip", "must be an IPv4 address such as 192.168.122.1") from None
+        addr = _ip(ipaddress.IPv4Address, v, "an IPv4 address such as 192.168.122.1")
         if addr.is_multicast or addr.is_unspecified:
             raise _fail("ip", "must be the master's unicast address, not multicast or 0.0.0.0")
         return v
@@ -284,10 +299,7 @@ class NetjackConfig(_Section):
     def _ipv4_iface(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        try:
-            ipaddress.IPv4Interface(v)
-        except ValueError:
-            raise _fail("ip", "must be an IPv4 address with prefix such as 192.168.122.50/24") from None
+        _ip(ipaddress.IPv4Interface, v, "an IPv4 address with prefix such as 192.168.122.50/24")
         return v
 
     @field_validator("client_name")
@@ -309,12 +321,7 @@ class ArchibaldosConfig(_Section):
     @field_validator("disk_image")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        _clean_path(v)
-        if not (v.startswith("/") or v.startswith("~")):
-            raise _fail("relative_path", "must be an absolute path (or start with ~)")
-        return v
+        return _host_path(v)
 
 
 class BootConfig(_Section):
@@ -327,12 +334,7 @@ class BootConfig(_Section):
     @field_validator("kernel", "initrd")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        _clean_path(v)
-        if not (v.startswith("/") or v.startswith("~")):
-            raise _fail("relative_path", "must be an absolute path (or start with ~)")
-        return v
+        return _host_path(v)
 
     @field_validator("cmdline")
     @classmethod
@@ -418,10 +420,7 @@ class NetworkConfig(_Section):
     @field_validator("hostfwd_address")
     @classmethod
     def _loopback(cls, v: str, info: ValidationInfo) -> str:
-        try:
-            addr = ipaddress.IPv4Address(v)
-        except ValueError:
-            raise _fail("ip", "must be an IPv4 address such as 127.0.0.1") from None
+        addr = _ip(ipaddress.IPv4Address, v, "an IPv4 address such as 127.0.0.1")
         if not addr.is_loopback and not info.data.get("hostfwd_allow_external", False):
             raise _fail(
                 "exposed",
@@ -513,10 +512,7 @@ class DspConfig(_Section):
     @field_validator("display_listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError:
-            raise _fail("ip", "must be an IP address such as 127.0.0.1") from None
+        _ip(ipaddress.ip_address, v, "an IP address such as 127.0.0.1")
         return v
 
     @field_validator("display_password")
