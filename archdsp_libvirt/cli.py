@@ -5,6 +5,7 @@ and calls one library function. Errors become one line and an exit code
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,21 @@ class Failure(click.ClickException):
 
 
 class Group(click.Group):
+    """The top-level group: our errors become one line, and the host commands
+    (``check``, ``host``, ``vfio``) are imported only when one of them runs
+    or help lists them."""
+
+    lazy = {"check": "cli_host", "host": "cli_host", "vfio": "cli_host"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module = importlib.import_module(f".{self.lazy[name]}", __package__)
+            self.add_command(getattr(module, name))
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
@@ -260,10 +276,3 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="archdsp-virt", standalone_mode=True)
     except KeyboardInterrupt:  # pragma: no cover - interactive only
         sys.exit(130)
-
-
-from .cli_host import check, host, vfio  # noqa: E402
-
-cli.add_command(check)
-cli.add_command(host)
-cli.add_command(vfio)

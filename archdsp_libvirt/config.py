@@ -12,24 +12,16 @@ line: ``FILE: KEY: what is wrong; what is expected``.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import stat
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+import msgspec
+from msgspec import Meta, Struct, field
 
 from .errors import ConfigError
 
@@ -44,16 +36,35 @@ _VENDOR_DEVICE_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{4}$")
 # Characters that have no place in a path, a kernel argument or an XML attribute.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
 
 
-def _fail(kind: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError(kind, message)
+class Invalid(ValueError):
+    """A value a check refused. ``key`` is where, relative to the table checked: a field name, a
+    field and a table key (``("hostfwd", "2222")``), or ``()`` for the table as a whole."""
+
+    def __init__(self, message: str, key: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
+
+
+def _fail(message: str) -> Invalid:
+    return Invalid(message)
+
+
+def _check(obj: Struct, checks: dict[str, Callable[[Any], object]]) -> None:
+    """Run each field's check on its value; a refusal names the field."""
+    for key, check in checks.items():
+        try:
+            check(getattr(obj, key))
+        except Invalid as exc:
+            raise Invalid(exc.message, (key, *exc.key)) from None
 
 
 def _clean_text(value: str, what: str) -> str:
     if _CONTROL_RE.search(value):
-        raise _fail("control_chars", f"{what} must not contain control characters or newlines")
+        raise _fail(f"{what} must not contain control characters or newlines")
     return value
 
 
@@ -69,9 +80,9 @@ def _clean_path(value: str, what: str = "the path") -> str:
     """
     _clean_text(value, what)
     if len(value) > PATH_MAX:
-        raise _fail("path_length", f"{what} must be at most {PATH_MAX} characters, got {len(value)}")
+        raise _fail(f"{what} must be at most {PATH_MAX} characters, got {len(value)}")
     if ".." in value.split("/"):
-        raise _fail("dotdot", f"{what} must not contain '..' segments; write the folder it means (e.g. /var/lib/libvirt/images/dsp.qcow2)")
+        raise _fail(f"{what} must not contain '..' segments; write the folder it means (e.g. /var/lib/libvirt/images/dsp.qcow2)")
     return value
 
 
@@ -150,10 +161,12 @@ def _qemu_pairs(value: str) -> tuple[str, list[tuple[str, str]]]:
     """
     pairs: list[tuple[str, str]] = []
     if value.lstrip().startswith("{"):
+        import json
+
         try:
             obj = json.loads(value)
         except ValueError:
-            raise _fail("qemu_unsafe", f"{value!r} is not valid JSON; QEMU's JSON option syntax is expected") from None
+            raise _fail(f"{value!r} is not valid JSON; QEMU's JSON option syntax is expected") from None
 
         def walk(prefix: str, node: Any) -> None:
             if isinstance(node, dict):
@@ -241,7 +254,7 @@ def _host_path(v: str | None) -> str | None:
         return v
     _clean_path(v)
     if not (v.startswith("/") or v.startswith("~")):
-        raise _fail("relative_path", "must be an absolute path (or start with ~)")
+        raise _fail("must be an absolute path (or start with ~)")
     return v
 
 
@@ -250,102 +263,99 @@ def _ip(parse, v: str, expected: str):
     try:
         return parse(v)
     except ValueError:
-        raise _fail("ip", f"must be {expected}") from None
+        raise _fail(f"must be {expected}") from None
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+class _Section(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A TOML table: unknown keys are errors, values are checked strictly (no "1" for 1)."""
 
 
-class NetjackConfig(_Section):
+def _power_of_two(v: int) -> None:
+    if v < 16 or v > 4096 or v & (v - 1):
+        raise _fail("must be a power of two from 16 to 4096 (e.g. 128)")
+
+
+def _known_rate(v: int) -> None:
+    if v not in SAMPLE_RATES:
+        raise _fail("must be one of " + ", ".join(map(str, SAMPLE_RATES)))
+
+
+def _master_ip(v: str) -> None:
+    addr = _ip(ipaddress.IPv4Address, v, "an IPv4 address such as 192.168.122.1")
+    if addr.is_multicast or addr.is_unspecified:
+        raise _fail("must be the master's unicast address, not multicast or 0.0.0.0")
+
+
+def _guest_ip(v: str | None) -> None:
+    if v is not None:
+        _ip(ipaddress.IPv4Interface, v, "an IPv4 address with prefix such as 192.168.122.50/24")
+
+
+def _client_name(v: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", v):
+        raise _fail("must be 1-32 letters, digits, '_' or '-'")
+
+
+class NetjackConfig(_Section, kw_only=True):
     """``[archibaldos.netjack]``: the NETJACK2 link between host and VM."""
 
     enable: bool = False
     source_port: Port = 19000
     buffer_size: int = 128
     sample_rate: int = 96000
-    channels: Annotated[int, Field(ge=1, le=64)] = 2
-    network_latency: Annotated[int, Field(ge=0, le=10)] = 1
+    channels: Annotated[int, Meta(ge=1, le=64)] = 2
+    network_latency: Annotated[int, Meta(ge=0, le=10)] = 1
     sync: bool = False
     dsp_client: bool = True
     master_ip: str = "192.168.122.1"
     guest_ip: str | None = None
     client_name: str = "netjack"
 
-    @field_validator("buffer_size")
-    @classmethod
-    def _power_of_two(cls, v: int) -> int:
-        if v < 16 or v > 4096 or v & (v - 1):
-            raise _fail("power_of_two", "must be a power of two from 16 to 4096 (e.g. 128)")
-        return v
-
-    @field_validator("sample_rate")
-    @classmethod
-    def _known_rate(cls, v: int) -> int:
-        if v not in SAMPLE_RATES:
-            raise _fail("sample_rate", "must be one of " + ", ".join(map(str, SAMPLE_RATES)))
-        return v
-
-    @field_validator("master_ip")
-    @classmethod
-    def _ipv4(cls, v: str) -> str:
-        addr = _ip(ipaddress.IPv4Address, v, "an IPv4 address such as 192.168.122.1")
-        if addr.is_multicast or addr.is_unspecified:
-            raise _fail("ip", "must be the master's unicast address, not multicast or 0.0.0.0")
-        return v
-
-    @field_validator("guest_ip")
-    @classmethod
-    def _ipv4_iface(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        _ip(ipaddress.IPv4Interface, v, "an IPv4 address with prefix such as 192.168.122.50/24")
-        return v
-
-    @field_validator("client_name")
-    @classmethod
-    def _client_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", v):
-            raise _fail("client_name", "must be 1-32 letters, digits, '_' or '-'")
-        return v
+    def __post_init__(self) -> None:
+        _check(self, {"buffer_size": _power_of_two, "sample_rate": _known_rate, "master_ip": _master_ip,
+                      "guest_ip": _guest_ip, "client_name": _client_name})
 
 
-class ArchibaldosConfig(_Section):
+class ArchibaldosConfig(_Section, kw_only=True):
     """``[archibaldos]``: the guest OS image and its NETJACK link."""
 
     enable: bool = True
     disk_image: str | None = None
     disk_format: Literal["qcow2", "raw"] | None = None
-    netjack: NetjackConfig = NetjackConfig()
+    netjack: NetjackConfig = field(default_factory=NetjackConfig)
 
-    @field_validator("disk_image")
-    @classmethod
-    def _absolute(cls, v: str | None) -> str | None:
-        return _host_path(v)
+    def __post_init__(self) -> None:
+        _check(self, {"disk_image": _host_path})
 
 
-class BootConfig(_Section):
+def _cmdline(v: str) -> None:
+    _clean_text(v, "the kernel command line")
+    if len(v) > 2048:
+        raise _fail(f"the kernel command line must be at most 2048 characters (x86 Linux), got {len(v)}")
+
+
+class BootConfig(_Section, kw_only=True):
     """``[boot]``: direct kernel boot (kernel, initrd, command line)."""
 
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str = "console=ttyS0"
 
-    @field_validator("kernel", "initrd")
-    @classmethod
-    def _absolute(cls, v: str | None) -> str | None:
-        return _host_path(v)
-
-    @field_validator("cmdline")
-    @classmethod
-    def _cmdline(cls, v: str) -> str:
-        _clean_text(v, "the kernel command line")
-        if len(v) > 2048:
-            raise _fail("cmdline_length", f"the kernel command line must be at most 2048 characters (x86 Linux), got {len(v)}")
-        return v
+    def __post_init__(self) -> None:
+        _check(self, {"kernel": _host_path, "initrd": _host_path, "cmdline": _cmdline})
 
 
-class AudioDeviceConfig(_Section):
+def _pci(v: str | None) -> None:
+    if v is not None and not _PCI_RE.match(v):
+        raise _fail("must be a PCI address DDDD:BB:SS.F such as 0000:00:1b.0 (see lspci -D)")
+
+
+def _vendor_device(v: str | None) -> None:
+    if v is not None and not _VENDOR_DEVICE_RE.match(v):
+        raise _fail("must be vendor:device in hex such as 1022:15e3 (see lspci -nn)")
+
+
+class AudioDeviceConfig(_Section, kw_only=True):
     """``[audio_device]``: VFIO passthrough of a PCI audio controller."""
 
     enable: bool = False
@@ -353,25 +363,10 @@ class AudioDeviceConfig(_Section):
     vendor_device: str | None = None
     managed: bool = True
 
-    @field_validator("pci_id")
-    @classmethod
-    def _pci(cls, v: str | None) -> str | None:
-        if v is not None and not _PCI_RE.match(v):
-            raise _fail("pci", "must be a PCI address DDDD:BB:SS.F such as 0000:00:1b.0 (see lspci -D)")
-        return v
-
-    @field_validator("vendor_device")
-    @classmethod
-    def _vd(cls, v: str | None) -> str | None:
-        if v is not None and not _VENDOR_DEVICE_RE.match(v):
-            raise _fail("vendor_device", "must be vendor:device in hex such as 1022:15e3 (see lspci -nn)")
-        return v
-
-    @model_validator(mode="after")
-    def _needs_address(self) -> AudioDeviceConfig:
+    def __post_init__(self) -> None:
+        _check(self, {"pci_id": _pci, "vendor_device": _vendor_device})
         if self.enable and self.pci_id is None:
-            raise _fail("missing_pci", "pci_id is required when enable = true (e.g. pci_id = \"0000:00:1b.0\")")
-        return self
+            raise _fail("pci_id is required when enable = true (e.g. pci_id = \"0000:00:1b.0\")")
 
     @property
     def pci_address(self) -> tuple[int, int, int, int]:
@@ -382,67 +377,118 @@ class AudioDeviceConfig(_Section):
         return tuple(int(g, 16) for g in m.groups())  # type: ignore[return-value]
 
 
-class RealtimeConfig(_Section):
+class RealtimeConfig(_Section, kw_only=True):
     """``[realtime]``: SCHED_FIFO vCPUs, locked memory, emulator niceness."""
 
     enable: bool = True
     mlock: bool = True
-    nice: Annotated[int, Field(ge=-20, le=19)] = -20
-    priority: Annotated[int, Field(ge=1, le=99)] = 1
+    nice: Annotated[int, Meta(ge=-20, le=19)] = -20
+    priority: Annotated[int, Meta(ge=1, le=99)] = 1
 
 
-class NetworkConfig(_Section):
+def _source(v: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}", v):
+        raise _fail("must be a libvirt network or bridge name (letters, digits, '.', '_', '-')")
+
+
+def _forwards(v: dict[str, object]) -> None:
+    for host_port, guest_port in v.items():
+        if not host_port.isdigit() or not 1 <= int(host_port) <= 65535:
+            raise _fail(f"host port {host_port!r} must be a number from 1 to 65535")
+        if type(guest_port) is not int:
+            raise Invalid("expected an integer (the guest port)", (host_port,))
+        if not 1 <= guest_port <= 65535:
+            raise Invalid("must be >= 1 and <= 65535 (the guest port)", (host_port,))
+
+
+class NetworkConfig(_Section, kw_only=True):
     """``[network]``: the VM's virtio NIC and user-mode port forwards."""
 
     enable: bool = True
     mode: Literal["nat", "bridge", "user"] = "nat"
     source: str = "default"
-    hostfwd: dict[str, Port] = {}
+    # host port (a TOML key is a string) -> guest port
+    hostfwd: dict[str, object] = {}
     hostfwd_allow_external: bool = False
     hostfwd_address: str = "127.0.0.1"
     port_forward_backend: Literal["auto", "passt", "hostfwd"] = "auto"
 
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}", v):
-            raise _fail("source", "must be a libvirt network or bridge name (letters, digits, '.', '_', '-')")
-        return v
+    def __post_init__(self) -> None:
+        _check(self, {"source": _source, "hostfwd": _forwards, "hostfwd_address": self._forward_address})
 
-    @field_validator("hostfwd")
-    @classmethod
-    def _ports(cls, v: dict[str, int]) -> dict[str, int]:
-        for host_port in v:
-            if not host_port.isdigit() or not 1 <= int(host_port) <= 65535:
-                raise _fail("port", f"host port {host_port!r} must be a number from 1 to 65535")
-        return v
-
-    @field_validator("hostfwd_address")
-    @classmethod
-    def _loopback(cls, v: str, info: ValidationInfo) -> str:
+    def _forward_address(self, v: str) -> None:
         addr = _ip(ipaddress.IPv4Address, v, "an IPv4 address such as 127.0.0.1")
-        if not addr.is_loopback and not info.data.get("hostfwd_allow_external", False):
+        if not addr.is_loopback and not self.hostfwd_allow_external:
             raise _fail(
-                "exposed",
                 "must be a loopback address (127.0.0.0/8): other hosts could reach the guest's ports; "
-                "set network.hostfwd_allow_external = true to allow that",
+                "set network.hostfwd_allow_external = true to allow that"
             )
-        return v
 
     @property
     def forwards(self) -> list[tuple[int, int]]:
         """``(host_port, guest_port)`` pairs, sorted by host port."""
-        return sorted((int(h), g) for h, g in self.hostfwd.items())
+        return sorted((int(h), int(g)) for h, g in self.hostfwd.items())  # type: ignore[call-overload]
 
 
-class DspConfig(_Section):
+Core = Annotated[int, Meta(ge=0, le=4095)]
+
+
+def _name(v: str) -> None:
+    if not _NAME_RE.match(v):
+        raise _fail("must be 1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
+
+
+def _cores(v: list[int]) -> None:
+    if not v:
+        raise _fail("must list at least one host core, e.g. [1]")
+    if len(set(v)) != len(v):
+        raise _fail("lists a core twice; give each core once (one vCPU per core)")
+
+
+def _emulator_cores(v: list[int] | None) -> None:
+    if v is not None and (not v or len(set(v)) != len(v)):
+        raise _fail("must list distinct host cores, or be left out to use the non-isolated ones")
+
+
+def _features(v: list[str]) -> None:
+    for f in v:
+        if not re.fullmatch(r"[a-z0-9_.-]{1,40}", f):
+            raise _fail(f"{f!r} is not a CPU feature name (lowercase, e.g. arch-capabilities)")
+
+
+def _console_log(v: str | None) -> None:
+    if v is None:
+        return
+    _clean_path(v)
+    if not v.startswith("/"):
+        raise _fail("must be an absolute path")
+    if not v.endswith(".log") or v.endswith("/.log"):
+        raise _fail(
+            "must be a file name ending in .log (virtlogd truncates it on every start), "
+            "e.g. /var/log/libvirt/qemu/dsp-console.log"
+        )
+
+
+def _listen(v: str) -> None:
+    _ip(ipaddress.ip_address, v, "an IP address such as 127.0.0.1")
+
+
+def _password(v: str | None) -> None:
+    if v is None:
+        return
+    _clean_text(v, "the password")
+    if not 1 <= len(v) <= 64:
+        raise _fail("must be 1 to 64 characters")
+
+
+class DspConfig(_Section, kw_only=True):
     """The whole DSP VM description (one file in ``domains/``)."""
 
     name: str = DEFAULT_NAME
-    isolated_cores: list[Annotated[int, Field(ge=0, le=4095)]]
-    emulator_cores: list[Annotated[int, Field(ge=0, le=4095)]] | None = None
-    memory_mb: Annotated[int, Field(gt=0, le=16 * 1024 * 1024)]
-    hugepages: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 0
+    isolated_cores: list[Core]
+    emulator_cores: list[Core] | None = None
+    memory_mb: Annotated[int, Meta(gt=0, le=16 * 1024 * 1024)]
+    hugepages: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 0
     hugepage_size: Literal["2M", "1G"] = "2M"
     domain_type: Literal["kvm", "qemu"] = "kvm"
     machine: Literal["q35", "pc"] = "q35"
@@ -454,132 +500,68 @@ class DspConfig(_Section):
     display_password: str | None = None
     qemu_extra_args_allow_unsafe: bool = False
     qemu_extra_args: list[str] = []
-    archibaldos: ArchibaldosConfig = ArchibaldosConfig()
-    boot: BootConfig = BootConfig()
-    audio_device: AudioDeviceConfig = AudioDeviceConfig()
-    realtime: RealtimeConfig = RealtimeConfig()
-    network: NetworkConfig = NetworkConfig()
+    archibaldos: ArchibaldosConfig = field(default_factory=ArchibaldosConfig)
+    boot: BootConfig = field(default_factory=BootConfig)
+    audio_device: AudioDeviceConfig = field(default_factory=AudioDeviceConfig)
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise _fail(
-                "name",
-                "must be 1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit",
-            )
-        return v
+    def __post_init__(self) -> None:
+        _check(self, {
+            "name": _name, "isolated_cores": _cores, "emulator_cores": _emulator_cores,
+            "cpu_disable_features": _features, "console_log": _console_log, "display_listen": _listen,
+            "display_password": _password, "qemu_extra_args": self._extra_args,
+        })
+        self._whole()
 
-    @field_validator("isolated_cores")
-    @classmethod
-    def _cores(cls, v: list[int]) -> list[int]:
-        if not v:
-            raise _fail("empty", "must list at least one host core, e.g. [1]")
-        if len(set(v)) != len(v):
-            raise _fail("duplicate", "lists a core twice; give each core once (one vCPU per core)")
-        return v
-
-    @field_validator("emulator_cores")
-    @classmethod
-    def _emu_cores(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or len(set(v)) != len(v)):
-            raise _fail("emulator_cores", "must list distinct host cores, or be left out to use the non-isolated ones")
-        return v
-
-    @field_validator("cpu_disable_features")
-    @classmethod
-    def _features(cls, v: list[str]) -> list[str]:
-        for f in v:
-            if not re.fullmatch(r"[a-z0-9_.-]{1,40}", f):
-                raise _fail("feature", f"{f!r} is not a CPU feature name (lowercase, e.g. arch-capabilities)")
-        return v
-
-    @field_validator("console_log")
-    @classmethod
-    def _log(cls, v: str | None) -> str | None:
-        if v is not None:
-            _clean_path(v)
-            if not v.startswith("/"):
-                raise _fail("relative_path", "must be an absolute path")
-            if not v.endswith(".log") or v.endswith("/.log"):
-                raise _fail(
-                    "log_name",
-                    "must be a file name ending in .log (virtlogd truncates it on every start), "
-                    "e.g. /var/log/libvirt/qemu/dsp-console.log",
-                )
-        return v
-
-    @field_validator("display_listen")
-    @classmethod
-    def _listen(cls, v: str) -> str:
-        _ip(ipaddress.ip_address, v, "an IP address such as 127.0.0.1")
-        return v
-
-    @field_validator("display_password")
-    @classmethod
-    def _password(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        _clean_text(v, "the password")
-        if not 1 <= len(v) <= 64:
-            raise _fail("password", "must be 1 to 64 characters")
-        return v
-
-    @field_validator("qemu_extra_args")
-    @classmethod
-    def _args(cls, v: list[str], info: ValidationInfo) -> list[str]:
+    def _extra_args(self, v: list[str]) -> None:
         for arg in v:
             _clean_text(arg, "a QEMU argument")
-        if not info.data.get("qemu_extra_args_allow_unsafe", False):
+        if not self.qemu_extra_args_allow_unsafe:
             why = _unsafe_qemu_args(v)
             if why:
                 raise _fail(
-                    "qemu_unsafe",
                     f"{why}; this goes around libvirt's security model: remove it, "
-                    "or set qemu_extra_args_allow_unsafe = true",
+                    "or set qemu_extra_args_allow_unsafe = true"
                 )
-        return v
 
-    @model_validator(mode="after")
-    def _whole(self) -> DspConfig:
+    def _whole(self) -> None:
+        """Checks across keys; each message names the keys."""
         if self.emulator_cores and set(self.emulator_cores) & set(self.isolated_cores):
-            raise _fail("overlap", "emulator_cores must not overlap isolated_cores")
+            raise _fail("emulator_cores must not overlap isolated_cores")
         if not _is_loopback(self.display_listen) and not self.display_password:
             raise _fail(
-                "display_exposed",
                 f"display_listen = {self.display_listen!r} lets other hosts reach the spice/vnc display: "
-                "set display_password, or listen on 127.0.0.1",
+                "set display_password, or listen on 127.0.0.1"
             )
         if self.vnc and self.display_password and len(self.display_password) > 8:
-            raise _fail("display_password", "display_password: VNC uses at most 8 characters; give a shorter one")
+            raise _fail("display_password: VNC uses at most 8 characters; give a shorter one")
         if self.hugepages:
             covered_mb = self.hugepages * PAGE_SIZES_KIB[self.hugepage_size] // 1024
             if covered_mb < self.memory_mb:
                 need = -(-self.memory_mb * 1024 // PAGE_SIZES_KIB[self.hugepage_size])
                 raise _fail(
-                    "hugepages",
                     f"{self.hugepages} x {self.hugepage_size} pages = {covered_mb} MiB do not cover "
-                    f"memory_mb = {self.memory_mb}; set hugepages >= {need} or lower memory_mb",
+                    f"memory_mb = {self.memory_mb}; set hugepages >= {need} or lower memory_mb"
                 )
         if self.memory_mb * 1024 % PAGE_SIZES_KIB[self.hugepage_size] and self.hugepages:
-            raise _fail("memory_mb", f"memory_mb must be a multiple of the {self.hugepage_size} page size")
+            raise _fail(f"memory_mb must be a multiple of the {self.hugepage_size} page size")
         if not self.archibaldos.enable and not self.boot.kernel:
-            raise _fail(
-                "nothing_to_boot",
-                "nothing to boot: set archibaldos.enable = true (with archibaldos.disk_image) or boot.kernel",
-            )
+            raise _fail("nothing to boot: set archibaldos.enable = true (with archibaldos.disk_image) or boot.kernel")
         if self.boot.initrd and not self.boot.kernel:
-            raise _fail("initrd", "boot.initrd needs boot.kernel")
+            raise _fail("boot.initrd needs boot.kernel")
         if self.network.hostfwd and not self.network.enable:
-            raise _fail("hostfwd", "network.hostfwd needs network.enable = true")
+            raise _fail("network.hostfwd needs network.enable = true")
         if self.netjack.enable and not self.network.enable:
-            raise _fail("netjack", "archibaldos.netjack needs network.enable = true (the link runs over the VM's NIC)")
+            raise _fail("archibaldos.netjack needs network.enable = true (the link runs over the VM's NIC)")
         if self.netjack.enable and self.network.mode == "user":
             raise _fail(
-                "netjack",
-                "archibaldos.netjack needs network.mode = \"nat\" or \"bridge\": the host cannot reach a user-mode guest",
+                "archibaldos.netjack needs network.mode = \"nat\" or \"bridge\": the host cannot reach a user-mode guest"
             )
-        return self
+
+    def replace(self, **changes: Any) -> DspConfig:
+        """A copy with ``changes`` (checked again)."""
+        return msgspec.structs.replace(self, **changes)
 
     @property
     def netjack(self) -> NetjackConfig:
@@ -602,17 +584,17 @@ class DspConfig(_Section):
 
 # --- loading -----------------------------------------------------------------
 
-# Error kinds whose default pydantic wording we replace with the expectation.
+# msgspec's names for what it expected, as the user reads them.
 _TYPE_WORDS = {
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "list_type": "a list",
-    "dict_type": "a table",
-    "model_type": "a table",
-    "float_type": "a number",
+    "int": "an integer",
+    "bool": "true or false",
+    "str": "a string",
+    "array": "a list",
+    "object": "a table",
+    "float": "a number",
 }
+_MESSAGE_RE = re.compile(r"(?s)(?P<msg>.*?)(?: - at `\$(?P<path>.*)`)?")
+_PATH_PART_RE = re.compile(r"\.(\w+)|\[(\d+)\]")
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
@@ -627,49 +609,83 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _describe(err: dict[str, Any]) -> tuple[str, str]:
-    kind = err["type"]
-    loc = tuple(err["loc"])
-    if kind == "extra_forbidden":
-        return _key_path(loc), "unknown key; remove it or check its spelling (see README: Configuration)"
-    if kind == "missing":
-        return _key_path(loc), "required key is missing"
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) else f", got {got!r}" if len(repr(got)) <= 60 else ""
-    if kind in _TYPE_WORDS:
-        return _key_path(loc), f"expected {_TYPE_WORDS[kind]}{shown}"
-    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-        ctx = err.get("ctx", {})
-        bounds = {
-            "greater_than_equal": f">= {ctx.get('ge')}",
-            "less_than_equal": f"<= {ctx.get('le')}",
-            "greater_than": f"> {ctx.get('gt')}",
-            "less_than": f"< {ctx.get('lt')}",
-        }[kind]
-        return _key_path(loc), f"must be {bounds}{shown}"
-    if kind == "literal_error":
-        return _key_path(loc), f"must be {err['ctx']['expected']}{shown}"
-    msg = err["msg"]
-    if kind == "value_error" and msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    # Model-level validators have no location of their own: their message names the key.
-    if not loc:
-        return "", msg
-    return _key_path(loc), msg + (shown if kind not in ("nothing_to_boot",) else "")
+def _shown(got: Any) -> str:
+    """``, got VALUE`` for a short scalar the user wrote; nothing for a table or a long value."""
+    if isinstance(got, dict) or got is _MISSING:
+        return ""
+    text = repr(got)
+    return f", got {text}" if len(text) <= 60 else ""
 
 
-def _first_error(exc: ValidationError) -> dict[str, Any]:
-    errors = exc.errors(include_url=False)
-    # Report the most specific problem: the deepest location, in file order.
-    return max(errors, key=lambda e: len(e["loc"]))
+_MISSING = object()
+
+
+def _value_at(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return data
+
+
+def _field_type(loc: tuple[Any, ...]) -> Any:
+    """The declared type of the key at ``loc`` (None for a list item or an unknown key)."""
+    tp: Any = DspConfig
+    for part in loc:
+        if not isinstance(part, str) or not (isinstance(tp, type) and issubclass(tp, Struct)):
+            return None
+        found = [f.type for f in msgspec.structs.fields(tp) if f.name == part]
+        if not found:
+            return None
+        tp = found[0]
+        if get_origin(tp) is Union:
+            tp = next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+def _literal_words(tp: Any) -> str | None:
+    """``'a', 'b' or 'c'`` for a Literal type."""
+    if get_origin(tp) is not Literal:
+        return None
+    values = [repr(v) for v in get_args(tp)]
+    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
+
+
+def _describe(exc: msgspec.ValidationError, data: dict[str, Any]) -> tuple[str, str]:
+    """(key, message) for msgspec's error: the key as written in the file, the message in our words."""
+    m = _MESSAGE_RE.fullmatch(str(exc))
+    assert m is not None
+    msg = m["msg"]
+    loc: tuple[Any, ...] = tuple(a if a else int(i) for a, i in _PATH_PART_RE.findall(m["path"] or ""))
+    cause = exc.__cause__
+    if isinstance(cause, Invalid):
+        # One of our checks: the table's path plus the key it names (none for a check across keys).
+        if not cause.key and not loc:
+            return "", cause.message
+        loc += cause.key
+        shown = "" if "password" in str(loc[-1]) else _shown(_value_at(data, loc)) if cause.key else ""
+        return _key_path(loc), cause.message + shown
+    if (unknown := re.fullmatch(r"(?s)Object contains unknown field `(.*)`", msg)):
+        return _key_path(loc + (unknown[1],)), "unknown key; remove it or check its spelling (see README: Configuration)"
+    if (missing := re.fullmatch(r"(?s)Object missing required field `(.*)`", msg)):
+        return _key_path(loc + (missing[1],)), "required key is missing"
+    shown = _shown(_value_at(data, loc))
+    if (choices := _literal_words(_field_type(loc))) is not None:
+        return _key_path(loc), f"must be {choices}{shown}"
+    if (bound := re.fullmatch(r"Expected `\w+` ((?:>=|<=|>|<) -?\d+)", msg)):
+        return _key_path(loc), f"must be {bound[1]}{shown}"
+    if (wrong := re.fullmatch(r"Expected `(\w+)(?: \| null)?`, got `\w+`", msg)) and wrong[1] in _TYPE_WORDS:
+        return _key_path(loc), f"expected {_TYPE_WORDS[wrong[1]]}{shown}"
+    return _key_path(loc), (msg[:1].lower() + msg[1:]).rstrip(".") + shown
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> DspConfig:
     """Check a decoded TOML table; raise :class:`ConfigError` naming the key."""
     try:
-        return DspConfig.model_validate(data)
-    except ValidationError as exc:
-        key, msg = _describe(_first_error(exc))
+        return msgspec.convert(data, DspConfig)
+    except msgspec.ValidationError as exc:
+        key, msg = _describe(exc, data)
         where = f"{source}: {key}: " if key else f"{source}: "
         raise ConfigError(where + msg) from None
 

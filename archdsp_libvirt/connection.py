@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from urllib.parse import urlsplit
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import libvirt
 from lxml import etree
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-)
+
+if TYPE_CHECKING:
+    from tenacity import Retrying
 
 from .errors import ArchdspError
 
@@ -99,14 +96,35 @@ def translate(err: libvirt.libvirtError, uri: str, doing: str) -> LibvirtFailure
     return LibvirtFailure(msg, code=code, transient=is_transient(err))
 
 
-def retrying(attempts: int = 6, seconds: float = 30.0) -> Retrying:
+FIRST_WAIT = 0.25  # seconds after the first failure; doubling after each next one, at most 4
+
+
+def retrying(attempts: int = 6, seconds: float = 30.0, first_wait: float = FIRST_WAIT) -> Retrying:
     """The retry policy for libvirt calls: transient failures only, bounded, with backoff."""
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
+
     return Retrying(
         retry=retry_if_exception(lambda e: isinstance(e, LibvirtFailure) and e.transient),
         stop=stop_after_attempt(attempts) | stop_after_delay(seconds),
-        wait=wait_exponential(multiplier=0.25, max=4),
+        wait=wait_exponential(multiplier=first_wait, max=4),
         reraise=True,
     )
+
+
+def with_retries(attempt: Callable[[], T], attempts: int = 6, seconds: float = 30.0) -> T:
+    """``attempt()``; after a transient failure, ``attempt`` again under :func:`retrying`.
+
+    The first attempt runs bare, so a command whose calls all succeed never
+    imports tenacity (start-up time is part of every command); the backoff
+    and the bounds are those of ``retrying(attempts, seconds)``.
+    """
+    try:
+        return attempt()
+    except LibvirtFailure as err:
+        if not err.transient or attempts <= 1:
+            raise
+    time.sleep(FIRST_WAIT)
+    return retrying(attempts - 1, seconds, first_wait=2 * FIRST_WAIT)(attempt)
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -130,9 +148,7 @@ def open_connection(uri: str | None = None, readonly: bool = False, retry: bool 
     def attempt() -> libvirt.virConnect:
         return call(target, f"connecting to {target}", opener, target)
 
-    if not retry:
-        return attempt()
-    return retrying()(attempt)
+    return with_retries(attempt) if retry else attempt()
 
 
 def supports_passt(conn: libvirt.virConnect) -> bool:
@@ -195,7 +211,7 @@ class Session:
                     self._drop()
                 raise
 
-        return retrying(self.attempts, self.seconds)(attempt)
+        return with_retries(attempt, self.attempts, self.seconds)
 
     def dom(self, name: str, doing: str, fn: Callable[[libvirt.virDomain], T]) -> T:
         """``fn(domain)`` for the domain called ``name``, looked up on each attempt."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from . import Rendered, render_domain
+from .render import Rendered, render_domain
 from .config import DspConfig
 from .connection import LibvirtFailure, Session, supports_passt
 from .cpuset import format_cpuset

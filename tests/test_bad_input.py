@@ -27,7 +27,7 @@ CASES = [
     ("cores-negative", "isolated_cores = [-1]\nmemory_mb = 1024\n", ["isolated_cores[0]", ">= 0"]),
     ("cores-duplicate", "isolated_cores = [1, 1]\nmemory_mb = 1024\n", ["isolated_cores", "twice"]),
     ("cores-string", "isolated_cores = \"0-1\"\nmemory_mb = 1024\n", ["isolated_cores", "expected a list"]),
-    ("memory-zero", "isolated_cores = [1]\nmemory_mb = 0\n", ["memory_mb", "> 0"]),
+    ("memory-zero", "isolated_cores = [1]\nmemory_mb = 0\n", ["memory_mb", ">= 1"]),
     ("memory-string", "isolated_cores = [1]\nmemory_mb = \"4G\"\n", ["memory_mb", "expected an integer"]),
     ("memory-float", "isolated_cores = [1]\nmemory_mb = 1.5\n", ["memory_mb", "expected an integer"]),
     ("name-slash", GOOD + "name = \"a/b\"\n", ["name", "letters, digits"]),
