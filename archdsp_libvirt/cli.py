@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -46,9 +45,11 @@ class Group(click.Group):
             raise Failure(err.message, err.exit_code) from None
 
 
-@dataclass
 class Ctx:
-    uri: str | None
+    """What the top-level options say to every command."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
 
 
 config_argument = click.argument("config", type=click.Path(dir_okay=True, path_type=Path))

@@ -24,9 +24,10 @@ import re
 import resource
 import stat
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
+
+from msgspec import Struct, structs
 
 from .config import PAGE_SIZES_KIB, DspConfig
 from .cpuset import CpuSet, format_cpuset, parse_cpuset
@@ -89,8 +90,7 @@ _PCI_ADDR = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 _ISOLCPUS_FLAGS = {"nohz", "domain", "managed_irq"}
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(Struct, frozen=True):
     """One host condition: ``fix`` is the exact command or kernel parameter ("" when ok)."""
 
     id: str
@@ -104,8 +104,7 @@ class Finding:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(Struct, frozen=True):
     device: str
     path: str
     fstype: str
@@ -119,8 +118,7 @@ class Mount:
         return None
 
 
-@dataclass(frozen=True)
-class PciDevice:
+class PciDevice(Struct, frozen=True):
     """What sysfs says about one PCI function."""
 
     address: str
@@ -899,7 +897,7 @@ def failures(findings: Iterable[Finding]) -> list[Finding]:
 
 def findings_json(findings: Iterable[Finding]) -> list[dict[str, str]]:
     """The JSON form: one dict per finding (id, status, observed, expected, fix)."""
-    return [asdict(f) for f in findings]
+    return [structs.asdict(f) for f in findings]
 
 
 def format_findings(findings: Iterable[Finding]) -> str:

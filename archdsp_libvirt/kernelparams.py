@@ -17,8 +17,9 @@ flags, as in the design.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from msgspec import Struct, field
 
 from .config import DspConfig, load_config
 from .cpuset import format_cpuset
@@ -60,8 +61,7 @@ def format_params(params: Sequence[str], fmt: str) -> str:
     raise UsageError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
 
 
-@dataclass
-class CmdlineDiff:
+class CmdlineDiff(Struct):
     """Wanted parameters split by what the running kernel's command line has."""
 
     missing: list[str] = field(default_factory=list)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+
+from msgspec import Struct, structs
 
 from .config import DspConfig
 from .errors import ConfigError
 
 
-@dataclass(frozen=True)
-class Budget:
+class Budget(Struct, frozen=True):
     sample_rate: int
     buffer_size: int
     network_latency: int
@@ -42,7 +42,7 @@ class Budget:
     notes: tuple[str, ...]
 
     def as_dict(self) -> dict:
-        d = asdict(self)
+        d = structs.asdict(self)
         d["notes"] = list(self.notes)
         return d
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import libvirt
+from msgspec import Struct, field
 
 from .render import Rendered, render_domain
 from .config import DspConfig
@@ -75,8 +75,7 @@ def _has_qemu_namespace(session: Session) -> bool:
     return session.uri.startswith("qemu")
 
 
-@dataclass
-class UpResult:
+class UpResult(Struct):
     name: str
     uuid: str
     defined: str  # "new", "updated", "unchanged"
@@ -278,8 +277,7 @@ def tune_and_verify(cfg: DspConfig, rendered: Rendered, say: Say, timeout: float
         raise HostError("the running domain does not match the config: " + "; ".join(problems))
 
 
-@dataclass
-class DownResult:
+class DownResult(Struct):
     name: str
     was: str  # "absent", "shut off", "running"
     how: str  # "", "shutdown", "destroy"

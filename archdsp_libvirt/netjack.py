@@ -29,8 +29,9 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from .config import DspConfig
 from .errors import ArchdspError, ConfigError
@@ -94,8 +95,7 @@ def open_client(server: str, name: str):
         raise BridgeError(f"no JACK server '{server}' is running") from None
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(Struct, frozen=True):
     """What the bridge needs from the config."""
 
     domain: str

@@ -10,8 +10,9 @@ import hashlib
 import ipaddress
 import os
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from msgspec import Struct
 
 from .config import DspConfig
 from .cpuset import CpuSet, format_cpuset, parse_cpuset
@@ -22,8 +23,7 @@ SYSFS_ONLINE = "/sys/devices/system/cpu/online"
 HOSTFWD_NETDEV = "archdspfwd0"
 
 
-@dataclass(frozen=True)
-class HostFacts:
+class HostFacts(Struct, frozen=True):
     """What the renderer needs to know about the host the domain is for.
 
     ``online_cpus`` is None when rendering for a host we cannot see:
@@ -43,14 +43,12 @@ class HostFacts:
         return cls(online_cpus=cpus, passt=passt)
 
 
-@dataclass(frozen=True)
-class VcpuPin:
+class VcpuPin(Struct, frozen=True):
     vcpu: int
     cpus: CpuSet
 
 
-@dataclass(frozen=True)
-class Nic:
+class Nic(Struct, frozen=True):
     """One virtio NIC the domain has: ``kind`` is network, bridge or user."""
 
     kind: str
@@ -61,8 +59,7 @@ class Nic:
     passt: bool = False
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(Struct, frozen=True):
     """Concrete tuning of one DSP domain: what to render, nothing left to decide."""
 
     config: DspConfig
@@ -78,7 +75,7 @@ class Plan:
     hostfwd_args: tuple[str, ...]
     console_log: str
     uuid: str | None = None
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
 
     @property
     def port_forward_backend(self) -> str | None:

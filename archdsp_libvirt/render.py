@@ -7,11 +7,11 @@ its docstring. Functions return Elements; text is made once, in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lxml import etree
 from lxml.builder import ElementMaker
+from msgspec import Struct
 
 from .cpuset import format_cpuset
 from .policy import HostFacts, Nic, Plan, plan as make_plan
@@ -296,8 +296,7 @@ def to_xml(root: etree._Element) -> str:
     return etree.tostring(root, encoding="unicode") + "\n"
 
 
-@dataclass(frozen=True)
-class Rendered:
+class Rendered(Struct, frozen=True):
     """A validated domain definition and the plan it was rendered from."""
 
     xml: str

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from .cpuset import CpuSet, parse_cpuset
 
@@ -17,8 +18,7 @@ POLICIES = {0: "OTHER", 1: "FIFO", 2: "RR", 3: "BATCH", 5: "IDLE", 6: "DEADLINE"
 _VCPU_COMM = re.compile(r"^CPU (\d+)/(KVM|TCG|HVF|WHPX)$")
 
 
-@dataclass(frozen=True)
-class Thread:
+class Thread(Struct, frozen=True):
     tid: int
     comm: str
     affinity: CpuSet

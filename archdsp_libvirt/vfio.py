@@ -19,7 +19,8 @@ Everything goes through a :class:`~archdsp_libvirt.hostcheck.Host` root.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from .errors import HostError
 from .hostcheck import Host, PciDevice, normalize_pci
@@ -28,8 +29,7 @@ STATE_FILE = "/run/archdsp-libvirt/vfio.json"
 VFIO_DRIVER = "vfio-pci"
 
 
-@dataclass(frozen=True)
-class SysfsWrite:
+class SysfsWrite(Struct, frozen=True):
     path: str
     value: str
 
@@ -38,8 +38,7 @@ class SysfsWrite:
         return f"echo {value} > {self.path}" if value else f"echo > {self.path}"
 
 
-@dataclass(frozen=True)
-class DeviceInfo:
+class DeviceInfo(Struct, frozen=True):
     """``vfio show``: the device, its IOMMU group and every member of it."""
 
     device: PciDevice
