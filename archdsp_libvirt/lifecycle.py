@@ -201,7 +201,8 @@ def up(
         say(f"autostart on: {name} starts when the host boots")
 
     if verify_threads and session.is_local and _has_qemu_namespace(session):
-        _wait_started(session, name, start_timeout)
+        if not result.started:  # our own start returned once libvirt had finished it
+            _wait_started(session, name, start_timeout)
         tune_and_verify(cfg, rendered, say, timeout=start_timeout)
     elif verify_threads:
         say("thread check skipped: no local QEMU process behind this connection")
