@@ -658,7 +658,7 @@ def _describe(exc: msgspec.ValidationError, data: dict[str, Any]) -> tuple[str, 
     assert m is not None
     msg = m["msg"]
     loc: tuple[Any, ...] = tuple(a if a else int(i) for a, i in _PATH_PART_RE.findall(m["path"] or ""))
-    cause = exc.__cause__
+    cause = exc.__cause__ or exc.__context__
     if isinstance(cause, Invalid):
         # One of our checks: the table's path plus the key it names (none for a check across keys).
         if not cause.key and not loc:
