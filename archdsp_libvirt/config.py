@@ -49,10 +49,6 @@ class Invalid(ValueError):
         self.key = key
 
 
-def _fail(message: str) -> Invalid:
-    return Invalid(message)
-
-
 def _check(obj: Struct, checks: dict[str, Callable[[Any], object]]) -> None:
     """Run each field's check on its value; a refusal names the field."""
     for key, check in checks.items():
@@ -62,16 +58,15 @@ def _check(obj: Struct, checks: dict[str, Callable[[Any], object]]) -> None:
             raise Invalid(exc.message, (key, *exc.key)) from None
 
 
-def _clean_text(value: str, what: str) -> str:
+def _clean_text(value: str, what: str) -> None:
     if _CONTROL_RE.search(value):
-        raise _fail(f"{what} must not contain control characters or newlines")
-    return value
+        raise Invalid(f"{what} must not contain control characters or newlines")
 
 
 PATH_MAX = 4096
 
 
-def _clean_path(value: str, what: str = "the path") -> str:
+def _clean_path(value: str, what: str = "the path") -> None:
     """A path as libvirt will get it: no control characters, no ``..`` segments, at most PATH_MAX.
 
     ``..`` is refused rather than resolved: a path that climbs out of the
@@ -80,10 +75,9 @@ def _clean_path(value: str, what: str = "the path") -> str:
     """
     _clean_text(value, what)
     if len(value) > PATH_MAX:
-        raise _fail(f"{what} must be at most {PATH_MAX} characters, got {len(value)}")
+        raise Invalid(f"{what} must be at most {PATH_MAX} characters, got {len(value)}")
     if ".." in value.split("/"):
-        raise _fail(f"{what} must not contain '..' segments; write the folder it means (e.g. /var/lib/libvirt/images/dsp.qcow2)")
-    return value
+        raise Invalid(f"{what} must not contain '..' segments; write the folder it means (e.g. /var/lib/libvirt/images/dsp.qcow2)")
 
 
 def _is_loopback(address: str) -> bool:
@@ -166,7 +160,7 @@ def _qemu_pairs(value: str) -> tuple[str, list[tuple[str, str]]]:
         try:
             obj = json.loads(value)
         except ValueError:
-            raise _fail(f"{value!r} is not valid JSON; QEMU's JSON option syntax is expected") from None
+            raise Invalid(f"{value!r} is not valid JSON; QEMU's JSON option syntax is expected") from None
 
         def walk(prefix: str, node: Any) -> None:
             if isinstance(node, dict):
@@ -248,14 +242,13 @@ def _loopback_text(address: str) -> bool:
         return False
 
 
-def _host_path(v: str | None) -> str | None:
+def _host_path(v: str | None) -> None:
     """A path on the host: absolute (or ~), clean, no '..'."""
     if v is None:
-        return v
+        return
     _clean_path(v)
     if not (v.startswith("/") or v.startswith("~")):
-        raise _fail("must be an absolute path (or start with ~)")
-    return v
+        raise Invalid("must be an absolute path (or start with ~)")
 
 
 def _ip(parse, v: str, expected: str):
@@ -263,7 +256,7 @@ def _ip(parse, v: str, expected: str):
     try:
         return parse(v)
     except ValueError:
-        raise _fail(f"must be {expected}") from None
+        raise Invalid(f"must be {expected}") from None
 
 
 class _Section(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -272,18 +265,18 @@ class _Section(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 def _power_of_two(v: int) -> None:
     if v < 16 or v > 4096 or v & (v - 1):
-        raise _fail("must be a power of two from 16 to 4096 (e.g. 128)")
+        raise Invalid("must be a power of two from 16 to 4096 (e.g. 128)")
 
 
 def _known_rate(v: int) -> None:
     if v not in SAMPLE_RATES:
-        raise _fail("must be one of " + ", ".join(map(str, SAMPLE_RATES)))
+        raise Invalid("must be one of " + ", ".join(map(str, SAMPLE_RATES)))
 
 
 def _master_ip(v: str) -> None:
     addr = _ip(ipaddress.IPv4Address, v, "an IPv4 address such as 192.168.122.1")
     if addr.is_multicast or addr.is_unspecified:
-        raise _fail("must be the master's unicast address, not multicast or 0.0.0.0")
+        raise Invalid("must be the master's unicast address, not multicast or 0.0.0.0")
 
 
 def _guest_ip(v: str | None) -> None:
@@ -293,7 +286,7 @@ def _guest_ip(v: str | None) -> None:
 
 def _client_name(v: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", v):
-        raise _fail("must be 1-32 letters, digits, '_' or '-'")
+        raise Invalid("must be 1-32 letters, digits, '_' or '-'")
 
 
 class NetjackConfig(_Section, kw_only=True):
@@ -331,7 +324,7 @@ class ArchibaldosConfig(_Section, kw_only=True):
 def _cmdline(v: str) -> None:
     _clean_text(v, "the kernel command line")
     if len(v) > 2048:
-        raise _fail(f"the kernel command line must be at most 2048 characters (x86 Linux), got {len(v)}")
+        raise Invalid(f"the kernel command line must be at most 2048 characters (x86 Linux), got {len(v)}")
 
 
 class BootConfig(_Section, kw_only=True):
@@ -347,12 +340,12 @@ class BootConfig(_Section, kw_only=True):
 
 def _pci(v: str | None) -> None:
     if v is not None and not _PCI_RE.match(v):
-        raise _fail("must be a PCI address DDDD:BB:SS.F such as 0000:00:1b.0 (see lspci -D)")
+        raise Invalid("must be a PCI address DDDD:BB:SS.F such as 0000:00:1b.0 (see lspci -D)")
 
 
 def _vendor_device(v: str | None) -> None:
     if v is not None and not _VENDOR_DEVICE_RE.match(v):
-        raise _fail("must be vendor:device in hex such as 1022:15e3 (see lspci -nn)")
+        raise Invalid("must be vendor:device in hex such as 1022:15e3 (see lspci -nn)")
 
 
 class AudioDeviceConfig(_Section, kw_only=True):
@@ -366,7 +359,7 @@ class AudioDeviceConfig(_Section, kw_only=True):
     def __post_init__(self) -> None:
         _check(self, {"pci_id": _pci, "vendor_device": _vendor_device})
         if self.enable and self.pci_id is None:
-            raise _fail("pci_id is required when enable = true (e.g. pci_id = \"0000:00:1b.0\")")
+            raise Invalid("pci_id is required when enable = true (e.g. pci_id = \"0000:00:1b.0\")")
 
     @property
     def pci_address(self) -> tuple[int, int, int, int]:
@@ -388,13 +381,13 @@ class RealtimeConfig(_Section, kw_only=True):
 
 def _source(v: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}", v):
-        raise _fail("must be a libvirt network or bridge name (letters, digits, '.', '_', '-')")
+        raise Invalid("must be a libvirt network or bridge name (letters, digits, '.', '_', '-')")
 
 
 def _forwards(v: dict[str, object]) -> None:
     for host_port, guest_port in v.items():
         if not host_port.isdigit() or not 1 <= int(host_port) <= 65535:
-            raise _fail(f"host port {host_port!r} must be a number from 1 to 65535")
+            raise Invalid(f"host port {host_port!r} must be a number from 1 to 65535")
         if type(guest_port) is not int:
             raise Invalid("expected an integer (the guest port)", (host_port,))
         if not 1 <= guest_port <= 65535:
@@ -419,7 +412,7 @@ class NetworkConfig(_Section, kw_only=True):
     def _forward_address(self, v: str) -> None:
         addr = _ip(ipaddress.IPv4Address, v, "an IPv4 address such as 127.0.0.1")
         if not addr.is_loopback and not self.hostfwd_allow_external:
-            raise _fail(
+            raise Invalid(
                 "must be a loopback address (127.0.0.0/8): other hosts could reach the guest's ports; "
                 "set network.hostfwd_allow_external = true to allow that"
             )
@@ -435,25 +428,25 @@ Core = Annotated[int, Meta(ge=0, le=4095)]
 
 def _name(v: str) -> None:
     if not _NAME_RE.match(v):
-        raise _fail("must be 1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
+        raise Invalid("must be 1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
 
 
 def _cores(v: list[int]) -> None:
     if not v:
-        raise _fail("must list at least one host core, e.g. [1]")
+        raise Invalid("must list at least one host core, e.g. [1]")
     if len(set(v)) != len(v):
-        raise _fail("lists a core twice; give each core once (one vCPU per core)")
+        raise Invalid("lists a core twice; give each core once (one vCPU per core)")
 
 
 def _emulator_cores(v: list[int] | None) -> None:
     if v is not None and (not v or len(set(v)) != len(v)):
-        raise _fail("must list distinct host cores, or be left out to use the non-isolated ones")
+        raise Invalid("must list distinct host cores, or be left out to use the non-isolated ones")
 
 
 def _features(v: list[str]) -> None:
     for f in v:
         if not re.fullmatch(r"[a-z0-9_.-]{1,40}", f):
-            raise _fail(f"{f!r} is not a CPU feature name (lowercase, e.g. arch-capabilities)")
+            raise Invalid(f"{f!r} is not a CPU feature name (lowercase, e.g. arch-capabilities)")
 
 
 def _console_log(v: str | None) -> None:
@@ -461,9 +454,9 @@ def _console_log(v: str | None) -> None:
         return
     _clean_path(v)
     if not v.startswith("/"):
-        raise _fail("must be an absolute path")
+        raise Invalid("must be an absolute path")
     if not v.endswith(".log") or v.endswith("/.log"):
-        raise _fail(
+        raise Invalid(
             "must be a file name ending in .log (virtlogd truncates it on every start), "
             "e.g. /var/log/libvirt/qemu/dsp-console.log"
         )
@@ -478,7 +471,7 @@ def _password(v: str | None) -> None:
         return
     _clean_text(v, "the password")
     if not 1 <= len(v) <= 64:
-        raise _fail("must be 1 to 64 characters")
+        raise Invalid("must be 1 to 64 characters")
 
 
 class DspConfig(_Section, kw_only=True):
@@ -520,7 +513,7 @@ class DspConfig(_Section, kw_only=True):
         if not self.qemu_extra_args_allow_unsafe:
             why = _unsafe_qemu_args(v)
             if why:
-                raise _fail(
+                raise Invalid(
                     f"{why}; this goes around libvirt's security model: remove it, "
                     "or set qemu_extra_args_allow_unsafe = true"
                 )
@@ -528,40 +521,36 @@ class DspConfig(_Section, kw_only=True):
     def _whole(self) -> None:
         """Checks across keys; each message names the keys."""
         if self.emulator_cores and set(self.emulator_cores) & set(self.isolated_cores):
-            raise _fail("emulator_cores must not overlap isolated_cores")
+            raise Invalid("emulator_cores must not overlap isolated_cores")
         if not _is_loopback(self.display_listen) and not self.display_password:
-            raise _fail(
+            raise Invalid(
                 f"display_listen = {self.display_listen!r} lets other hosts reach the spice/vnc display: "
                 "set display_password, or listen on 127.0.0.1"
             )
         if self.vnc and self.display_password and len(self.display_password) > 8:
-            raise _fail("display_password: VNC uses at most 8 characters; give a shorter one")
+            raise Invalid("display_password: VNC uses at most 8 characters; give a shorter one")
         if self.hugepages:
             covered_mb = self.hugepages * PAGE_SIZES_KIB[self.hugepage_size] // 1024
             if covered_mb < self.memory_mb:
                 need = -(-self.memory_mb * 1024 // PAGE_SIZES_KIB[self.hugepage_size])
-                raise _fail(
+                raise Invalid(
                     f"{self.hugepages} x {self.hugepage_size} pages = {covered_mb} MiB do not cover "
                     f"memory_mb = {self.memory_mb}; set hugepages >= {need} or lower memory_mb"
                 )
         if self.memory_mb * 1024 % PAGE_SIZES_KIB[self.hugepage_size] and self.hugepages:
-            raise _fail(f"memory_mb must be a multiple of the {self.hugepage_size} page size")
+            raise Invalid(f"memory_mb must be a multiple of the {self.hugepage_size} page size")
         if not self.archibaldos.enable and not self.boot.kernel:
-            raise _fail("nothing to boot: set archibaldos.enable = true (with archibaldos.disk_image) or boot.kernel")
+            raise Invalid("nothing to boot: set archibaldos.enable = true (with archibaldos.disk_image) or boot.kernel")
         if self.boot.initrd and not self.boot.kernel:
-            raise _fail("boot.initrd needs boot.kernel")
+            raise Invalid("boot.initrd needs boot.kernel")
         if self.network.hostfwd and not self.network.enable:
-            raise _fail("network.hostfwd needs network.enable = true")
+            raise Invalid("network.hostfwd needs network.enable = true")
         if self.netjack.enable and not self.network.enable:
-            raise _fail("archibaldos.netjack needs network.enable = true (the link runs over the VM's NIC)")
+            raise Invalid("archibaldos.netjack needs network.enable = true (the link runs over the VM's NIC)")
         if self.netjack.enable and self.network.mode == "user":
-            raise _fail(
+            raise Invalid(
                 "archibaldos.netjack needs network.mode = \"nat\" or \"bridge\": the host cannot reach a user-mode guest"
             )
-
-    def replace(self, **changes: Any) -> DspConfig:
-        """A copy with ``changes`` (checked again)."""
-        return msgspec.structs.replace(self, **changes)
 
     @property
     def netjack(self) -> NetjackConfig:

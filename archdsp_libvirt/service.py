@@ -59,7 +59,7 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
     """Load ``config`` and render it for the host, with the notes to show the user."""
     cfg = load_config(config)
     if port_forwards:
-        cfg = cfg.replace(network=msgspec.structs.replace(cfg.network, port_forward_backend=port_forwards))
+        cfg = msgspec.structs.replace(cfg, network=msgspec.structs.replace(cfg.network, port_forward_backend=port_forwards))
     facts, notes = host_facts(cfg, uri, host_cpus=host_cpus)
     with _naming(config):
         rendered = render_domain(cfg, facts, uuid=uuid)
