@@ -1,7 +1,7 @@
 """archdsp-libvirt: a real-time DSP coprocessor VM defined and run through libvirt.
 
->>> from archdsp_libvirt import load_config, render_domain, HostFacts
->>> rendered = render_domain(load_config("domains/minimal.toml"), HostFacts.local())
+>>> from archdsp_libvirt import load_config, render_domain, HostModel
+>>> rendered = render_domain(load_config("domains/minimal.toml"), HostModel.local())
 >>> print(rendered.xml)
 
 The names below are imported from their modules when first used, so that
@@ -26,17 +26,17 @@ _EXPORTS = {
     "DspConfig": "config",
     "load_config": "config",
     "parse_config": "config",
-    "HostFacts": "policy",
-    "Plan": "policy",
-    "plan": "policy",
-    "Rendered": "render",
-    "render_domain": "render",
-    "domain": "render",
-    "to_xml": "render",
-    "validate_domain": "schema",
+    "HostModel": "host.model",
+    "HostFacts": "host.model",
+    "Plan": "domain.policy",
+    "plan": "domain.policy",
+    "Rendered": "domain.build",
+    "render_domain": "domain.build",
+    "to_xml": "domain.render",
+    "validate_domain": "domain.schema",
 }
 
-__all__ = sorted(n for n in _EXPORTS if n not in ("plan", "domain", "to_xml", "validate_domain"))
+__all__ = sorted(n for n in _EXPORTS if n not in ("plan", "to_xml", "validate_domain"))
 
 
 def __getattr__(name: str) -> Any:
@@ -55,6 +55,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .config import DspConfig, load_config, parse_config
     from .errors import ArchdspError, ConfigError, HostError, RenderError, UsageError
-    from .policy import HostFacts, Plan, plan
-    from .render import Rendered, domain, render_domain, to_xml
-    from .schema import validate_domain
+    from .domain.build import Rendered, render_domain
+    from .domain.policy import Plan, plan
+    from .domain.render import to_xml
+    from .domain.schema import validate_domain
+    from .host.model import HostFacts, HostModel

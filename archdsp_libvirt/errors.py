@@ -40,3 +40,26 @@ class RenderError(ArchdspError):
 
 class HostError(ArchdspError):
     """The host cannot do what the configuration asks."""
+
+
+class LibvirtFailure(ArchdspError):
+    """A libvirt call failed; ``code`` is libvirt's ``VIR_ERR_*`` number, ``transient`` whether a retry may cure it."""
+
+    def __init__(self, message: str, code: int = 0, transient: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.transient = transient
+
+
+class BridgeError(ArchdspError):
+    """The NETJACK bridge cannot do what was asked."""
+
+
+class Invalid(ValueError):
+    """A value a config check refused (raised inside msgspec's validation, reported as a ConfigError). ``key`` is where, relative to the table checked: a field name, a
+    field and a table key (``("hostfwd", "2222")``), or ``()`` for the table as a whole."""
+
+    def __init__(self, message: str, key: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key

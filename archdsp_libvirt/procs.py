@@ -96,5 +96,5 @@ def spawn_detached(argv: list[str], log: Path, env: dict[str, str] | None = None
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True, env=env)
+                                start_new_session=True, close_fds=True, env=env, cwd="/")
     return Owned.of(proc.pid)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import msgspec
 
-from .render import Rendered, render_domain
+from .domain.build import Rendered, render_domain
 from .config import ConfigError, DspConfig, load_config
 from .cpuset import parse_cpuset
 from .errors import ArchdspError, HostError, UsageError
-from .policy import HostFacts, forced_passt
+from .domain.policy import forced_passt
+from .host.model import HostModel as HostFacts
 
 
 def host_facts(cfg: DspConfig, uri: str | None, host_cpus: str | None = None) -> tuple[HostFacts, list[str]]:
@@ -28,7 +29,7 @@ def host_facts(cfg: DspConfig, uri: str | None, host_cpus: str | None = None) ->
         cpus = HostFacts.local().online_cpus
     passt = forced_passt(cfg)
     if passt is None:
-        from .connection import open_connection, supports_passt
+        from .virt.connection import open_connection, supports_passt
 
         passt = False
         try:
@@ -74,8 +75,8 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
 def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, skip: set[str],
                preflight: bool, say) -> None:
     """``archdsp-virt up``: preflight, define, start, verify."""
-    from .connection import Session
-    from .lifecycle import up
+    from .virt.connection import Session
+    from .virt.lifecycle import up
 
     cfg = load_config(config)
     with Session(uri) as session:
@@ -91,7 +92,7 @@ def _fresh_master(cfg: DspConfig, say) -> None:
     slave stale, so the aliases follow the new one (JACK's master keeps a dead slave for a minute)."""
     if not cfg.netjack.enable:
         return
-    from .netjack import forget_slave, status as bridge_status
+    from .audio.bridge import forget_slave, status as bridge_status
 
     if bridge_status(cfg.name).get("running"):
         forget_slave(cfg.name, say=say)
@@ -99,7 +100,8 @@ def _fresh_master(cfg: DspConfig, say) -> None:
 
 def run_preflight(cfg: DspConfig, session, skip: set[str], say) -> None:
     """Refuse to go on when a host check fails (unless skipped, which is said)."""
-    from .hostcheck import Host, failures, preflight
+    from .host.checks import failures, preflight
+    from .host.files import Host
 
     try:  # through the session: a daemon that is restarting gets its bounded retries
         version = session.run("connecting", lambda conn: conn.getLibVersion())
@@ -125,14 +127,14 @@ def run_preflight(cfg: DspConfig, session, skip: set[str], say) -> None:
 def status_command(config: Path, uri: str | None, as_json: bool) -> str:
     import json
 
-    from .connection import Session
-    from .lifecycle import format_status, status
+    from .virt.connection import Session
+    from .virt.lifecycle import format_status, status
 
     cfg = load_config(config)
     with Session(uri) as session:
         info = status(cfg, session)
     if cfg.netjack.enable:
-        from .netjack import format_status as format_bridge, status as bridge_status
+        from .audio.bridge import format_status as format_bridge, status as bridge_status
 
         info["bridge"] = bridge_status(cfg.name)
         info["sections"] = [format_bridge(info["bridge"])]
@@ -144,8 +146,8 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
 
 def console_command(config: Path, uri: str | None, force: bool, pattern: str | None, timeout: float, echo,
                     send: str | None = None) -> None:
-    from .connection import Session
-    from .console import ensure_event_loop, expect, interactive
+    from .virt.connection import Session
+    from .virt.console import ensure_event_loop, expect, interactive
 
     cfg = load_config(config)
     ensure_event_loop()

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from archdsp_libvirt import parse_config
-from archdsp_libvirt.netjack import _newest, _slave_clients, systemd_unit
+from archdsp_libvirt.audio.bridge import systemd_unit
+from archdsp_libvirt.audio.supervisor import _newest, _slave_clients
 from archdsp_libvirt.procs import Owned, spawn_detached
 from conftest import archdsp
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from archdsp_libvirt.cli import cli
 from archdsp_libvirt.cpuset import parse_cpuset
-from archdsp_libvirt.hostcheck import CHECK_IDS
+from archdsp_libvirt.host.checks import CHECK_IDS
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux procfs")
 

@@ -12,18 +12,17 @@ from click.testing import CliRunner
 from archdsp_libvirt.cli import cli
 from archdsp_libvirt.config import parse_config
 from archdsp_libvirt.errors import UsageError
-from archdsp_libvirt.hostcheck import (
+from archdsp_libvirt.host.checks import (
     CHECK_IDS,
     MEMLOCK_FIX,
     Finding,
-    Host,
     failures,
     findings_json,
     format_findings,
     preflight,
     run_checks,
-    split_cmdline,
 )
+from archdsp_libvirt.host.files import Host, split_cmdline
 
 GOOD_CMDLINE = ("BOOT_IMAGE=/vmlinuz root=/dev/nvme0n1p2 ro amd_iommu=on iommu=pt isolcpus=2-3 "
                 "nohz_full=2-3 rcu_nocbs=2,3 threadirqs hugepagesz=2M hugepages=1024 -- single")

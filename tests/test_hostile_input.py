@@ -20,7 +20,7 @@ from lxml import etree
 
 from archdsp_libvirt import HostFacts, parse_config, render_domain
 from archdsp_libvirt.cli import cli
-from archdsp_libvirt.render import QEMU_NS
+from archdsp_libvirt.domain.render import QEMU_NS
 from conftest import assert_config_refused, remove_domain
 
 GOOD = """

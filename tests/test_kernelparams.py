@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from archdsp_libvirt.cli import cli
 from archdsp_libvirt.config import load_config, parse_config
 from archdsp_libvirt.errors import UsageError
-from archdsp_libvirt.hostcheck import Host, split_cmdline
-from archdsp_libvirt.kernelparams import FORMATS, diff_cmdline, format_params, kernel_params
+from archdsp_libvirt.host.files import Host, split_cmdline
+from archdsp_libvirt.host.kernelparams import FORMATS, diff_cmdline, format_params, kernel_params
 from conftest import DOMAINS
 
 DESIGN = DOMAINS / "archibaldos-dsp.toml"

@@ -6,7 +6,7 @@ import pytest
 
 from archdsp_libvirt import parse_config
 from archdsp_libvirt.errors import ConfigError
-from archdsp_libvirt.latency import budget, format_budget
+from archdsp_libvirt.audio.latency import budget, format_budget
 
 
 def cfg(**netjack):

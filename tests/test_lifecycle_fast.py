@@ -6,10 +6,10 @@ import libvirt
 import pytest
 
 from archdsp_libvirt import parse_config
-from archdsp_libvirt import lifecycle
-from archdsp_libvirt.connection import LibvirtFailure, Session, is_transient
+from archdsp_libvirt.virt import lifecycle
+from archdsp_libvirt.virt.connection import LibvirtFailure, Session, is_transient
 from archdsp_libvirt.errors import ArchdspError
-from archdsp_libvirt.lifecycle import down, status, up
+from archdsp_libvirt.virt.lifecycle import down, status, up
 
 PASST_ACCEPTED = libvirt.getVersion() >= 9_002_000
 
@@ -198,7 +198,7 @@ def _socket_error():
 def test_daemon_not_up_is_transient_and_says_what_to_do():
     err = _socket_error()
     assert is_transient(err)
-    from archdsp_libvirt.connection import translate
+    from archdsp_libvirt.virt.connection import translate
 
     failure = translate(err, "qemu:///system", "connecting")
     assert "libvirtd is not running" in failure.message and failure.transient

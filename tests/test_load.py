@@ -16,8 +16,8 @@ import tracemalloc
 import pytest
 
 from archdsp_libvirt import parse_config
-from archdsp_libvirt.connection import Session
-from archdsp_libvirt.lifecycle import down, up
+from archdsp_libvirt.virt.connection import Session
+from archdsp_libvirt.virt.lifecycle import down, up
 from conftest import SYSTEM_URI, virsh
 
 pytestmark = pytest.mark.real

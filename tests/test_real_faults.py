@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from archdsp_libvirt import threads
+from archdsp_libvirt.virt import threads
 from conftest import archdsp, virsh
 
 pytestmark = pytest.mark.real

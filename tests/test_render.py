@@ -7,8 +7,8 @@ from lxml import etree
 
 from archdsp_libvirt import HostFacts, parse_config, render_domain
 from archdsp_libvirt.errors import ConfigError
-from archdsp_libvirt.policy import detect_disk_format, mac_for, plan
-from archdsp_libvirt import render
+from archdsp_libvirt.domain.policy import detect_disk_format, mac_for, plan
+from archdsp_libvirt.domain import render
 
 BASE = {"isolated_cores": [2, 3], "memory_mb": 2048, "boot": {"kernel": "/k"}}
 HOST4 = HostFacts(online_cpus=frozenset(range(4)))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ["msgspec", "lxml.etree", "libvirt", "tenacity", "archdsp_libvirt.config", "archdsp_libvirt.hostcheck"]
+HEAVY = ["msgspec", "lxml.etree", "libvirt", "tenacity", "archdsp_libvirt.config", "archdsp_libvirt.host.checks"]
 
 
 def imported_after(code: str) -> set[str]:
@@ -43,8 +43,8 @@ def test_package_names_load_on_first_use():
 
 
 def test_host_commands_load_only_when_asked_for():
-    assert "archdsp_libvirt.hostcheck" not in imported_after(run_cli("xml", "--help"))
-    assert "archdsp_libvirt.hostcheck" in imported_after(run_cli("check", "--help"))
+    assert "archdsp_libvirt.host.checks" not in imported_after(run_cli("xml", "--help"))
+    assert "archdsp_libvirt.host.checks" in imported_after(run_cli("check", "--help"))
 
 
 def test_xml_without_a_connection_needs_neither_libvirt_nor_tenacity():
@@ -54,7 +54,7 @@ def test_xml_without_a_connection_needs_neither_libvirt_nor_tenacity():
 
 
 def test_libvirt_calls_that_succeed_do_not_import_tenacity():
-    code = ("from archdsp_libvirt.connection import Session\n"
+    code = ("from archdsp_libvirt.virt.connection import Session\n"
             "with Session('test:///default') as s:\n"
             "    assert s.run('asking', lambda c: c.getLibVersion()) > 0\n")
     mods = imported_after(code)
@@ -62,7 +62,7 @@ def test_libvirt_calls_that_succeed_do_not_import_tenacity():
 
 
 def test_a_transient_failure_brings_in_the_retry_policy():
-    code = ("import libvirt\nfrom archdsp_libvirt.connection import Session\n"
+    code = ("import libvirt\nfrom archdsp_libvirt.virt.connection import Session\n"
             "calls = []\n"
             "def fn(conn):\n"
             "    calls.append(1)\n"

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from archdsp_libvirt.cli import cli
 from archdsp_libvirt.errors import HostError, UsageError
-from archdsp_libvirt.vfio import STATE_FILE, SysfsWrite, bind, show, unbind
+from archdsp_libvirt.host.vfio import STATE_FILE, SysfsWrite, bind, show, unbind
 from test_hostcheck import FakeHost
 
 AUDIO = "0000:00:1b.0"

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,18 +31,14 @@ from pathlib import Path
 
 from msgspec import Struct
 
-from .config import DspConfig
-from .errors import ArchdspError, ConfigError
-from .procs import Owned, spawn_detached
+from ..config import DspConfig
+from ..errors import BridgeError, ConfigError
+from ..procs import Owned, spawn_detached
 
 RUN_DIR = Path(os.environ.get("ARCHDSP_RUN_DIR", "/run/archdsp-libvirt"))
 ALIAS_CLIENT = "netjack"
 SUPERVISOR_CLIENT = "archdsp-bridge"
 STATUS_PERIOD = 1.0
-
-
-class BridgeError(ArchdspError):
-    """The NETJACK bridge cannot do what was asked."""
 
 
 def default_server() -> str:
@@ -219,7 +213,7 @@ def start(cfg: DspConfig, server: str | None = None, start_server: str | None = 
     status_file.unlink(missing_ok=True)
     _exclude_path(link.domain).unlink(missing_ok=True)
     sup = spawn_detached(
-        [sys.executable, "-m", "archdsp_libvirt.netjack", "--server", server, "--slave", link.slave,
+        [sys.executable, "-P", "-m", "archdsp_libvirt.audio.supervisor", "--server", server, "--slave", link.slave,
          "--channels", str(link.channels), "--status", str(status_file),
          "--stale", str(_exclude_path(link.domain))],
         log, env=jack_env(server),
@@ -384,133 +378,3 @@ def systemd_unit(cfg: DspConfig, config_path: Path, server_kind: str | None, ser
         "[Install]\n"
         "WantedBy=multi-user.target\n"
     )
-
-
-# --- the supervisor (python -m archdsp_libvirt.netjack ...) -------------------------------------
-
-_SLAVE_PORT = re.compile(r"^(?P<client>[^:]+):(?P<dir>to|from)_slave_(?P<n>\d+)$")
-
-
-def _slave_clients(port_names: list[str], slave: str) -> dict[str, set[str]]:
-    """Clients that are the slave (``dsp``, or ``dsp-01`` when a stale one still holds the name)."""
-    out: dict[str, set[str]] = {}
-    for name in port_names:
-        m = _SLAVE_PORT.match(name)
-        if m and re.fullmatch(re.escape(slave) + r"(-\d+)?", m["client"]):
-            out.setdefault(m["client"], set()).add(name)
-    return out
-
-
-def _newest(clients: list[str], slave: str) -> str:
-    return max(clients, key=lambda c: int(c[len(slave) + 1:]) if c != slave else -1)
-
-
-def supervise(server: str, slave: str, channels: int, status_file: Path, exclude_file: Path) -> int:
-    import threading
-
-    client = open_client(server, SUPERVISOR_CLIENT)
-    xruns = 0
-    gone = threading.Event()
-    stop_flag = threading.Event()
-
-    def on_xrun(_delay):
-        nonlocal xruns
-        xruns += 1
-
-    client.set_xrun_callback(on_xrun)
-    client.set_shutdown_callback(lambda _status, _reason: gone.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop_flag.set())
-    signal.signal(signal.SIGINT, lambda *_: stop_flag.set())
-    client.activate()
-    link = "down"
-    changed = time.time()
-    started = time.time()
-    try:
-        while not stop_flag.is_set():
-            if gone.is_set():
-                _write_json(status_file, {"server": "gone", "link": "down", "xruns": xruns, "updated": time.time(),
-                                          "since": started, "link_changed": time.time(), "ports": {}})
-                return 3
-            names = [p.name for p in client.get_ports()]
-            clients = _slave_clients(names, slave)
-            stale = set((_read_json(exclude_file) or {}).get("stale", []))
-            if stale and not stale & set(clients):
-                exclude_file.unlink(missing_ok=True)  # the stale slaves are gone
-                stale = set()
-            for gone_client in stale & set(clients):
-                for real in clients.pop(gone_client):
-                    _drop_aliases(client, real)
-            ports: dict[str, str] = {}
-            current = None
-            if clients:
-                current = _newest(list(clients), slave)
-                for i in range(1, channels + 1):
-                    for direction, alias in (("to", "capture"), ("from", "playback")):
-                        real = f"{current}:{direction}_slave_{i}"
-                        want = f"{ALIAS_CLIENT}:{alias}_{i}"
-                        if real in clients[current]:
-                            ports[want] = real
-                            _ensure_alias(client, real, want)
-                for other in clients:
-                    if other != current:
-                        for real in clients[other]:
-                            _drop_aliases(client, real)
-            now_up = "up" if current and len(ports) == 2 * channels else "down"
-            if now_up != link:
-                link, changed = now_up, time.time()
-            _write_json(status_file, {"server": "running", "link": link, "slave": current, "ports": ports,
-                                      "clients": sorted(clients) + sorted(stale & set(_slave_clients(names, slave))),
-                                      "xruns": xruns, "updated": time.time(), "since": started,
-                                      "link_changed": changed})
-            stop_flag.wait(STATUS_PERIOD if link == "up" else 0.25)
-    finally:
-        try:
-            client.deactivate()
-            client.close()
-        except Exception:  # noqa: BLE001 - the server may be gone already
-            pass
-    return 0
-
-
-def _ensure_alias(client, real: str, alias: str) -> None:
-    import jack
-
-    try:
-        port = client.get_port_by_name(real)
-        if alias not in port.aliases:
-            port.set_alias(alias)
-    except jack.JackError:
-        pass
-
-
-def _drop_aliases(client, real: str) -> None:
-    import jack
-
-    try:
-        port = client.get_port_by_name(real)
-        for alias in port.aliases:
-            if alias.startswith(f"{ALIAS_CLIENT}:"):
-                port.unset_alias(alias)
-    except jack.JackError:
-        pass
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m archdsp_libvirt.netjack", description="NETJACK bridge supervisor")
-    ap.add_argument("--server", required=True)
-    ap.add_argument("--slave", required=True)
-    ap.add_argument("--channels", type=int, required=True)
-    ap.add_argument("--status", type=Path, required=True)
-    ap.add_argument("--stale", type=Path, required=True)
-    args = ap.parse_args(argv)
-    try:
-        return supervise(args.server, args.slave, args.channels, args.status, args.stale)
-    except ArchdspError as err:
-        print(f"bridge supervisor: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from .errors import HostError, RenderError
+from ..errors import HostError, RenderError
 
 SCHEMA_DIR = Path(os.environ.get("ARCHDSP_LIBVIRT_SCHEMAS", "/usr/share/libvirt/schemas"))
 

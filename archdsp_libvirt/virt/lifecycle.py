@@ -15,13 +15,14 @@ from collections.abc import Callable
 import libvirt
 from msgspec import Struct, field
 
-from .render import Rendered, render_domain
-from .config import DspConfig
+from ..domain.build import Rendered, render_domain
+from ..config import DspConfig
 from .connection import LibvirtFailure, Session, supports_passt
-from .cpuset import format_cpuset
-from .drift import differences
-from .errors import ArchdspError, HostError
-from .policy import HostFacts, forced_passt
+from ..cpuset import format_cpuset
+from ..domain.drift import differences
+from ..errors import ArchdspError, HostError
+from ..domain.policy import forced_passt
+from ..host.model import HostModel as HostFacts
 from . import threads as qthreads
 
 Say = Callable[[str], None]
@@ -350,7 +351,7 @@ def status(cfg: DspConfig, session: Session, proc: str = "/proc", sysfs_root: st
     info: dict = {"name": name, "uri": session.uri, "defined": False}
     dom = session.lookup(name)
     isolated = _read(os.path.join(sysfs_root, "devices/system/cpu/isolated"))
-    from .cpuset import parse_cpuset
+    from ..cpuset import parse_cpuset
 
     isolated_set = parse_cpuset(isolated) if isolated is not None else frozenset()
     info["isolation"] = {

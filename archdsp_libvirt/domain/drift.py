@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from lxml import etree
 
-from .cpuset import format_cpuset, parse_cpuset
+from ..cpuset import format_cpuset, parse_cpuset
 from .render import QEMU_NS
 
 

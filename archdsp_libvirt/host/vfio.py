@@ -22,8 +22,8 @@ import json
 
 from msgspec import Struct
 
-from .errors import HostError
-from .hostcheck import Host, PciDevice, normalize_pci
+from ..errors import HostError
+from .files import Host, PciDevice, normalize_pci
 
 STATE_FILE = "/run/archdsp-libvirt/vfio.json"
 VFIO_DRIVER = "vfio-pci"

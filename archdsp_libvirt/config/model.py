@@ -12,18 +12,14 @@ line: ``FILE: KEY: what is wrong; what is expected``.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import stat
-import tomllib
-from pathlib import Path
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta, Struct, field
 
-from .errors import ConfigError
+from ..errors import ConfigError, Invalid
+from .qemuargs import unsafe_qemu_args
 
 DEFAULT_NAME = "archibaldos-dsp"
 SAMPLE_RATES = (22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000)
@@ -37,16 +33,6 @@ _VENDOR_DEVICE_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{4}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
-
-
-class Invalid(ValueError):
-    """A value a check refused. ``key`` is where, relative to the table checked: a field name, a
-    field and a table key (``("hostfwd", "2222")``), or ``()`` for the table as a whole."""
-
-    def __init__(self, message: str, key: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.message = message
-        self.key = key
 
 
 def _check(obj: Struct, checks: dict[str, Callable[[Any], object]]) -> None:
@@ -82,164 +68,6 @@ def _clean_path(value: str, what: str = "the path") -> None:
 
 def _is_loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
-
-
-# --- qemu_extra_args: what would go around libvirt -------------------------------------------
-
-# QEMU options that take no value; every other option takes exactly one.
-_QEMU_FLAGS = frozenset({
-    "S", "s", "daemonize", "enable-kvm", "enable-sync-profile", "enable-fips", "full-screen", "mem-prealloc",
-    "no-acpi", "no-fd-bootchk", "no-hpet", "no-reboot", "no-shutdown", "no-user-config", "nodefaults",
-    "nodefconfig", "nographic", "only-migratable", "portrait", "singlestep", "one-insn-per-tb", "snapshot",
-    "usb", "version", "win2k-hack", "xen-attach", "xen-domid-restrict", "preconfig", "audio-help", "h", "help",
-    "no-quit", "alt-grab", "ctrl-grab", "no-frame", "sdl", "curses", "semihosting", "no-kvm",
-})
-_DISK = "gives the guest a host file or device as a disk (use archibaldos.disk_image)"
-_HOST_FILE = "makes QEMU read or write a host file that libvirt does not label"
-_MONITOR = "opens a QEMU monitor that libvirt does not own (it could reconfigure or stop the domain)"
-_CHAR = "connects a guest port or channel to a host file, device or socket"
-# Options refused outright, and why.
-_QEMU_REFUSED = {
-    "sandbox": "changes QEMU's seccomp sandbox, which libvirt sets itself",
-    "runas": "changes the user QEMU runs as (libvirt runs it as libvirt-qemu)",
-    "run-with": "changes the user or root folder QEMU runs as",
-    "chroot": "changes QEMU's root folder",
-    "daemonize": "detaches QEMU from libvirt",
-    "add-fd": "hands QEMU host file descriptors",
-    "incoming": "loads guest state from a host file, socket or command",
-    "loadvm": "restores a snapshot libvirt does not know of",
-    "monitor": _MONITOR, "qmp": _MONITOR, "qmp-pretty": _MONITOR, "mon": _MONITOR,
-    "gdb": "opens a debugger socket into the guest", "s": "opens a debugger socket into the guest (tcp::1234)",
-    "serial": _CHAR, "parallel": _CHAR, "debugcon": _CHAR, "chardev": _CHAR,
-    "drive": _DISK, "blockdev": _DISK, "hda": _DISK, "hdb": _DISK, "hdc": _DISK, "hdd": _DISK,
-    "cdrom": _DISK, "fda": _DISK, "fdb": _DISK, "mtdblock": _DISK, "sd": _DISK, "pflash": _DISK,
-    "iscsi": _DISK, "usbdevice": "passes a host USB device or file through",
-    "bios": _HOST_FILE, "L": _HOST_FILE, "option-rom": _HOST_FILE, "dtb": _HOST_FILE,
-    "kernel": "boots a host file (use [boot] kernel)", "initrd": "boots a host file (use [boot] initrd)",
-    "append": "sets the kernel command line (use [boot] cmdline)",
-    "readconfig": _HOST_FILE, "writeconfig": _HOST_FILE, "pidfile": _HOST_FILE, "D": _HOST_FILE,
-    "dump-vmstate": _HOST_FILE, "acpitable": _HOST_FILE, "mem-path": "backs guest memory with a host file",
-    "plugin": "loads a host shared library into QEMU",
-    "virtfs": "shares a host folder with the guest", "fsdev": "shares a host folder with the guest",
-    "tpmdev": "passes the host's TPM through",
-    "vnc": "opens a display outside libvirt's graphics (use vnc = true with display_listen/display_password)",
-    "spice": "opens a display outside libvirt's graphics (use spice = true with display_listen/display_password)",
-    "display": "opens a display outside libvirt's graphics (use spice/vnc with display_listen/display_password)",
-    "set": "rewrites options libvirt generated",
-}
-# Keys (in option values) that name a host file, device, socket or file descriptor.
-_HOST_KEYS = frozenset({
-    "file", "filename", "path", "mem-path", "romfile", "script", "downscript", "dumpdtb", "kernel", "initrd",
-    "firmware", "dtb", "bios", "evdev", "dir", "sock", "socket", "fd", "fds", "vhostfd", "vhostfds", "ifname", "br",
-    "helper", "sysfsdev", "host", "hostaddr", "hostbus", "hostport", "hostdevice", "vendorid", "productid",
-    "chardev", "events", "logfile", "smb", "tftp", "bootfile", "guestfwd",
-})
-_NETDEV_TYPES = {"netdev": {"user"}, "nic": {"user", "none"}, "net": {"user", "nic", "none", "hubport"}}
-_DEVICE_REFUSED = re.compile(
-    r"^(vfio-.*|vhost-.*|.*-host|pci-assign|kvm-pci-assign|virtio-9p.*|ivshmem.*|loader|guest-loader|"
-    r"u2f-passthrough|ccid-card-passthru|usb-redir|xen-.*|scsi-generic|scsi-block)$"
-)
-_OBJECT_REFUSED = re.compile(
-    r"^(memory-backend-file|memory-backend-epc|input-linux|filter-dump|filter-mirror|filter-redirector|"
-    r"colo-compare|can-host-socketcan|cryptodev-vhost-user|tls-creds-.*|authz-listfile|pr-manager-helper|"
-    r"rng-random|rng-egd|x-.*)$"
-)
-
-
-def _qemu_pairs(value: str) -> tuple[str, list[tuple[str, str]]]:
-    """QEMU's ``kind,key=value,...`` (or JSON) as its kind and its (key, value) pairs, keys lower-cased.
-
-    Splitting on every comma (QEMU escapes a comma in a value as ``,,``)
-    finds every key QEMU would see, and perhaps a few it would not: for a
-    check that refuses, that errs the right way.
-    """
-    pairs: list[tuple[str, str]] = []
-    if value.lstrip().startswith("{"):
-        import json
-
-        try:
-            obj = json.loads(value)
-        except ValueError:
-            raise Invalid(f"{value!r} is not valid JSON; QEMU's JSON option syntax is expected") from None
-
-        def walk(prefix: str, node: Any) -> None:
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    walk(f"{prefix}{k}.", v)
-            elif isinstance(node, list):
-                for item in node:
-                    walk(prefix, item)
-            else:
-                pairs.append((prefix[:-1].lower(), str(node)))
-
-        walk("", obj)
-        kinds = {k: v for k, v in pairs if k in ("driver", "qom-type", "type")}
-        return next(iter(kinds.values()), ""), pairs
-    parts = value.split(",")
-    kind = ""
-    for i, part in enumerate(parts):
-        key, eq, val = part.partition("=")
-        if not eq:
-            if i == 0:
-                kind = part
-            continue
-        pairs.append((key.strip().lower(), val))
-        if key in ("driver", "qom-type", "type") and not kind:
-            kind = val
-    return kind, pairs
-
-
-def _unsafe_qemu_args(args: list[str]) -> str | None:
-    """Why ``args`` would go around libvirt's security model, or None when they would not."""
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("-") or arg == "-":
-            return (f"{arg[:80]!r} is not an option (QEMU takes a bare argument as a disk image: "
-                    "a host file the guest could read and write)")
-        opt = arg[2:] if arg.startswith("--") else arg[1:]
-        if opt in _QEMU_REFUSED:
-            value = "" if opt in _QEMU_FLAGS or i + 1 >= len(args) else " " + args[i + 1][:80]
-            return f"'{arg}{value}' {_QEMU_REFUSED[opt]}"
-        if opt in _QEMU_FLAGS:
-            i += 1
-            continue
-        if i + 1 >= len(args):
-            return f"'{arg}' needs a value (QEMU would take the next argument libvirt passes)"
-        value = args[i + 1]
-        shown = f"'{arg} {value if len(value) <= 80 else value[:77] + '...'}'"
-        kind, pairs = _qemu_pairs(value)
-        if opt == "device" and _DEVICE_REFUSED.match(kind):
-            return f"{shown} passes a host device or host resource through (device {kind!r}; use [audio_device])"
-        if opt == "object" and _OBJECT_REFUSED.match(kind):
-            return f"{shown} gives QEMU a host file, device or socket (object {kind!r})"
-        if opt in _NETDEV_TYPES and kind not in _NETDEV_TYPES[opt]:
-            return f"{shown} connects the guest to the host network outside libvirt (use [network])"
-        for key, val in pairs:
-            leaf = key.rsplit(".", 1)[-1]
-            if leaf == "property" and val.lower() in _HOST_KEYS:
-                leaf = val.lower()
-            if leaf in ("guestfwd", "smb", "tftp", "bootfile"):
-                return f"{shown} lets the guest reach host files or commands ({leaf}=)"
-            if leaf in _HOST_KEYS:
-                return f"{shown} names a host file, device or socket ({leaf}=), which libvirt does not label"
-        if opt in _NETDEV_TYPES:
-            for key, val in pairs:
-                if key == "hostfwd":
-                    proto, _, rest = val.partition(":")
-                    address = rest.partition(":")[0]
-                    if proto not in ("", "tcp", "udp") or not address or not _loopback_text(address):
-                        return (f"{shown} forwards a host port on {address or 'every address'} "
-                                "(use [network] hostfwd, with hostfwd_allow_external for other hosts)")
-        i += 2
-    return None
-
-
-def _loopback_text(address: str) -> bool:
-    try:
-        return _is_loopback(address)
-    except ValueError:
-        return False
 
 
 def _host_path(v: str | None) -> None:
@@ -511,7 +339,7 @@ class DspConfig(_Section, kw_only=True):
         for arg in v:
             _clean_text(arg, "a QEMU argument")
         if not self.qemu_extra_args_allow_unsafe:
-            why = _unsafe_qemu_args(v)
+            why = unsafe_qemu_args(v)
             if why:
                 raise Invalid(
                     f"{why}; this goes around libvirt's security model: remove it, "
@@ -569,147 +397,3 @@ class DspConfig(_Section, kw_only=True):
     @property
     def page_size_kib(self) -> int:
         return PAGE_SIZES_KIB[self.hugepage_size]
-
-
-# --- loading -----------------------------------------------------------------
-
-# msgspec's names for what it expected, as the user reads them.
-_TYPE_WORDS = {
-    "int": "an integer",
-    "bool": "true or false",
-    "str": "a string",
-    "array": "a list",
-    "object": "a table",
-    "float": "a number",
-}
-_MESSAGE_RE = re.compile(r"(?s)(?P<msg>.*?)(?: - at `\$(?P<path>.*)`)?")
-_PATH_PART_RE = re.compile(r"\.(\w+)|\[(\d+)\]")
-
-
-def _key_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            text = str(part)
-            # A key is the user's text: one with a newline or a terminal escape is quoted.
-            out += ("." if out else "") + (repr(text) if _CONTROL_RE.search(text) else text)
-    return out or "(top level)"
-
-
-def _shown(got: Any) -> str:
-    """``, got VALUE`` for a short scalar the user wrote; nothing for a table or a long value."""
-    if isinstance(got, dict) or got is _MISSING:
-        return ""
-    text = repr(got)
-    return f", got {text}" if len(text) <= 60 else ""
-
-
-_MISSING = object()
-
-
-def _value_at(data: Any, loc: tuple[Any, ...]) -> Any:
-    for part in loc:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return _MISSING
-    return data
-
-
-def _field_type(loc: tuple[Any, ...]) -> Any:
-    """The declared type of the key at ``loc`` (None for a list item or an unknown key)."""
-    tp: Any = DspConfig
-    for part in loc:
-        if not isinstance(part, str) or not (isinstance(tp, type) and issubclass(tp, Struct)):
-            return None
-        found = [f.type for f in msgspec.structs.fields(tp) if f.name == part]
-        if not found:
-            return None
-        tp = found[0]
-        if get_origin(tp) is Union:
-            tp = next(a for a in get_args(tp) if a is not type(None))
-    return tp
-
-
-def _literal_words(tp: Any) -> str | None:
-    """``'a', 'b' or 'c'`` for a Literal type."""
-    if get_origin(tp) is not Literal:
-        return None
-    values = [repr(v) for v in get_args(tp)]
-    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
-
-
-def _describe(exc: msgspec.ValidationError, data: dict[str, Any]) -> tuple[str, str]:
-    """(key, message) for msgspec's error: the key as written in the file, the message in our words."""
-    m = _MESSAGE_RE.fullmatch(str(exc))
-    assert m is not None
-    msg = m["msg"]
-    loc: tuple[Any, ...] = tuple(a if a else int(i) for a, i in _PATH_PART_RE.findall(m["path"] or ""))
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, Invalid):
-        # One of our checks: the table's path plus the key it names (none for a check across keys).
-        if not cause.key and not loc:
-            return "", cause.message
-        loc += cause.key
-        shown = "" if "password" in str(loc[-1]) else _shown(_value_at(data, loc)) if cause.key else ""
-        return _key_path(loc), cause.message + shown
-    if (unknown := re.fullmatch(r"(?s)Object contains unknown field `(.*)`", msg)):
-        return _key_path(loc + (unknown[1],)), "unknown key; remove it or check its spelling (see README: Configuration)"
-    if (missing := re.fullmatch(r"(?s)Object missing required field `(.*)`", msg)):
-        return _key_path(loc + (missing[1],)), "required key is missing"
-    shown = _shown(_value_at(data, loc))
-    if (choices := _literal_words(_field_type(loc))) is not None:
-        return _key_path(loc), f"must be {choices}{shown}"
-    if (bound := re.fullmatch(r"Expected `\w+` ((?:>=|<=|>|<) -?\d+)", msg)):
-        return _key_path(loc), f"must be {bound[1]}{shown}"
-    if (wrong := re.fullmatch(r"Expected `(\w+)(?: \| null)?`, got `\w+`", msg)) and wrong[1] in _TYPE_WORDS:
-        return _key_path(loc), f"expected {_TYPE_WORDS[wrong[1]]}{shown}"
-    return _key_path(loc), (msg[:1].lower() + msg[1:]).rstrip(".") + shown
-
-
-def parse_config(data: dict[str, Any], source: str = "<config>") -> DspConfig:
-    """Check a decoded TOML table; raise :class:`ConfigError` naming the key."""
-    try:
-        return msgspec.convert(data, DspConfig)
-    except msgspec.ValidationError as exc:
-        key, msg = _describe(exc, data)
-        where = f"{source}: {key}: " if key else f"{source}: "
-        raise ConfigError(where + msg) from None
-
-
-def load_config(path: str | os.PathLike[str]) -> DspConfig:
-    """Read and check a DSP VM description from a TOML file."""
-    p = Path(path)
-    # The file's name goes into a one-line message: a name with a newline or an escape is quoted.
-    shown = repr(str(p)) if _CONTROL_RE.search(str(p)) else str(p)
-    try:
-        # Opened without blocking (a FIFO would wait for a writer), then refused unless a regular file:
-        # /dev/zero or a FIFO would be read for ever.
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            if stat.S_ISDIR(mode):
-                raise IsADirectoryError
-            if not stat.S_ISREG(mode):
-                raise ConfigError(f"{shown}: not a regular file (a device, FIFO or socket); pass the path of a TOML file")
-            raw = fh.read(CONFIG_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: no such file; pass the path of a TOML file such as domains/minimal.toml") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{shown}: is a directory; pass the path of a TOML file") from None
-    except OSError as exc:
-        raise ConfigError(f"{shown}: cannot read: {exc.strerror}") from None
-    if len(raw) > CONFIG_MAX_BYTES:
-        raise ConfigError(f"{shown}: larger than {CONFIG_MAX_BYTES // 1024} KiB; a DSP VM description is a few lines")
-    try:
-        text = raw.decode("utf-8")
-        data = tomllib.loads(text)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{shown}: not UTF-8 text; a TOML file is expected") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{shown}: invalid TOML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{shown}: invalid TOML: arrays or tables nested too deeply") from None
-    return parse_config(data, shown)

@@ -17,7 +17,7 @@ import time
 import libvirt
 
 from .connection import LibvirtFailure, Session, translate
-from .errors import ArchdspError
+from ..errors import ArchdspError
 
 ESCAPE = b"\x1d"  # Ctrl-]
 

@@ -7,18 +7,12 @@ its docstring. Functions return Elements; text is made once, in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lxml import etree
 from lxml.builder import ElementMaker
-from msgspec import Struct
 
-from .cpuset import format_cpuset
-from .policy import HostFacts, Nic, Plan, plan as make_plan
-from .schema import validate_domain
+from ..cpuset import format_cpuset
+from .policy import Nic, Plan
 
-if TYPE_CHECKING:
-    from .config import DspConfig
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
@@ -294,22 +288,3 @@ def to_xml(root: etree._Element) -> str:
     """Serialise once, at the edge: two-space indent, trailing newline."""
     etree.indent(root, space="  ")
     return etree.tostring(root, encoding="unicode") + "\n"
-
-
-class Rendered(Struct, frozen=True):
-    """A validated domain definition and the plan it was rendered from."""
-
-    xml: str
-    plan: Plan
-
-    @property
-    def warnings(self) -> tuple[str, ...]:
-        return self.plan.warnings
-
-
-def render_domain(cfg: DspConfig, host: HostFacts, uuid: str | None = None) -> Rendered:
-    """Render ``cfg`` for ``host`` as libvirt domain XML, validated against libvirt's schema."""
-    p = make_plan(cfg, host, uuid=uuid)
-    root = domain(p)
-    validate_domain(root)
-    return Rendered(xml=to_xml(root), plan=p)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from .hostcheck import Host
-from .kernelparams import FORMATS
+from ..host.files import Host
+from ..host.kernelparams import FORMATS
 
 config_argument = click.argument("config", type=click.Path(dir_okay=True, path_type=Path))
 host_root_option = click.option(
@@ -33,7 +33,7 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the sysfs w
 @click.pass_obj
 def check(obj, config: Path, as_json: bool, host_root: Path) -> None:
     """Check that this host can run CONFIG's DSP VM (exit 1 on any fail)."""
-    from .hostcheck import check_command
+    from ..host.checks import check_command
 
     text, failed = check_command(config, getattr(obj, "uri", None), Host(host_root), as_json=as_json)
     click.echo(text, nl=False)
@@ -57,7 +57,7 @@ def host() -> None:
 @host_root_option
 def kernel_params(config: Path, fmt: str, diff: bool, cpu_vendor: str | None, host_root: Path) -> None:
     """Print the kernel command line CONFIG needs."""
-    from .kernelparams import kernel_params_command
+    from ..host.kernelparams import kernel_params_command
 
     text, differs = kernel_params_command(config, Host(host_root), fmt=fmt, diff=diff, cpu_vendor=cpu_vendor)
     click.echo(text, nl=False)
@@ -75,7 +75,7 @@ def vfio() -> None:
 @host_root_option
 def vfio_show(pci: str, host_root: Path) -> None:
     """Driver, vendor:device, class and IOMMU group (with every member) of PCI."""
-    from .vfio import show
+    from ..host.vfio import show
 
     click.echo(show(Host(host_root), pci).format(), nl=False)
 
@@ -96,7 +96,7 @@ def _print_writes(writes, dry_run: bool, nothing: str) -> None:
 @host_root_option
 def vfio_bind(pci: str, dry_run: bool, host_root: Path) -> None:
     """Bind PCI to vfio-pci, remembering its driver for unbind."""
-    from .vfio import bind
+    from ..host.vfio import bind
 
     _print_writes(bind(Host(host_root), pci, dry_run=dry_run), dry_run, f"{pci}: already bound to vfio-pci")
 
@@ -107,6 +107,6 @@ def vfio_bind(pci: str, dry_run: bool, host_root: Path) -> None:
 @host_root_option
 def vfio_unbind(pci: str, dry_run: bool, host_root: Path) -> None:
     """Give PCI back to the driver it had before vfio bind."""
-    from .vfio import unbind
+    from ..host.vfio import unbind
 
     _print_writes(unbind(Host(host_root), pci, dry_run=dry_run), dry_run, f"{pci}: not bound to vfio-pci")

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from msgspec import Struct, field
 
-from .config import DspConfig, load_config
-from .cpuset import format_cpuset
-from .errors import UsageError
-from .hostcheck import IOMMU_PARAMS, Host, cmdline_cpus, cmdline_values, page_size_kib
+from ..config import DspConfig, load_config
+from ..cpuset import format_cpuset
+from ..errors import UsageError
+from .checks import IOMMU_PARAMS
+from .files import Host, cmdline_cpus, cmdline_values, page_size_kib
 
 FORMATS = ("plain", "nix", "grub")
 CPU_LIST_KEYS = ("isolcpus", "nohz_full", "rcu_nocbs")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from msgspec import Struct
 
-from .cpuset import CpuSet, parse_cpuset
+from ..cpuset import CpuSet, parse_cpuset
 
 POLICIES = {0: "OTHER", 1: "FIFO", 2: "RR", 3: "BATCH", 5: "IDLE", 6: "DEADLINE"}
 _VCPU_COMM = re.compile(r"^CPU (\d+)/(KVM|TCG|HVF|WHPX)$")

@@ -21,7 +21,7 @@ from lxml import etree
 if TYPE_CHECKING:
     from tenacity import Retrying
 
-from .errors import ArchdspError
+from ..errors import LibvirtFailure
 
 DEFAULT_URI = "qemu:///system"
 T = TypeVar("T")
@@ -32,15 +32,6 @@ def _quiet(_ctx: Any, _err: Any) -> None:
 
 
 libvirt.registerErrorHandler(_quiet, None)
-
-
-class LibvirtFailure(ArchdspError):
-    """A libvirt call failed; ``code`` is libvirt's ``VIR_ERR_*`` number."""
-
-    def __init__(self, message: str, code: int = 0, transient: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.transient = transient
 
 
 _TRANSIENT_CODES = {

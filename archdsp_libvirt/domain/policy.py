@@ -14,33 +14,13 @@ from pathlib import Path
 
 from msgspec import Struct
 
-from .config import DspConfig
-from .cpuset import CpuSet, format_cpuset, parse_cpuset
-from .errors import ConfigError
+from ..config import DspConfig
+from ..cpuset import CpuSet, format_cpuset
+from ..errors import ConfigError
+from ..host.model import HostModel
 
 QCOW2_MAGIC = b"QFI\xfb"
-SYSFS_ONLINE = "/sys/devices/system/cpu/online"
 HOSTFWD_NETDEV = "archdspfwd0"
-
-
-class HostFacts(Struct, frozen=True):
-    """What the renderer needs to know about the host the domain is for.
-
-    ``online_cpus`` is None when rendering for a host we cannot see:
-    emulator threads are then left unpinned (with a warning).
-    ``passt`` tells whether libvirt accepts ``<backend type='passt'>``.
-    """
-
-    online_cpus: CpuSet | None = None
-    passt: bool = False
-
-    @classmethod
-    def local(cls, passt: bool = False, sysfs_online: str = SYSFS_ONLINE) -> HostFacts:
-        try:
-            cpus = parse_cpuset(Path(sysfs_online).read_text())
-        except (OSError, ValueError):
-            cpus = None
-        return cls(online_cpus=cpus, passt=passt)
 
 
 class VcpuPin(Struct, frozen=True):
@@ -225,7 +205,7 @@ def _nics(cfg: DspConfig, passt: bool) -> tuple[tuple[Nic, ...], tuple[str, ...]
     return tuple(nics), hostfwd
 
 
-def plan(cfg: DspConfig, host: HostFacts, uuid: str | None = None) -> Plan:
+def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
     """Derive the concrete tuning of ``cfg`` for ``host``."""
     warnings: list[str] = []
     isolated = frozenset(cfg.isolated_cores)

@@ -20,8 +20,8 @@ import time
 
 from msgspec import Struct, structs
 
-from .config import DspConfig
-from .errors import ConfigError
+from ..config import DspConfig
+from ..errors import ConfigError
 
 
 class Budget(Struct, frozen=True):
@@ -141,8 +141,8 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
     import threading
     from collections import Counter
 
-    from .netjack import ALIAS_CLIENT, BridgeError, jack_env, open_client, status, wait_for_link
-    from .procs import Owned
+    from .bridge import ALIAS_CLIENT, BridgeError, jack_env, open_client, status, wait_for_link
+    from ..procs import Owned
 
     info = status(cfg.name)
     if not info.get("running"):
@@ -214,7 +214,7 @@ def _connect_loop(client, channel: int, timeout: float) -> None:
 
     import jack
 
-    from .netjack import ALIAS_CLIENT, BridgeError
+    from .bridge import ALIAS_CLIENT, BridgeError
 
     pairs = [("jack_delay:out", f"{ALIAS_CLIENT}:capture_{channel}"),
              (f"{ALIAS_CLIENT}:playback_{channel}", "jack_delay:in")]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .errors import ArchdspError
+from ..errors import ArchdspError
 
 
 class Failure(click.ClickException):
@@ -27,7 +27,7 @@ class Group(click.Group):
     (``check``, ``host``, ``vfio``) are imported only when one of them runs
     or help lists them."""
 
-    lazy = {"check": "cli_host", "host": "cli_host", "vfio": "cli_host"}
+    lazy = {"check": "host", "host": "host", "vfio": "host"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -91,7 +91,7 @@ def cli(ctx: click.Context, uri: str | None) -> None:
 @click.pass_obj
 def xml(obj: Ctx, config: Path, host_cpus: str | None, port_forwards: str | None) -> None:
     """Print the libvirt domain XML for CONFIG (for virsh define)."""
-    from .service import render_for_cli
+    from ..service import render_for_cli
 
     rendered, notes = render_for_cli(config, obj.uri, host_cpus=host_cpus, port_forwards=port_forwards)
     for line in notes:
@@ -102,7 +102,7 @@ def xml(obj: Ctx, config: Path, host_cpus: str | None, port_forwards: str | None
 
 
 def _session(obj: Ctx, readonly: bool = False):
-    from .connection import Session
+    from ..virt.connection import Session
 
     return Session(obj.uri, readonly=readonly)
 
@@ -117,7 +117,7 @@ def _session(obj: Ctx, readonly: bool = False):
 @click.pass_obj
 def up(obj: Ctx, config: Path, restart: bool, no_autostart: bool, skip_checks: tuple[str, ...], no_check: bool) -> None:
     """Define CONFIG's domain (keeping its UUID) and start it."""
-    from .service import up_command
+    from ..service import up_command
 
     up_command(config, obj.uri, restart=restart, autostart=not no_autostart, skip=set(skip_checks),
                preflight=not no_check, say=click.echo)
@@ -132,8 +132,8 @@ def up(obj: Ctx, config: Path, restart: bool, no_autostart: bool, skip_checks: t
 @click.pass_obj
 def down(obj: Ctx, config: Path, timeout: float, force: bool, undefine: bool) -> None:
     """Shut CONFIG's domain down (ACPI, then destroy after --timeout)."""
-    from .config import load_config
-    from .lifecycle import down as do_down
+    from ..config import load_config
+    from ..virt.lifecycle import down as do_down
 
     cfg = load_config(config)
     with _session(obj) as session:
@@ -146,7 +146,7 @@ def down(obj: Ctx, config: Path, timeout: float, force: bool, undefine: bool) ->
 @click.pass_obj
 def status(obj: Ctx, config: Path, as_json: bool) -> None:
     """The DSP VM's state, vCPUs, isolation, hugepages, console log and drift."""
-    from .service import status_command
+    from ..service import status_command
 
     click.echo(status_command(config, obj.uri, as_json=as_json), nl=False)
 
@@ -161,7 +161,7 @@ def status(obj: Ctx, config: Path, as_json: bool) -> None:
 @click.pass_obj
 def console(obj: Ctx, config: Path, force: bool, pattern: str | None, timeout: float, send: str | None) -> None:
     """Attach to the serial console (Ctrl-] leaves), or wait for --expect REGEX."""
-    from .service import console_command
+    from ..service import console_command
 
     console_command(config, obj.uri, force=force, pattern=pattern, timeout=timeout,
                     echo=lambda t: click.echo(t, nl=False), send=send)
@@ -190,8 +190,8 @@ wait_option = click.option("--wait", type=click.FloatRange(0, 3600), default=0.0
 def netjack_start(config: Path, jack_server: str | None, start_server: str | None, device: str, nperiods: int,
                   wait: float) -> None:
     """Join the host's JACK graph and load the NETJACK master for CONFIG's VM."""
-    from .config import load_config
-    from .netjack import start
+    from ..config import load_config
+    from ..audio.bridge import start
 
     start(load_config(config), server=jack_server, start_server=start_server, device=device, nperiods=nperiods,
           wait=wait, say=click.echo)
@@ -201,8 +201,8 @@ def netjack_start(config: Path, jack_server: str | None, start_server: str | Non
 @config_argument
 def netjack_stop(config: Path) -> None:
     """Stop the bridge: its supervisor, the NETJACK master, and a jackd it started."""
-    from .config import load_config
-    from .netjack import stop
+    from ..config import load_config
+    from ..audio.bridge import stop
 
     stop(load_config(config).name, say=click.echo)
 
@@ -214,8 +214,8 @@ def netjack_stop(config: Path) -> None:
 @wait_option
 def netjack_restart(config: Path, jack_server: str | None, start_server: str | None, wait: float) -> None:
     """Stop and start the bridge again (dsp-netjack-restart)."""
-    from .config import load_config
-    from .netjack import restart
+    from ..config import load_config
+    from ..audio.bridge import restart
 
     restart(load_config(config), wait=wait, say=click.echo, server=jack_server, start_server=start_server)
 
@@ -227,8 +227,8 @@ def netjack_status(config: Path, as_json: bool) -> None:
     """Server, link up/down, the VM's ports and xruns since start."""
     import json
 
-    from .config import load_config
-    from .netjack import format_status, status
+    from ..config import load_config
+    from ..audio.bridge import format_status, status
 
     info = status(load_config(config).name)
     click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else "\n".join(format_status(info)))
@@ -240,8 +240,8 @@ def netjack_status(config: Path, as_json: bool) -> None:
 @server_option
 def netjack_unit(config: Path, jack_server: str | None, start_server: str | None) -> None:
     """Print a systemd unit that runs the bridge at boot."""
-    from .config import load_config
-    from .netjack import Link, systemd_unit
+    from ..config import load_config
+    from ..audio.bridge import Link, systemd_unit
 
     cfg = load_config(config)
     Link.of(cfg)
@@ -263,8 +263,8 @@ def latency(config: Path, measure: bool, seconds: float, target_ms: float | None
     """The latency budget of CONFIG's link, and with --measure the real round trip."""
     import json
 
-    from .config import load_config
-    from .latency import budget, format_report, measure as do_measure, report
+    from ..config import load_config
+    from ..audio.latency import budget, format_report, measure as do_measure, report
 
     cfg = load_config(config)
     b = budget(cfg, host_backend=host_backend, host_nperiods=nperiods, target_ms=target_ms)

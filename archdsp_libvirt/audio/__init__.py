@@ -1,0 +1,1 @@
+"""Audio: the NETJACK bridge (controller, server backends, supervisor) and the latency budget."""
