@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import msgspec
@@ -12,12 +13,20 @@ from .config import ConfigError, DspConfig, load_config
 from .cpuset import parse_cpuset
 from .errors import ArchdspError, HostError, UsageError
 from .domain.policy import forced_passt
-from .host.model import HostModel as HostFacts
+from .host.model import HostModel
+
+if TYPE_CHECKING:
+    from .virt.connection import Session
 
 
-def host_facts(cfg: DspConfig, uri: str | None, host_cpus: str | None = None) -> tuple[HostFacts, list[str]]:
-    """This host's facts (or another's, with ``host_cpus``), and notes on how they were found."""
-    notes: list[str] = []
+def host_model(cfg: DspConfig, session: Session | None, host_cpus: str | None = None,
+               notes: list[str] | None = None, host_root: str = "/") -> HostModel:
+    """The one host model of a command: this machine's files and libvirt when ``session`` reaches this
+    machine, libvirt alone when it names another host; ``host_cpus`` renders for a host given by hand."""
+    from .host.files import Host
+    from .host.sources import gather
+
+    cpus = None
     if host_cpus is not None:
         try:
             cpus = parse_cpuset(host_cpus)
@@ -25,23 +34,7 @@ def host_facts(cfg: DspConfig, uri: str | None, host_cpus: str | None = None) ->
             raise UsageError(f"--host-cpus: {exc}; expected a CPU list such as 0-7") from None
         if not cpus:
             raise UsageError("--host-cpus: empty CPU list; expected a CPU list such as 0-7")
-    else:
-        cpus = HostFacts.local().online_cpus
-    passt = forced_passt(cfg)
-    if passt is None:
-        from .virt.connection import open_connection, supports_passt
-
-        passt = False
-        try:
-            conn = open_connection(uri, readonly=True, retry=False)
-        except ArchdspError as err:
-            notes.append(f"note: cannot ask libvirt whether it has passt ({err}); port forwards use hostfwd")
-        else:
-            try:
-                passt = supports_passt(conn)
-            finally:
-                conn.close()
-    return HostFacts(online_cpus=cpus, passt=passt), notes
+    return gather(session, files=Host(host_root), passt=forced_passt(cfg), online_cpus=cpus, notes=notes)
 
 
 @contextmanager
@@ -61,9 +54,20 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
     cfg = load_config(config)
     if port_forwards:
         cfg = msgspec.structs.replace(cfg, network=msgspec.structs.replace(cfg.network, port_forward_backend=port_forwards))
-    facts, notes = host_facts(cfg, uri, host_cpus=host_cpus)
+    notes: list[str] = []
+    from .virt.uri import is_local_uri
+
+    # libvirt is asked only for what this machine's files cannot say: the facts of a remote host, or
+    # whether it has passt. Read-only and without retries: rendering must not wait on a daemon that is down.
+    if (is_local_uri(uri) or host_cpus is not None) and forced_passt(cfg) is not None:
+        model = host_model(cfg, None, host_cpus=host_cpus, notes=notes)
+    else:
+        from .virt.connection import Session
+
+        with Session(uri, readonly=True, attempts=1) as session:
+            model = host_model(cfg, session, host_cpus=host_cpus, notes=notes)
     with _naming(config):
-        rendered = render_domain(cfg, facts, uuid=uuid)
+        rendered = render_domain(cfg, model, uuid=uuid)
     backend = rendered.plan.port_forward_backend
     if backend == "passt":
         notes.append("port forwards: libvirt <portForward> on the passt backend")
@@ -75,16 +79,20 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
 def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, skip: set[str],
                preflight: bool, say) -> None:
     """``archdsp-virt up``: preflight, define, start, verify."""
-    from .virt.connection import Session
     from .virt.lifecycle import up
+
+    from .virt.connection import Session
 
     cfg = load_config(config)
     with Session(uri) as session:
+        model = host_model(cfg, session)
+        if not model.is_local:
+            say(f"host: {session.uri} (facts from libvirt; nothing of this machine is read)")
         if preflight:
-            run_preflight(cfg, session, skip, say)
+            run_preflight(cfg, session, model, skip, say)
         with _naming(config):
-            up(cfg, session, restart=restart, autostart=autostart, say=say,
-               before_start=lambda: _fresh_master(cfg, say))
+            up(cfg, session, model=model, restart=restart, autostart=autostart, say=say,
+               before_start=(lambda: _fresh_master(cfg, say)) if model.is_local else None)
 
 
 def _fresh_master(cfg: DspConfig, say) -> None:
@@ -98,17 +106,16 @@ def _fresh_master(cfg: DspConfig, say) -> None:
         forget_slave(cfg.name, say=say)
 
 
-def run_preflight(cfg: DspConfig, session, skip: set[str], say) -> None:
+def run_preflight(cfg: DspConfig, session: Session, model: HostModel, skip: set[str], say) -> None:
     """Refuse to go on when a host check fails (unless skipped, which is said)."""
     from .host.checks import failures, preflight
-    from .host.files import Host
 
     try:  # through the session: a daemon that is restarting gets its bounded retries
         version = session.run("connecting", lambda conn: conn.getLibVersion())
         reachable, detail = True, f"connected to {session.uri} (libvirt {version // 1_000_000}.{version // 1000 % 1000})"
     except ArchdspError as err:
         reachable, detail = False, str(err)
-    findings = preflight(cfg, Host(), reachable, skip, libvirt_detail=detail)
+    findings = preflight(cfg, model, reachable, skip, libvirt_detail=detail)
     for f in findings:
         if f.observed.startswith("skipped on request"):
             say(f"preflight: {f.id} {f.observed} (--skip-check)")
@@ -128,12 +135,13 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
     import json
 
     from .virt.connection import Session
-    from .virt.lifecycle import format_status, status
+    from .virt.status import format_status, status
 
     cfg = load_config(config)
     with Session(uri) as session:
-        info = status(cfg, session)
-    if cfg.netjack.enable:
+        model = host_model(cfg, session)
+        info = status(cfg, session, model=model)
+    if cfg.netjack.enable and model.is_local:
         from .audio.bridge import format_status as format_bridge, status as bridge_status
 
         info["bridge"] = bridge_status(cfg.name)

@@ -185,6 +185,7 @@ GOOD = {
     "memory_mb": 2048,
     "hugepages": 1024,
     "audio_device": {"enable": True, "pci_id": "0000:00:1b.0", "vendor_device": "1022:15e3"},
+    "archibaldos": {"netjack": {"enable": True}},
 }
 
 

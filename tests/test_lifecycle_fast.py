@@ -9,7 +9,8 @@ from archdsp_libvirt import parse_config
 from archdsp_libvirt.virt import lifecycle
 from archdsp_libvirt.virt.connection import LibvirtFailure, Session, is_transient
 from archdsp_libvirt.errors import ArchdspError
-from archdsp_libvirt.virt.lifecycle import down, status, up
+from archdsp_libvirt.virt.lifecycle import down, up
+from archdsp_libvirt.virt.status import format_status, status
 
 PASST_ACCEPTED = libvirt.getVersion() >= 9_002_000
 
@@ -159,7 +160,7 @@ def test_status_reports_state_pins_and_drift(session, unique_name):
     session.conn.defineXML(xml)
     info = status(cfg, session)
     assert any(d.startswith("vcpupin:") for d in info["drift"])
-    text = lifecycle.format_status(info)
+    text = format_status(info)
     assert "=== Drift" in text and "vcpupin" in text
 
 

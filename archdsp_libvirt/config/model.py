@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct, field
 
-from ..errors import ConfigError, Invalid
+from ..errors import Invalid
 from .qemuargs import unsafe_qemu_args
 
 DEFAULT_NAME = "archibaldos-dsp"

@@ -11,6 +11,7 @@ from lxml import etree
 from lxml.builder import ElementMaker
 
 from ..cpuset import format_cpuset
+from ..host.model import METADATA_NS
 from .policy import Nic, Plan
 
 
@@ -18,6 +19,7 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 E = ElementMaker(typemap={int: lambda _el, v: str(v)})
 Q = ElementMaker(namespace=QEMU_NS, nsmap={"qemu": QEMU_NS})
+D = ElementMaker(namespace=METADATA_NS, nsmap={"dsp": METADATA_NS})
 
 
 def yes_no(flag: bool) -> str:
@@ -257,6 +259,18 @@ def commandline(plan: Plan) -> list[etree._Element]:
     return [Q.commandline(*(Q.arg(value=a) for a in args))]
 
 
+def metadata(plan: Plan) -> etree._Element:
+    """<metadata><dsp:dsp xmlns:dsp='...'><dsp:netjack port='19000' client='dsp' master='192.168.122.1'/>
+    </dsp:dsp></metadata>
+
+    Marks the domain as a DSP VM of this tool, so that ``check`` finds the others on the same host
+    (their cores, hugepages and NETJACK link) from libvirt alone.
+    """
+    nj = plan.config.netjack
+    link = [D.netjack(port=str(nj.source_port), client=nj.client_name, master=nj.master_ip)] if nj.enable else []
+    return E.metadata(D.dsp(*link))
+
+
 def domain(plan: Plan) -> etree._Element:
     """<domain type='kvm'> with every element above, in libvirt's own order."""
     cfg = plan.config
@@ -266,6 +280,7 @@ def domain(plan: Plan) -> etree._Element:
     if plan.uuid:
         root.append(E.uuid(plan.uuid))
     root.append(E.description(f"archdsp-libvirt DSP VM {cfg.name}"))
+    root.append(metadata(plan))
     for el in (
         *memory(plan),
         *memtune(plan),

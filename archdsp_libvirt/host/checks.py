@@ -32,6 +32,8 @@ from ..config import PAGE_SIZES_KIB, DspConfig
 from ..cpuset import CpuSet, format_cpuset, parse_cpuset
 from ..errors import UsageError
 from .files import Host, cmdline_cpus, cmdline_values, page_size_kib
+from .model import HostModel
+from .sources import gather
 
 Status = Literal["ok", "warn", "fail", "skip"]
 STATUSES: tuple[Status, ...] = ("ok", "warn", "fail", "skip")
@@ -62,6 +64,9 @@ CHECK_IDS: tuple[str, ...] = (
     "vfio.critical",
     "vfio.driver",
     "vfio.host-audio",
+    "domains.cores",
+    "domains.hugepages",
+    "domains.netjack",
 )
 
 # The kernel parameter that turns the IOMMU on, per /proc/cpuinfo vendor_id.
@@ -106,11 +111,21 @@ def _mib(n: int) -> str:
 # --- the checks -------------------------------------------------------------------
 
 
-def check_kvm(cfg: DspConfig, host: Host) -> list[Finding]:
+def check_kvm(cfg: DspConfig, model: HostModel) -> list[Finding]:
     fid = "kvm.device"
     expected = "/dev/kvm present, read-write for the QEMU user (group kvm with g+rw, or o+rw)"
     if cfg.domain_type != "kvm":
         return [Finding(fid, "skip", f"domain_type = {cfg.domain_type!r} (TCG, no KVM)", expected)]
+    host = model.files
+    if host is None:
+        if model.kvm:
+            return [Finding(fid, "ok", f"libvirt at {model.where} offers KVM domains (domain capabilities)",
+                            expected)]
+        if model.kvm is False:
+            return [Finding(fid, "fail", f"libvirt at {model.where} offers no KVM domains", expected,
+                            "on that host: modprobe kvm_amd (or kvm_intel) and enable SVM/VT-x in the firmware; "
+                            "or set domain_type = \"qemu\"")]
+        return [Finding(fid, "skip", model.unknown("/dev/kvm"), expected)]
     st = host.stat("/dev/kvm")
     vendor = host.cpu_vendor()
     if st is None:
@@ -141,10 +156,26 @@ def check_libvirt(reachable: bool | None, detail: str = "") -> list[Finding]:
                     "start libvirtd (libvirtd -d, or systemctl start libvirtd) or pass -c URI")]
 
 
-def check_iommu(cfg: DspConfig, host: Host) -> list[Finding]:
+def check_iommu(cfg: DspConfig, model: HostModel) -> list[Finding]:
     passthrough = cfg.audio_device.enable
     missing: Status = "fail" if passthrough else "warn"
     why = "" if passthrough else " - only needed for audio_device passthrough"
+    host = model.files
+    if host is None:
+        groups = sorted({d.iommu_group for d in model.pci or () if d.iommu_group is not None})
+        expected = "/sys/kernel/iommu_groups populated"
+        if model.pci is None:
+            found = Finding("iommu.groups", "skip", model.unknown("IOMMU groups"), expected)
+        elif groups:
+            found = Finding("iommu.groups", "ok", f"{len(groups)} IOMMU groups among libvirt's PCI devices", expected)
+        else:
+            found = Finding("iommu.groups", missing, "no PCI device in an IOMMU group (libvirt node devices)" + why,
+                            expected, "on that host: enable AMD-Vi/VT-d in the firmware and add kernel parameters "
+                            "amd_iommu=on (or intel_iommu=on) iommu=pt")
+        return [Finding("iommu.param", "skip", model.unknown("the kernel command line"),
+                        "amd_iommu=on or intel_iommu=on on the kernel command line"),
+                Finding("iommu.pt", "skip", model.unknown("the kernel command line"), "iommu=pt"),
+                found]
     tokens = host.cmdline()
     vendor = host.cpu_vendor()
     groups = host.listdir("/sys/kernel/iommu_groups")
@@ -183,22 +214,25 @@ def check_iommu(cfg: DspConfig, host: Host) -> list[Finding]:
     return out
 
 
-def check_cpus(cfg: DspConfig, host: Host) -> list[Finding]:
+def check_cpus(cfg: DspConfig, model: HostModel) -> list[Finding]:
     out: list[Finding] = []
     wanted = frozenset(cfg.isolated_cores)
     cores = format_cpuset(wanted)
-    online = host.cpus("online")
-    kernel_isolated = host.cpus("isolated") or frozenset()
-    tokens = host.cmdline()
+    host = model.files
+    online = model.online_cpus
+    kernel_isolated = model.isolated_cpus or frozenset()
 
     # Existence: a core that is not there is a VM that cannot be pinned.
     asked = wanted | frozenset(cfg.emulator_cores or ())
     if online is None:
-        out.append(Finding("cpu.online", "fail", "/sys/devices/system/cpu/online unreadable",
-                           f"cores {format_cpuset(asked)} online", "mount sysfs on /sys"))
+        seen = ("/sys/devices/system/cpu/online unreadable" if host is not None
+                else f"libvirt at {model.where} did not give its CPU map")
+        out.append(Finding("cpu.online", "fail", seen, f"cores {format_cpuset(asked)} online",
+                           "mount sysfs on /sys" if host is not None else "check the connection (-c URI)"))
         online = frozenset()
     else:
-        absent = sorted(c for c in asked - online if not host.exists(f"/sys/devices/system/cpu/cpu{c}"))
+        absent = sorted(c for c in asked - online
+                        if host is None or not host.exists(f"/sys/devices/system/cpu/cpu{c}"))
         offline = sorted(c for c in asked - online if c not in absent)
         if not absent and not offline:
             out.append(Finding("cpu.online", "ok", f"online {format_cpuset(online)}",
@@ -217,7 +251,7 @@ def check_cpus(cfg: DspConfig, host: Host) -> list[Finding]:
             out.append(Finding("cpu.online", "fail", "; ".join(seen) + f" (online {format_cpuset(online)})",
                                f"cores {format_cpuset(asked)} online", fix))
 
-    housekeeping = online - wanted - kernel_isolated
+    housekeeping = model.housekeeping(wanted) or frozenset()
     if housekeeping:
         out.append(Finding("cpu.housekeeping", "ok", f"host keeps {format_cpuset(housekeeping)}",
                            "at least one online core outside isolated_cores for the host"))
@@ -230,6 +264,17 @@ def check_cpus(cfg: DspConfig, host: Host) -> list[Finding]:
                            f"(e.g. isolated_cores = [{max(online)}] on this host)"))
 
     present = wanted & online
+    if host is None:
+        out.extend(Finding(f"cpu.{what}", "skip", model.unknown(words), expected) for what, words, expected in (
+            ("isolated", "isolcpus", f"{cores} in /sys/devices/system/cpu/isolated"),
+            ("nohz_full", "nohz_full", f"nohz_full covers {cores}"),
+            ("rcu_nocbs", "rcu_nocbs", f"rcu_nocbs covers {cores}"),
+            ("threadirqs", "threadirqs", "threadirqs"),
+            ("smt", "whether SMT siblings are isolated", "SMT siblings of isolated cores isolated too, or SMT off"),
+            ("governor", "the cpufreq governor", "scaling_governor performance"),
+        ))
+        return out
+    tokens = host.cmdline()
     if wanted <= kernel_isolated:
         out.append(Finding("cpu.isolated", "ok", f"kernel isolated {format_cpuset(kernel_isolated)}",
                            f"{cores} in /sys/devices/system/cpu/isolated"))
@@ -296,7 +341,7 @@ def check_cpus(cfg: DspConfig, host: Host) -> list[Finding]:
     return out
 
 
-def check_hugepages(cfg: DspConfig, host: Host) -> list[Finding]:
+def check_hugepages(cfg: DspConfig, model: HostModel) -> list[Finding]:
     kib = PAGE_SIZES_KIB[cfg.hugepage_size]
     need = -(-cfg.memory_mb * 1024 // kib)
     pool = f"/sys/kernel/mm/hugepages/hugepages-{kib}kB"
@@ -306,8 +351,13 @@ def check_hugepages(cfg: DspConfig, host: Host) -> list[Finding]:
         return [Finding("hugepages.free", "skip", "hugepages = 0 in the config", expected),
                 Finding("hugepages.mount", "skip", "hugepages = 0 in the config", mount_expected)]
     out = []
-    nr, free = host.read_int(f"{pool}/nr_hugepages"), host.read_int(f"{pool}/free_hugepages")
-    if nr is None or free is None:
+    host = model.files
+    found = model.pool(kib)
+    nr, free = (found.total, found.free) if found else (None, None)
+    if host is None and found is not None and free is None:
+        out.append(Finding("hugepages.free", "skip", model.unknown(f"free {cfg.hugepage_size} pages")
+                           + f" (pool of {nr})", expected))
+    elif nr is None or free is None:
         out.append(Finding("hugepages.free", "fail", f"no {pool} (page size {cfg.hugepage_size} not supported here)",
                            expected, f"kernel parameters hugepagesz={cfg.hugepage_size} hugepages={need}, "
                            "or hugepage_size = \"2M\""))
@@ -319,6 +369,9 @@ def check_hugepages(cfg: DspConfig, host: Host) -> list[Finding]:
                else f"echo {target} > {pool}/nr_hugepages (or kernel parameters hugepagesz=1G hugepages={target})")
         out.append(Finding("hugepages.free", "fail", f"{free} of {nr} free", expected, fix))
 
+    if host is None:
+        out.append(Finding("hugepages.mount", "skip", model.unknown("hugetlbfs mounts"), mount_expected))
+        return out
     default_kib = _default_hugepage_kib(host)
     fits = [m for m in host.mounts() if m.fstype == "hugetlbfs"
             and (page_size_kib(m.option("pagesize") or "") or default_kib) == kib]
@@ -340,11 +393,14 @@ def _default_hugepage_kib(host: Host) -> int:
 
 
 
-def check_memlock(cfg: DspConfig, host: Host) -> list[Finding]:
+def check_memlock(cfg: DspConfig, model: HostModel) -> list[Finding]:
     need_mb = cfg.memory_mb + MEMLOCK_MARGIN_MB
     expected = f"hard RLIMIT_MEMLOCK >= {need_mb} MiB (memory_mb + 1 GiB) or CAP_SYS_RESOURCE"
     if not cfg.realtime.mlock:
         return [Finding("memlock.limit", "skip", "realtime.mlock = false", expected)]
+    host = model.files
+    if host is None:
+        return [Finding("memlock.limit", "skip", model.unknown("the locked-memory limit"), expected)]
     lim = host.limit("Max locked memory", resource.RLIMIT_MEMLOCK)
     hard = lim[1] if lim else None
     hard_text = "unknown" if lim is None else "unlimited" if hard is None else _mib(hard)
@@ -355,13 +411,17 @@ def check_memlock(cfg: DspConfig, host: Host) -> list[Finding]:
     return [Finding("memlock.limit", "fail", observed, expected, MEMLOCK_FIX)]
 
 
-def check_realtime(cfg: DspConfig, host: Host) -> list[Finding]:
+def check_realtime(cfg: DspConfig, model: HostModel) -> list[Finding]:
     expected = ("SCHED_FIFO allowed in the VM's cgroup "
                 "(cgroup v2, or v1 with RT budget or without libvirt's cpu controller)")
     prio_expected = f"CAP_SYS_NICE or RLIMIT_RTPRIO >= {cfg.realtime.priority}"
     if not cfg.realtime.enable:
         return [Finding("rt.cgroup", "skip", "realtime.enable = false", expected),
                 Finding("rt.rtprio", "skip", "realtime.enable = false", prio_expected)]
+    host = model.files
+    if host is None:
+        return [Finding("rt.cgroup", "skip", model.unknown("the RT cgroup budget"), expected),
+                Finding("rt.rtprio", "skip", model.unknown("libvirtd's RT priority limit"), prio_expected)]
     out = []
     mounts = host.mounts()
     cpu_v1 = next((m for m in mounts if m.fstype == "cgroup" and "cpu" in m.options), None)
@@ -407,7 +467,7 @@ def check_realtime(cfg: DspConfig, host: Host) -> list[Finding]:
     return out
 
 
-def check_passthrough(cfg: DspConfig, host: Host) -> list[Finding]:
+def check_passthrough(cfg: DspConfig, model: HostModel) -> list[Finding]:
     dev_cfg = cfg.audio_device
     ids = ("vfio.device", "vfio.vendor", "vfio.group", "vfio.critical", "vfio.driver", "vfio.host-audio")
     expectations = {
@@ -421,7 +481,8 @@ def check_passthrough(cfg: DspConfig, host: Host) -> list[Finding]:
     if not dev_cfg.enable:
         return [Finding(i, "skip", "audio_device.enable = false", expectations[i]) for i in ids]
     addr = (dev_cfg.pci_id or "").lower()
-    dev = host.pci(addr)
+    host = model.files
+    dev = host.pci(addr) if host is not None else model.pci_device(addr)
     if dev is None:
         return [Finding("vfio.device", "fail", f"no {addr} in /sys/bus/pci/devices", expectations["vfio.device"],
                         "set audio_device.pci_id to an address from lspci -Dnn")] + [
@@ -441,11 +502,14 @@ def check_passthrough(cfg: DspConfig, host: Host) -> list[Finding]:
     if dev.iommu_group is None:
         out.append(Finding("vfio.group", "fail", f"{addr} has no iommu_group (IOMMU off)", expectations["vfio.group"],
                            "enable AMD-Vi/VT-d in the firmware and add kernel parameters "
-                           f"{IOMMU_PARAMS.get(host.cpu_vendor() or '', 'amd_iommu=on')} iommu=pt"))
+                           f"{IOMMU_PARAMS.get((host.cpu_vendor() if host else None) or '', 'amd_iommu=on')} iommu=pt"))
         out.append(Finding("vfio.critical", "skip", "no IOMMU group", expectations["vfio.critical"]))
     else:
-        names = host.iommu_group_members(dev.iommu_group) or [addr]
-        members = [m for m in (host.pci(n) for n in names) if m is not None]
+        if host is not None:
+            names = host.iommu_group_members(dev.iommu_group) or [addr]
+            members = [m for m in (host.pci(n) for n in names) if m is not None]
+        else:
+            members = [m for n in model.iommu_group_members(dev.iommu_group) if (m := model.pci_device(n))]
         listing = f"group {dev.iommu_group}: " + ", ".join(m.describe() for m in members)
         busy = [m for m in members if m.address != addr and not m.is_bridge and m.driver not in VFIO_SAFE_DRIVERS]
         if busy:
@@ -454,10 +518,14 @@ def check_passthrough(cfg: DspConfig, host: Host) -> list[Finding]:
                                + " (or pass them through too)"))
         else:
             out.append(Finding("vfio.group", "ok", listing, expectations["vfio.group"]))
-        critical = host.critical_devices()
+        critical = host.critical_devices() if host is not None else {}
         bad = [f"{m.address} (PCI bridge)" for m in members if m.is_bridge]
         bad += [f"{m.address} ({critical[m.address]})" for m in members if m.address in critical]
-        if bad:
+        if not bad and host is None:
+            out.append(Finding("vfio.critical", "skip", f"group {dev.iommu_group}: no PCI bridge; "
+                               + model.unknown("the root disk's controller and the default route's NIC"),
+                               expectations["vfio.critical"]))
+        elif bad:
             out.append(Finding("vfio.critical", "fail", f"group {dev.iommu_group} holds " + ", ".join(bad),
                                expectations["vfio.critical"],
                                "move the card to a slot with its own IOMMU group, or use NETJACK instead "
@@ -475,7 +543,7 @@ def check_passthrough(cfg: DspConfig, host: Host) -> list[Finding]:
         out.append(Finding("vfio.driver", "fail", f"{dev.driver or 'no driver'} (managed = false expects vfio-pci)",
                            expectations["vfio.driver"], f"archdsp-virt vfio bind {addr}"))
 
-    audio = [d for d in host.pci_devices() if d.is_audio]
+    audio = [d for d in (host.pci_devices() if host is not None else model.pci or ()) if d.is_audio]
     in_use = dev.driver not in VFIO_SAFE_DRIVERS
     if dev.is_audio and in_use and all(d.address == addr for d in audio):
         out.append(Finding("vfio.host-audio", "fail", f"{addr} is the host's only audio controller, bound to "
@@ -491,26 +559,80 @@ def check_passthrough(cfg: DspConfig, host: Host) -> list[Finding]:
     return out
 
 
-def run_checks(cfg: DspConfig, host: Host, libvirt_reachable: bool | None = None, *,
+def check_domains(cfg: DspConfig, model: HostModel) -> list[Finding]:
+    """Other DSP VMs this tool defined on the same host: shared cores, hugepages, NETJACK port or slave."""
+    others = [d for d in model.domains if d.name != cfg.name]
+    names = ", ".join(d.name for d in others) or "none"
+    wanted = frozenset(cfg.isolated_cores)
+    out = []
+    clash = [f"{d.name} ({format_cpuset(d.cpus & wanted)})" for d in others if d.cpus & wanted]
+    expected = "isolated_cores used by no other DSP VM on the host"
+    if clash:
+        out.append(Finding("domains.cores", "fail", "cores shared with " + ", ".join(clash), expected,
+                           "give each DSP VM its own isolated_cores"))
+    else:
+        out.append(Finding("domains.cores", "ok", f"other DSP VMs: {names}", expected))
+
+    kib = PAGE_SIZES_KIB[cfg.hugepage_size]
+    expected = "free hugepages for this VM and every other DSP VM that is defined but not running"
+    pool = model.pool(kib)
+    if not cfg.hugepages:
+        out.append(Finding("domains.hugepages", "skip", "hugepages = 0 in the config", expected))
+    elif pool is None or pool.free is None:
+        out.append(Finding("domains.hugepages", "skip", f"free {cfg.hugepage_size} pages unknown", expected))
+    else:
+        need = -(-cfg.memory_mb * 1024 // kib)
+        waiting = [d for d in others if not d.active and d.page_size_kib == kib and d.hugepages]
+        total = need + sum(d.hugepages for d in waiting)
+        seen = f"{pool.free} free; this VM {need}" + "".join(f", {d.name} {d.hugepages} (not running)"
+                                                              for d in waiting)
+        if waiting and total > pool.free >= need:
+            out.append(Finding("domains.hugepages", "warn", seen + f" = {total}", expected,
+                               f"raise the {cfg.hugepage_size} pool to {(pool.total or 0) - pool.free + total} pages, "
+                               "or start only one of them"))
+        else:
+            out.append(Finding("domains.hugepages", "ok", seen, expected))
+
+    nj = cfg.netjack
+    expected = "a NETJACK port and slave name of its own on the host"
+    if not nj.enable:
+        out.append(Finding("domains.netjack", "skip", "archibaldos.netjack.enable = false", expected))
+    else:
+        same = [f"{d.name} (port {d.netjack_port})" for d in others
+                if d.netjack_port == nj.source_port and d.master_ip in (None, nj.master_ip)]
+        same += [f"{d.name} (slave {d.netjack_client!r})" for d in others
+                 if d.netjack_client == nj.client_name and d.netjack_port != nj.source_port]
+        if same:
+            out.append(Finding("domains.netjack", "fail", "link shared with " + ", ".join(same), expected,
+                               "set archibaldos.netjack.source_port and client_name apart from the other VMs'"))
+        else:
+            out.append(Finding("domains.netjack", "ok", f"port {nj.source_port}, slave {nj.client_name!r}", expected))
+    return out
+
+
+def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool | None = None, *,
                libvirt_detail: str = "") -> list[Finding]:
     """Every host condition ``cfg`` needs, in :data:`CHECK_IDS` order.
 
-    ``libvirt_reachable`` is the caller's verdict (it opens the connection; None: not asked),
-    ``libvirt_detail`` what it saw (the URI, or libvirt's error).
+    ``host`` is the host model (a bare :class:`Host` file tree is taken as a local host with no
+    libvirt facts). ``libvirt_reachable`` is the caller's verdict (it opens the connection; None:
+    not asked), ``libvirt_detail`` what it saw (the URI, or libvirt's error).
     """
+    model = host if isinstance(host, HostModel) else gather(None, files=host)
     return [
-        *check_kvm(cfg, host),
+        *check_kvm(cfg, model),
         *check_libvirt(libvirt_reachable, libvirt_detail),
-        *check_iommu(cfg, host),
-        *check_cpus(cfg, host),
-        *check_hugepages(cfg, host),
-        *check_memlock(cfg, host),
-        *check_realtime(cfg, host),
-        *check_passthrough(cfg, host),
+        *check_iommu(cfg, model),
+        *check_cpus(cfg, model),
+        *check_hugepages(cfg, model),
+        *check_memlock(cfg, model),
+        *check_realtime(cfg, model),
+        *check_passthrough(cfg, model),
+        *check_domains(cfg, model),
     ]
 
 
-def preflight(cfg: DspConfig, host: Host, libvirt_reachable: bool | None, skip: Iterable[str] = (), *,
+def preflight(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool | None, skip: Iterable[str] = (), *,
               libvirt_detail: str = "") -> list[Finding]:
     """:func:`run_checks`, with the ids in ``skip`` turned into status skip (and saying so).
 
@@ -574,13 +696,23 @@ def probe_libvirt(uri: str | None) -> tuple[bool, str]:
 
 def check_command(config: str | os.PathLike[str], uri: str | None, host: Host,
                   as_json: bool = False) -> tuple[str, bool]:
-    """What ``archdsp-virt check`` prints, and whether any check failed."""
+    """What ``archdsp-virt check`` prints, and whether any check failed.
+
+    The host is the one behind ``uri``: this machine's files (``host``) only when the URI names this
+    machine; over a remote URI, libvirt's facts alone, and every host-only fact is a skip.
+    """
     import json
 
     from ..config import load_config
+    from ..domain.policy import forced_passt
+    from ..virt.connection import Session
 
     cfg = load_config(config)
     reachable, detail = probe_libvirt(uri)
-    findings = run_checks(cfg, host, reachable, libvirt_detail=detail)
+    with Session(uri, readonly=True, attempts=1) as session:
+        model = gather(session if reachable else None, files=host, passt=forced_passt(cfg))
+        if not reachable and not session.is_local:  # a remote host we cannot reach: nothing is known of it
+            model = HostModel(uri=session.uri, source="libvirt")
+    findings = run_checks(cfg, model, reachable, libvirt_detail=detail)
     text = json.dumps(findings_json(findings), indent=2) + "\n" if as_json else format_findings(findings)
     return text, bool(failures(findings))

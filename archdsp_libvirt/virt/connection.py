@@ -8,10 +8,8 @@ by a restarting libvirtd, state-change lock timeouts) are retried.
 
 from __future__ import annotations
 
-import os
 import re
 import time
-from urllib.parse import urlsplit
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,8 +20,8 @@ if TYPE_CHECKING:
     from tenacity import Retrying
 
 from ..errors import LibvirtFailure
+from .uri import DEFAULT_URI, is_local_uri, resolve_uri  # noqa: F401 - part of this module's API
 
-DEFAULT_URI = "qemu:///system"
 T = TypeVar("T")
 
 
@@ -116,11 +114,6 @@ def with_retries(attempt: Callable[[], T], attempts: int = 6, seconds: float = 3
             raise
     time.sleep(FIRST_WAIT)
     return retrying(attempts - 1, seconds, first_wait=2 * FIRST_WAIT)(attempt)
-
-
-def resolve_uri(uri: str | None) -> str:
-    """``-c URI``, else ``LIBVIRT_DEFAULT_URI``, else qemu:///system: as virsh does."""
-    return uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
 
 
 def call(uri: str, doing: str, fn: Callable[..., T], *args: Any) -> T:
@@ -229,4 +222,5 @@ class Session:
     @property
     def is_local(self) -> bool:
         """True when the domain's QEMU runs on this machine (its /proc is ours to read)."""
-        return urlsplit(self.uri).hostname in (None, "", "localhost")
+        return is_local_uri(self.uri)
+

@@ -8,7 +8,6 @@ exactly as it was when anything it does is refused.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -17,12 +16,12 @@ from msgspec import Struct, field
 
 from ..domain.build import Rendered, render_domain
 from ..config import DspConfig
-from .connection import LibvirtFailure, Session, supports_passt
+from .connection import LibvirtFailure, Session
 from ..cpuset import format_cpuset
 from ..domain.drift import differences
 from ..errors import ArchdspError, HostError
 from ..domain.policy import forced_passt
-from ..host.model import HostModel as HostFacts
+from ..host.model import HostModel
 from . import threads as qthreads
 
 Say = Callable[[str], None]
@@ -53,23 +52,12 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def host_facts_for(session: Session, cfg: DspConfig) -> HostFacts:
-    """The facts of the host behind ``session``: its CPUs and whether its libvirt has passt."""
-    cpus = None
-    if session.is_local:
-        cpus = HostFacts.local().online_cpus
-    else:
-        try:
-            from lxml import etree
+def host_model(session: Session, cfg: DspConfig) -> HostModel:
+    """The host model of the host behind ``session``, for callers that did not build one."""
+    from ..host.files import Host
+    from ..host.sources import gather
 
-            caps = etree.fromstring(session.run("reading capabilities", lambda c: c.getCapabilities()).encode())
-            cpus = frozenset(int(c) for c in caps.xpath("//topology/cells/cell/cpus/cpu/@id")) or None
-        except ArchdspError:
-            cpus = None
-    passt = forced_passt(cfg)
-    if passt is None:
-        passt = session.run("reading domain capabilities", supports_passt)
-    return HostFacts(online_cpus=cpus, passt=passt)
+    return gather(session, files=Host() if session.is_local else None, passt=forced_passt(cfg))
 
 
 def _has_qemu_namespace(session: Session) -> bool:
@@ -130,10 +118,14 @@ def up(
     verify_threads: bool = True,
     start_timeout: float = 30.0,
     before_start: Callable[[], None] | None = None,
+    model: HostModel | None = None,
 ) -> UpResult:
-    """Define ``cfg`` (keeping an existing UUID), start it, tune and verify its threads."""
+    """Define ``cfg`` (keeping an existing UUID), start it, tune and verify its threads.
+
+    ``model`` is the host behind ``session`` (built from it when not given).
+    """
     name = cfg.name
-    facts = host_facts_for(session, cfg)
+    facts = model if model is not None else host_model(session, cfg)
     existing = session.lookup(name)
     old_xml = _inactive_xml(session, name) if existing is not None else None
     uuid = session.dom(name, "reading the UUID", lambda d: d.UUIDString()) if existing is not None else None
@@ -201,12 +193,15 @@ def up(
         session.dom(name, "setting autostart", lambda d: d.setAutostart(1))
         say(f"autostart on: {name} starts when the host boots")
 
-    if verify_threads and session.is_local and _has_qemu_namespace(session):
+    if verify_threads and _has_qemu_namespace(session):
         if not result.started:  # our own start returned once libvirt had finished it
             _wait_started(session, name, start_timeout)
-        tune_and_verify(cfg, rendered, say, timeout=start_timeout)
+        if facts.is_local:
+            tune_and_verify(cfg, rendered, say, timeout=start_timeout)
+        else:
+            verify_remote(cfg, rendered, session, say)
     elif verify_threads:
-        say("thread check skipped: no local QEMU process behind this connection")
+        say("thread check skipped: this driver runs no QEMU process")
     return result
 
 
@@ -230,6 +225,63 @@ def _is_updated(session: Session, name: str) -> bool:
     """
     live = session.dom(name, "reading the running definition", lambda d: d.XMLDesc(0))
     return bool(differences(_inactive_xml(session, name), live, with_commandline=_has_qemu_namespace(session)))
+
+
+class VcpuPlacement(Struct, frozen=True):
+    """Where libvirt says one vCPU runs: its host CPU now, the CPUs it may use, its scheduler."""
+
+    vcpu: int
+    cpu: int
+    affinity: frozenset[int]
+    scheduler: str | None  # "fifo", "rr", "other"... from the live XML's vcpusched; None: libvirt's default
+    priority: int | None
+
+
+def vcpu_placement(session: Session, name: str) -> list[VcpuPlacement]:
+    """Each vCPU's placement as libvirt reports it (virDomainGetVcpus and the live XML's
+    ``vcpusched``): the same on a remote host as on this one, with nothing read from /proc."""
+    from lxml import etree
+
+    from ..cpuset import parse_cpuset
+
+    info, maps = session.dom(name, "reading vCPUs", lambda d: d.vcpus())
+    root = etree.fromstring(session.dom(name, "reading the running definition", lambda d: d.XMLDesc(0)).encode())
+    sched: dict[int, tuple[str, int | None]] = {}
+    for el in root.iterfind("cputune/vcpusched"):
+        prio = el.get("priority")
+        for v in parse_cpuset(el.get("vcpus") or ""):
+            sched[v] = (el.get("scheduler") or "other", int(prio) if prio else None)
+    out = []
+    for (n, _state, _cpu_time, cpu), cpumap in zip(info, maps):
+        s, prio = sched.get(n, (None, None))
+        out.append(VcpuPlacement(n, cpu, frozenset(i for i, on in enumerate(cpumap) if on), s, prio))
+    return out
+
+
+def verify_remote(cfg: DspConfig, rendered: Rendered, session: Session, say: Say) -> None:
+    """The vCPU check for a host we cannot read: affinity and scheduler as libvirt reports them."""
+    plan = rendered.plan
+    placement = {p.vcpu: p for p in vcpu_placement(session, cfg.name)}
+    problems = []
+    for pin in plan.pins:
+        p = placement.get(pin.vcpu)
+        if p is None:
+            problems.append(f"libvirt reports no vCPU {pin.vcpu}")
+            continue
+        want_fifo = pin.vcpu in plan.fifo_vcpus
+        say(f"vCPU {pin.vcpu}: on CPU {p.cpu}, affinity {format_cpuset(p.affinity)}, scheduler "
+            f"{p.scheduler or 'default'}{f' priority {p.priority}' if p.priority is not None else ''} (from libvirt)")
+        if p.affinity != pin.cpus:
+            problems.append(f"vCPU {pin.vcpu} may run on {format_cpuset(p.affinity)}, "
+                            f"config pins it to {format_cpuset(pin.cpus)}")
+        if want_fifo and (p.scheduler != "fifo" or p.priority != cfg.realtime.priority):
+            problems.append(f"vCPU {pin.vcpu} runs {p.scheduler or 'default'} priority {p.priority}, "
+                            f"config wants fifo priority {cfg.realtime.priority}")
+    if cfg.realtime.enable:
+        say(f"emulator threads' nice {cfg.realtime.nice}: not set (libvirt has no call for it; "
+            "run 'archdsp-virt up' on that host to renice them)")
+    if problems:
+        raise HostError("the running domain does not match the config: " + "; ".join(problems))
 
 
 def tune_and_verify(cfg: DspConfig, rendered: Rendered, say: Say, timeout: float = 30.0,
@@ -325,156 +377,3 @@ def down(name: str, session: Session, timeout: float = 60.0, force: bool = False
         undefined = True
         say(f"{name} is undefined")
     return DownResult(name, was, how, undefined)
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
-
-
-def hugepage_counts(size_kib: int, sysfs: str = "/sys/kernel/mm/hugepages") -> dict[str, int | None]:
-    base = os.path.join(sysfs, f"hugepages-{size_kib}kB")
-    out: dict[str, int | None] = {}
-    for key, fname in (("total", "nr_hugepages"), ("free", "free_hugepages"), ("reserved", "resv_hugepages"),
-                       ("surplus", "surplus_hugepages")):
-        v = _read(os.path.join(base, fname))
-        out[key] = int(v) if v is not None and v.isdigit() else None
-    return out
-
-
-def status(cfg: DspConfig, session: Session, proc: str = "/proc", sysfs_root: str = "/sys") -> dict:
-    """The ``dsp-status`` screen as data: domain, vCPUs, isolation, hugepages, memory, console, drift."""
-    name = cfg.name
-    info: dict = {"name": name, "uri": session.uri, "defined": False}
-    dom = session.lookup(name)
-    isolated = _read(os.path.join(sysfs_root, "devices/system/cpu/isolated"))
-    from ..cpuset import parse_cpuset
-
-    isolated_set = parse_cpuset(isolated) if isolated is not None else frozenset()
-    info["isolation"] = {
-        "config_cores": format_cpuset(cfg.isolated_cores),
-        "host_isolated": format_cpuset(isolated_set) if isolated is not None else None,
-        "missing": format_cpuset(set(cfg.isolated_cores) - isolated_set) if isolated is not None else None,
-    }
-    info["hugepages"] = {"page_size_kib": cfg.page_size_kib, "wanted": cfg.hugepages,
-                         **hugepage_counts(cfg.page_size_kib, os.path.join(sysfs_root, "kernel/mm/hugepages"))}
-    if dom is None:
-        info["state"] = "not defined"
-        return info
-    info["defined"] = True
-    state, reason = session.dom(name, "reading state", lambda d: d.state())
-    info["uuid"] = session.dom(name, "reading the UUID", lambda d: d.UUIDString())
-    info["state"] = STATE_NAMES.get(state, str(state))
-    if state == libvirt.VIR_DOMAIN_SHUTOFF:
-        info["reason"] = SHUTOFF_REASONS.get(reason, str(reason))
-    info["autostart"] = bool(session.dom(name, "reading autostart", lambda d: d.autostart()))
-    xml_live = session.dom(name, "reading the definition", lambda d: d.XMLDesc(0))
-    xml_inactive = _inactive_xml(session, name)
-    from lxml import etree
-
-    root = etree.fromstring(xml_live.encode())
-    info["console_log"] = root.xpath("string(devices/serial/log/@file)") or None
-    info["memory"] = {
-        "mib": int(root.findtext("memory") or 0) // 1024,
-        "locked": root.find("memoryBacking/locked") is not None,
-        "hugepages": root.find("memoryBacking/hugepages") is not None,
-    }
-    pins = {int(p.get("vcpu")): p.get("cpuset") for p in root.iterfind("cputune/vcpupin")}
-    info["emulatorpin"] = root.xpath("string(cputune/emulatorpin/@cpuset)") or None
-    active = state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
-    vcpus = []
-    if active:
-        try:
-            stats = session.dom(name, "reading stats", lambda d: d.info())
-            info["cpu_time_s"] = round(stats[4] / 1e9, 3)
-        except ArchdspError:
-            pass
-        pid = qthreads.qemu_pid(name) if session.is_local and _has_qemu_namespace(session) else None
-        info["qemu_pid"] = pid
-        if pid is not None:
-            try:
-                started = os.stat(os.path.join(proc, str(pid))).st_mtime
-                info["uptime_s"] = round(time.time() - started, 1)
-            except OSError:
-                pass
-            threads = qthreads.vcpu_threads(pid, proc)
-        else:
-            threads = {}
-        try:
-            vinfo = session.dom(name, "reading vCPUs", lambda d: d.vcpus()[0])
-        except ArchdspError:
-            vinfo = []
-        for v in vinfo:
-            n = v[0]
-            t = threads.get(n)
-            vcpus.append({
-                "vcpu": n,
-                "pinned": pins.get(n),
-                "actual_cpu": v[3],
-                "thread": t.tid if t else None,
-                "affinity": format_cpuset(t.affinity) if t else None,
-                "policy": t.policy if t else None,
-                "rt_priority": t.rt_priority if t else None,
-            })
-    else:
-        vcpus = [{"vcpu": n, "pinned": c} for n, c in sorted(pins.items())]
-    info["vcpus"] = vcpus
-    # Drift: what libvirt has against what the config renders (with the same UUID).
-    try:
-        facts = host_facts_for(session, cfg)
-        wanted = render_domain(cfg, facts, uuid=info["uuid"]).xml
-        info["drift"] = differences(wanted, xml_inactive, with_commandline=_has_qemu_namespace(session))
-    except ArchdspError as err:
-        info["drift"] = [f"cannot compare with the config: {err}"]
-    info["stale"] = active and _is_updated(session, name)
-    return info
-
-
-def format_status(info: dict) -> str:
-    """The human form of :func:`status`, in the sections of the original dsp-status."""
-    lines = ["=== DSP VM Status ==="]
-    lines.append(f"{info['name']} ({info['uri']}): {info['state']}" + (f" ({info['reason']})" if info.get("reason") else ""))
-    if info.get("defined"):
-        lines.append(f"  uuid: {info['uuid']}   autostart: {'enabled' if info['autostart'] else 'disabled'}")
-        if "uptime_s" in info:
-            lines.append(f"  up for {info['uptime_s']:.0f} s, QEMU pid {info['qemu_pid']}")
-        if info.get("stale"):
-            lines.append("  running an older definition: 'archdsp-virt up --restart' applies the new one")
-    lines.append("")
-    lines.append("=== vCPUs ===")
-    for v in info.get("vcpus", []):
-        if "actual_cpu" in v:
-            lines.append(f"  vCPU {v['vcpu']}: pinned {v['pinned']}, on CPU {v['actual_cpu']}, "
-                         f"affinity {v['affinity']}, {v['policy']} rtprio {v['rt_priority']}")
-        else:
-            lines.append(f"  vCPU {v['vcpu']}: pinned {v['pinned']}")
-    if info.get("emulatorpin"):
-        lines.append(f"  emulator threads: {info['emulatorpin']}")
-    lines.append("")
-    lines.append("=== CPU Isolation ===")
-    iso = info["isolation"]
-    lines.append(f"  config: {iso['config_cores']}   host isolated: {iso['host_isolated'] or '(none)'}"
-                 + (f"   not isolated: {iso['missing']}" if iso.get("missing") else ""))
-    lines.append("")
-    lines.append("=== Hugepages ===")
-    hp = info["hugepages"]
-    lines.append(f"  {hp['page_size_kib']} KiB pages: total {hp['total']}, free {hp['free']}, "
-                 f"reserved {hp['reserved']} (config wants {hp['wanted']})")
-    if "memory" in info:
-        m = info["memory"]
-        lines.append(f"  guest memory {m['mib']} MiB, hugepage-backed: {'yes' if m['hugepages'] else 'no'}, "
-                     f"locked: {'yes' if m['locked'] else 'no'}")
-    if info.get("console_log"):
-        lines.append("")
-        lines.append(f"=== Console ===\n  log: {info['console_log']}")
-    if info.get("drift"):
-        lines.append("")
-        lines.append("=== Drift (definition differs from the config) ===")
-        lines.extend(f"  {d}" for d in info["drift"])
-    for extra in info.get("sections", []):
-        lines.append("")
-        lines.extend(extra)
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,182 @@
+"""The ``dsp-status`` screen: the domain as libvirt sees it, on the host model of its host.
+
+Everything about the host (isolation, hugepages) comes from the host model,
+so a remote domain is shown with its own host's facts, or with "unknown".
+vCPU placement comes from libvirt (``virDomainGetVcpus`` and the live XML's
+``vcpusched``); only where the QEMU process runs on this machine are its
+threads also read from /proc (class and priority as the kernel applies them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import libvirt
+
+from ..config import DspConfig
+from ..cpuset import format_cpuset
+from ..domain.drift import differences
+from ..errors import ArchdspError
+from ..host.model import HostModel
+from . import threads as qthreads
+from .connection import Session
+from .lifecycle import SHUTOFF_REASONS, STATE_NAMES, _has_qemu_namespace, _inactive_xml, _is_updated, host_model
+
+UNKNOWN = "unknown"
+
+
+def _isolation(cfg: DspConfig, model: HostModel) -> dict:
+    wanted = frozenset(cfg.isolated_cores)
+    iso = model.isolated_cpus
+    return {
+        "config_cores": format_cpuset(wanted),
+        "host_isolated": format_cpuset(iso) if iso is not None else UNKNOWN,
+        "missing": format_cpuset(wanted - iso) if iso is not None else UNKNOWN,
+        "source": model.source if iso is not None else model.unknown("isolcpus"),
+    }
+
+
+def _hugepages(cfg: DspConfig, model: HostModel) -> dict:
+    pool = model.pool(cfg.page_size_kib)
+    return {
+        "page_size_kib": cfg.page_size_kib,
+        "wanted": cfg.hugepages,
+        "total": pool.total if pool and pool.total is not None else UNKNOWN,
+        "free": pool.free if pool and pool.free is not None else UNKNOWN,
+    }
+
+
+def status(cfg: DspConfig, session: Session, proc: str = "/proc", model: HostModel | None = None) -> dict:
+    """The ``dsp-status`` screen as data: domain, vCPUs, isolation, hugepages, memory, console, drift."""
+    from .lifecycle import vcpu_placement
+
+    model = model if model is not None else host_model(session, cfg)
+    name = cfg.name
+    info: dict = {"name": name, "uri": session.uri, "defined": False, "host": model.source,
+                  "isolation": _isolation(cfg, model), "hugepages": _hugepages(cfg, model)}
+    if session.lookup(name) is None:
+        info["state"] = "not defined"
+        return info
+    info["defined"] = True
+    state, reason = session.dom(name, "reading state", lambda d: d.state())
+    info["uuid"] = session.dom(name, "reading the UUID", lambda d: d.UUIDString())
+    info["state"] = STATE_NAMES.get(state, str(state))
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        info["reason"] = SHUTOFF_REASONS.get(reason, str(reason))
+    info["autostart"] = bool(session.dom(name, "reading autostart", lambda d: d.autostart()))
+    xml_live = session.dom(name, "reading the definition", lambda d: d.XMLDesc(0))
+    xml_inactive = _inactive_xml(session, name)
+    from lxml import etree
+
+    root = etree.fromstring(xml_live.encode())
+    info["console_log"] = root.xpath("string(devices/serial/log/@file)") or None
+    info["memory"] = {
+        "mib": int(root.findtext("memory") or 0) // 1024,
+        "locked": root.find("memoryBacking/locked") is not None,
+        "hugepages": root.find("memoryBacking/hugepages") is not None,
+    }
+    pins = {int(p.get("vcpu")): p.get("cpuset") for p in root.iterfind("cputune/vcpupin")}
+    info["emulatorpin"] = root.xpath("string(cputune/emulatorpin/@cpuset)") or None
+    active = state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
+    vcpus = []
+    if active:
+        try:
+            stats = session.dom(name, "reading stats", lambda d: d.info())
+            info["cpu_time_s"] = round(stats[4] / 1e9, 3)
+        except ArchdspError:
+            pass
+        local_qemu = model.is_local and _has_qemu_namespace(session)
+        pid = qthreads.qemu_pid(name) if local_qemu else None
+        info["qemu_pid"] = pid if pid is not None else (UNKNOWN if not local_qemu else None)
+        threads: dict[int, qthreads.Thread] = {}
+        if pid is not None:
+            try:
+                started = os.stat(os.path.join(proc, str(pid))).st_mtime
+                info["uptime_s"] = round(time.time() - started, 1)
+            except OSError:
+                pass
+            threads = qthreads.vcpu_threads(pid, proc)
+        try:
+            placement = vcpu_placement(session, name)
+        except ArchdspError:
+            placement = []
+        for p in placement:
+            t = threads.get(p.vcpu)
+            vcpus.append({
+                "vcpu": p.vcpu,
+                "pinned": pins.get(p.vcpu),
+                "actual_cpu": p.cpu,
+                "affinity": format_cpuset(t.affinity if t else p.affinity),
+                # The class the kernel applies (from /proc, on this machine), else what libvirt was told.
+                "policy": t.policy if t else (p.scheduler.upper() if p.scheduler else "OTHER"),
+                "rt_priority": t.rt_priority if t else (p.priority if p.priority is not None else 0),
+                "thread": t.tid if t else UNKNOWN,
+                "source": "proc" if t else "libvirt",
+            })
+    else:
+        vcpus = [{"vcpu": n, "pinned": c} for n, c in sorted(pins.items())]
+    info["vcpus"] = vcpus
+    # Drift: what libvirt has against what the config renders (with the same UUID).
+    try:
+        from ..domain.build import render_domain
+
+        wanted = render_domain(cfg, model, uuid=info["uuid"]).xml
+        info["drift"] = differences(wanted, xml_inactive, with_commandline=_has_qemu_namespace(session))
+    except ArchdspError as err:
+        info["drift"] = [f"cannot compare with the config: {err}"]
+    info["stale"] = active and _is_updated(session, name)
+    return info
+
+
+def format_status(info: dict) -> str:
+    """The human form of :func:`status`, in the sections of the original dsp-status."""
+    lines = ["=== DSP VM Status ==="]
+    lines.append(f"{info['name']} ({info['uri']}): {info['state']}" + (f" ({info['reason']})" if info.get("reason") else ""))
+    if info.get("defined"):
+        lines.append(f"  uuid: {info['uuid']}   autostart: {'enabled' if info['autostart'] else 'disabled'}")
+        if "uptime_s" in info:
+            lines.append(f"  up for {info['uptime_s']:.0f} s, QEMU pid {info['qemu_pid']}")
+        elif info.get("qemu_pid") == UNKNOWN:
+            lines.append("  QEMU runs on the remote host: its pid and uptime are unknown here")
+        if info.get("stale"):
+            lines.append("  running an older definition: 'archdsp-virt up --restart' applies the new one")
+    lines.append("")
+    lines.append("=== vCPUs ===")
+    for v in info.get("vcpus", []):
+        if "actual_cpu" in v:
+            lines.append(f"  vCPU {v['vcpu']}: pinned {v['pinned']}, on CPU {v['actual_cpu']}, "
+                         f"affinity {v['affinity']}, {v['policy']} rtprio {v['rt_priority']}"
+                         + (" (as libvirt reports it)" if v.get("source") == "libvirt" else ""))
+        else:
+            lines.append(f"  vCPU {v['vcpu']}: pinned {v['pinned']}")
+    if info.get("emulatorpin"):
+        lines.append(f"  emulator threads: {info['emulatorpin']}")
+    lines.append("")
+    lines.append("=== CPU Isolation ===")
+    iso = info["isolation"]
+    if iso["host_isolated"] == UNKNOWN:
+        lines.append(f"  config: {iso['config_cores']}   host isolated: {iso['source']}")
+    else:
+        lines.append(f"  config: {iso['config_cores']}   host isolated: {iso['host_isolated'] or '(none)'}"
+                     + (f"   not isolated: {iso['missing']}" if iso.get("missing") else ""))
+    lines.append("")
+    lines.append("=== Hugepages ===")
+    hp = info["hugepages"]
+    lines.append(f"  {hp['page_size_kib']} KiB pages: total {hp['total']}, free {hp['free']} "
+                 f"(config wants {hp['wanted']})")
+    if "memory" in info:
+        m = info["memory"]
+        lines.append(f"  guest memory {m['mib']} MiB, hugepage-backed: {'yes' if m['hugepages'] else 'no'}, "
+                     f"locked: {'yes' if m['locked'] else 'no'}")
+    if info.get("console_log"):
+        lines.append("")
+        lines.append(f"=== Console ===\n  log: {info['console_log']}")
+    if info.get("drift"):
+        lines.append("")
+        lines.append("=== Drift (definition differs from the config) ===")
+        lines.extend(f"  {d}" for d in info["drift"])
+    for extra in info.get("sections", []):
+        lines.append("")
+        lines.extend(extra)
+    return "\n".join(lines) + "\n"
