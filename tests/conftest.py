@@ -227,3 +227,59 @@ def assert_config_refused(result, path: Path, needles) -> None:
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert result.stdout == ""
+
+
+# --- a remote host that is this machine: libvirt's ssh transport to a private sshd on 127.0.0.1 --------------
+
+
+@pytest.fixture(scope="session")
+def remote_uri(system_libvirt, tmp_path_factory):
+    """``qemu+ssh://root@127.0.0.1:PORT/system?...``: a private sshd on loopback, with a host key and a
+    user key this session makes and removes. 127.0.0.1 is another host to libvirt's URI rules and to
+    ours, so every command over this URI must take its host facts from libvirt alone."""
+    import random
+    import socket
+    import time
+
+    for tool in ("sshd", "ssh", "ssh-keygen"):
+        if not (shutil.which(tool) or os.path.exists(f"/usr/sbin/{tool}")):
+            pytest.skip(f"{tool} is not installed (scripts/install-test-deps installs openssh-server)")
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("hostkey", "userkey"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True, timeout=30)
+    (d / "authorized_keys").write_text((d / "userkey.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    os.makedirs("/run/sshd", exist_ok=True)
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    proc = None
+    for _attempt in range(5):  # a random free port; bounded retries if one is taken
+        port = random.randint(30000, 39999)
+        proc = subprocess.Popen(
+            [sshd, "-D", "-e", "-f", "/dev/null", "-p", str(port), "-o", "ListenAddress=127.0.0.1",
+             "-o", "PermitRootLogin=prohibit-password", "-o", f"AuthorizedKeysFile={d}/authorized_keys",
+             "-o", "StrictModes=no", "-o", "PasswordAuthentication=no", "-o", f"PidFile={d}/sshd.pid",
+             "-h", str(d / "hostkey")],
+            stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        if proc.poll() is None:
+            break
+    if proc is None or proc.poll() is not None:
+        pytest.fail(f"the private sshd did not start: {(d / 'sshd.log').read_text()[-2000:]}")
+    uri = f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={d}/userkey&no_verify=1"
+    try:
+        r = subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            pytest.fail(f"virsh over {uri} failed: {r.stderr}\nsshd: {(d / 'sshd.log').read_text()[-2000:]}")
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

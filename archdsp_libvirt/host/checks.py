@@ -119,7 +119,7 @@ def check_kvm(cfg: DspConfig, model: HostModel) -> list[Finding]:
     host = model.files
     if host is None:
         if model.kvm:
-            return [Finding(fid, "ok", f"libvirt at {model.where} offers KVM domains (domain capabilities)",
+            return [Finding(fid, "ok", f"libvirt at {model.where} offers KVM guests (capabilities)",
                             expected)]
         if model.kvm is False:
             return [Finding(fid, "fail", f"libvirt at {model.where} offers no KVM domains", expected,
@@ -354,9 +354,13 @@ def check_hugepages(cfg: DspConfig, model: HostModel) -> list[Finding]:
     host = model.files
     found = model.pool(kib)
     nr, free = (found.total, found.free) if found else (None, None)
-    if host is None and found is not None and free is None:
-        out.append(Finding("hugepages.free", "skip", model.unknown(f"free {cfg.hugepage_size} pages")
-                           + f" (pool of {nr})", expected))
+    if host is None and (free is None or nr is None):
+        if found is None and model.online_cpus is not None:  # libvirt answered, and lists no such pool
+            out.append(Finding("hugepages.free", "fail", f"libvirt at {model.where} lists no {cfg.hugepage_size} "
+                               "pages", expected, f"on that host: kernel parameters hugepagesz={cfg.hugepage_size} "
+                               f"hugepages={need}, or hugepage_size = \"2M\""))
+        else:
+            out.append(Finding("hugepages.free", "skip", model.unknown(f"free {cfg.hugepage_size} pages"), expected))
     elif nr is None or free is None:
         out.append(Finding("hugepages.free", "fail", f"no {pool} (page size {cfg.hugepage_size} not supported here)",
                            expected, f"kernel parameters hugepagesz={cfg.hugepage_size} hugepages={need}, "

@@ -86,7 +86,8 @@ class HostModel(Struct, frozen=True):
 
     @property
     def where(self) -> str:
-        return self.uri or "this host"
+        """The host's name for messages: its URI without the query (which may name key files)."""
+        return self.uri.split("?", 1)[0] if self.uri else "this host"
 
     def unknown(self, what: str) -> str:
         """The words for a fact only the host itself knows, over a remote connection."""
