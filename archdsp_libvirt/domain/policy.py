@@ -217,10 +217,10 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
         emulator = frozenset()
         warnings.append("emulatorpin omitted: the host's CPUs are unknown; set emulator_cores to pin QEMU's own threads")
     else:
-        emulator = host.online_cpus - isolated
+        emulator = host.housekeeping(isolated) or frozenset()
         if not emulator:
             warnings.append(
-                f"emulatorpin omitted: the host has no core outside isolated_cores "
+                f"emulatorpin omitted: the host has no core outside isolated_cores and the kernel's isolated cores "
                 f"({format_cpuset(isolated)}); QEMU's own threads will share the vCPUs' cores"
             )
 
