@@ -20,11 +20,10 @@ if TYPE_CHECKING:
 
 
 def host_model(cfg: DspConfig, session: Session | None, host_cpus: str | None = None,
-               notes: list[str] | None = None, host_root: str = "/") -> HostModel:
+               notes: list[str] | None = None, host_root: str = "/", reachable: bool = True) -> HostModel:
     """The one host model of a command: this machine's files and libvirt when ``session`` reaches this
     machine, libvirt alone when it names another host; ``host_cpus`` renders for a host given by hand."""
     from .host.files import Host
-    from .host.sources import gather
 
     cpus = None
     if host_cpus is not None:
@@ -34,6 +33,14 @@ def host_model(cfg: DspConfig, session: Session | None, host_cpus: str | None = 
             raise UsageError(f"--host-cpus: {exc}; expected a CPU list such as 0-7") from None
         if not cpus:
             raise UsageError("--host-cpus: empty CPU list; expected a CPU list such as 0-7")
+    if session is not None and not reachable:
+        from .virt.uri import is_local_uri
+
+        if not is_local_uri(session.uri):  # a remote host we cannot reach: nothing is known of it
+            return HostModel(uri=session.uri, source="libvirt")
+        session = None
+    from .virt.hostfacts import gather
+
     return gather(session, files=Host(host_root), passt=forced_passt(cfg), online_cpus=cpus, notes=notes)
 
 
@@ -172,3 +179,36 @@ def console_command(config: Path, uri: str | None, force: bool, pattern: str | N
         matched, _seen = expect(session, cfg.name, pattern, timeout, force=force, echo=echo, send=data)
     if not matched:
         raise ArchdspError(f"console: {pattern!r} did not appear within {timeout:g} s")
+
+
+def probe_libvirt(uri: str | None) -> tuple[bool, str]:
+    """Whether a read-only libvirt connection to ``uri`` opens now (no retries), and what was seen."""
+    from .virt.connection import open_connection, resolve_uri
+
+    target = resolve_uri(uri)
+    try:
+        conn = open_connection(target, readonly=True, retry=False)
+    except ArchdspError as err:
+        return False, str(err)
+    conn.close()
+    return True, f"connected to {target.split('?', 1)[0]} (read-only)"
+
+
+def check_command(config: Path, uri: str | None, host_root: str = "/", as_json: bool = False) -> tuple[str, bool]:
+    """What ``archdsp-virt check`` prints, and whether any check failed.
+
+    The host is the one behind ``uri``: this machine's files (under ``host_root``) only when the URI
+    names this machine; over a remote URI, libvirt's facts alone, and every host-only fact is a skip.
+    """
+    import json
+
+    from .host.checks import failures, findings_json, format_findings, run_checks
+    from .virt.connection import Session
+
+    cfg = load_config(config)
+    reachable, detail = probe_libvirt(uri)
+    with Session(uri, readonly=True, attempts=1) as session:
+        model = host_model(cfg, session, host_root=host_root, reachable=reachable)
+    findings = run_checks(cfg, model, reachable, libvirt_detail=detail)
+    text = json.dumps(findings_json(findings), indent=2) + "\n" if as_json else format_findings(findings)
+    return text, bool(failures(findings))

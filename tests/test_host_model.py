@@ -12,7 +12,8 @@ from archdsp_libvirt import parse_config, render_domain
 from archdsp_libvirt.host.checks import CHECK_IDS, run_checks
 from archdsp_libvirt.host.files import Host
 from archdsp_libvirt.host.model import HostModel, HugePool
-from archdsp_libvirt.host.sources import dsp_domains, file_facts, gather, libvirt_facts
+from archdsp_libvirt.host.sources import file_facts
+from archdsp_libvirt.virt.hostfacts import dsp_domains, gather, libvirt_facts
 from archdsp_libvirt.virt.connection import Session
 from archdsp_libvirt.virt.uri import is_local_uri
 

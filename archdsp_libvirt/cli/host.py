@@ -33,9 +33,9 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the sysfs w
 @click.pass_obj
 def check(obj, config: Path, as_json: bool, host_root: Path) -> None:
     """Check that this host can run CONFIG's DSP VM (exit 1 on any fail)."""
-    from ..host.checks import check_command
+    from ..service import check_command
 
-    text, failed = check_command(config, getattr(obj, "uri", None), Host(host_root), as_json=as_json)
+    text, failed = check_command(config, getattr(obj, "uri", None), host_root=str(host_root), as_json=as_json)
     click.echo(text, nl=False)
     if failed:
         raise click.exceptions.Exit(1)

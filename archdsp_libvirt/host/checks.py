@@ -19,7 +19,6 @@ whose one root directory tests point at a fake host tree.
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import stat
@@ -33,7 +32,7 @@ from ..cpuset import CpuSet, format_cpuset, parse_cpuset
 from ..errors import UsageError
 from .files import Host, cmdline_cpus, cmdline_values, page_size_kib
 from .model import HostModel
-from .sources import gather
+from .sources import local_model
 
 Status = Literal["ok", "warn", "fail", "skip"]
 STATUSES: tuple[Status, ...] = ("ok", "warn", "fail", "skip")
@@ -622,7 +621,7 @@ def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool |
     libvirt facts). ``libvirt_reachable`` is the caller's verdict (it opens the connection; None:
     not asked), ``libvirt_detail`` what it saw (the URI, or libvirt's error).
     """
-    model = host if isinstance(host, HostModel) else gather(None, files=host)
+    model = host if isinstance(host, HostModel) else local_model(host)
     return [
         *check_kvm(cfg, model),
         *check_libvirt(libvirt_reachable, libvirt_detail),
@@ -679,44 +678,3 @@ def format_findings(findings: Iterable[Finding]) -> str:
     counts = {s: sum(f.status == s for f in findings) for s in STATUSES}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
     return "\n".join(lines) + "\n"
-
-
-# --- what the CLI calls ------------------------------------------------------------
-
-
-def probe_libvirt(uri: str | None) -> tuple[bool, str]:
-    """Whether a read-only libvirt connection to ``uri`` opens now (no retries), and what was seen."""
-    from ..virt.connection import open_connection, resolve_uri
-    from ..errors import ArchdspError
-
-    target = resolve_uri(uri)
-    try:
-        conn = open_connection(target, readonly=True, retry=False)
-    except ArchdspError as err:
-        return False, str(err)
-    conn.close()
-    return True, f"connected to {target} (read-only)"
-
-
-def check_command(config: str | os.PathLike[str], uri: str | None, host: Host,
-                  as_json: bool = False) -> tuple[str, bool]:
-    """What ``archdsp-virt check`` prints, and whether any check failed.
-
-    The host is the one behind ``uri``: this machine's files (``host``) only when the URI names this
-    machine; over a remote URI, libvirt's facts alone, and every host-only fact is a skip.
-    """
-    import json
-
-    from ..config import load_config
-    from ..domain.policy import forced_passt
-    from ..virt.connection import Session
-
-    cfg = load_config(config)
-    reachable, detail = probe_libvirt(uri)
-    with Session(uri, readonly=True, attempts=1) as session:
-        model = gather(session if reachable else None, files=host, passt=forced_passt(cfg))
-        if not reachable and not session.is_local:  # a remote host we cannot reach: nothing is known of it
-            model = HostModel(uri=session.uri, source="libvirt")
-    findings = run_checks(cfg, model, reachable, libvirt_detail=detail)
-    text = json.dumps(findings_json(findings), indent=2) + "\n" if as_json else format_findings(findings)
-    return text, bool(failures(findings))

@@ -55,7 +55,7 @@ def _quiet(_msg: str) -> None:
 def host_model(session: Session, cfg: DspConfig) -> HostModel:
     """The host model of the host behind ``session``, for callers that did not build one."""
     from ..host.files import Host
-    from ..host.sources import gather
+    from .hostfacts import gather
 
     return gather(session, files=Host() if session.is_local else None, passt=forced_passt(cfg))
 
