@@ -115,12 +115,16 @@ def existing_file(path: str, role: str) -> None:
     ``boot.files``) and to libvirt on the host that runs the domain.
     """
     path = os.path.expanduser(path)
+    real = os.path.realpath(path)
+    via = f" (through a symlink to {shorten(real)})" if real != os.path.abspath(path) else ""
     try:
         st = os.stat(path)
     except OSError:
+        # Not here (or not reachable): still not through a link into a system folder.
+        why = _place(real)
+        if why:
+            raise Invalid(f"{why.replace('is ', 'resolves to a file ', 1)}{via}; name a file of your own") from None
         return
-    real = os.path.realpath(path)
-    via = f" (through a symlink to {shorten(real)})" if real != os.path.abspath(path) else ""
     if not stat.S_ISREG(st.st_mode):
         raise Invalid(f"is {_kind(st.st_mode)}{via}; a regular file is expected")
     why = _place(real)
