@@ -284,3 +284,12 @@ def test_msr_failure_gets_the_nested_kvm_hint():
                                "kvm: error: failed to set MSR 0x10a to 0x...")
     msg = translate(err, "qemu:///system", "starting dsp").message
     assert 'cpu_disable_features = ["arch-capabilities"]' in msg
+
+
+def test_readme_lists_the_allow_list():
+    from archdsp_libvirt.config.qemuargs import ALLOWED_DEVICES, ALLOWED_FLAGS, ALLOWED_OPTIONS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Paths and QEMU arguments that are refused"):readme.index("### What each option")]
+    for name in [*ALLOWED_DEVICES, *(f"-{o}" for o in (*ALLOWED_FLAGS, *ALLOWED_OPTIONS))]:
+        assert f"`{name}" in section, name
