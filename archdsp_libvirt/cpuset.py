@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 CpuSet = frozenset[int]
 # Linux's largest CONFIG_NR_CPUS: a bound, so that "0-99999999" is an error and not 100 million ints.
 MAX_CPU = 8191
+_DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 def parse_cpuset(spec: str) -> CpuSet:
@@ -25,11 +27,11 @@ def parse_cpuset(spec: str) -> CpuSet:
             target = exclude
             part = part[1:].strip()
         lo, sep, hi = part.partition("-")
-        try:
-            first = int(lo)
-            last = int(hi) if sep else first
-        except ValueError:
-            raise ValueError(f"invalid CPU list {spec!r}: {raw.strip()!r} is not a number or range") from None
+        # ASCII digits only: int() also takes other scripts' digits, "+1", "1_0" and spaces.
+        if not _DIGITS.fullmatch(lo.strip()) or (sep and not _DIGITS.fullmatch(hi.strip())):
+            raise ValueError(f"invalid CPU list {spec[:40]!r}: {raw.strip()[:20]!r} is not a number or range")
+        first = int(lo)
+        last = int(hi) if sep else first
         if first < 0 or last < first:
             raise ValueError(f"invalid CPU list {spec!r}: bad range {raw.strip()!r}")
         if last > MAX_CPU:

@@ -11,7 +11,7 @@ import msgspec
 from .domain.build import Rendered, render_domain
 from .config import ConfigError, DspConfig, load_config
 from .cpuset import parse_cpuset
-from .errors import ArchdspError, HostError, UsageError
+from .errors import ArchdspError, HostError, RenderError, UsageError
 from .domain.policy import forced_passt
 from .host.model import HostModel
 
@@ -49,10 +49,10 @@ def _naming(config: Path):
     """Policy refusals (a disk image that is a host device, ...) name the key; add the file, as load_config does."""
     try:
         yield
-    except ConfigError as err:
+    except (ConfigError, RenderError) as err:
         if err.message.startswith(f"{config}: "):
             raise
-        raise ConfigError(f"{config}: {err.message}") from None
+        raise type(err)(f"{config}: {err.message}") from None
 
 
 def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,

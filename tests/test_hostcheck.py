@@ -57,6 +57,7 @@ class FakeHost:
         self.file("/etc/group", f"kvm:x:{gid}:libvirt-qemu\n")
         self.file("/etc/passwd", "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin\n")
         self.file("/etc/libvirt/qemu.conf", '# stock\n#user = "libvirt-qemu"\n')
+        self.file("/var/lib/libvirt/images/archibaldos-dsp.qcow2", "QFI\xfb")  # the default disk image
         self.hugepages(2048, nr=1024, free=1024)
         self.mounts(
             "/dev/nvme0n1p2 / ext4 rw,relatime 0 0",

@@ -124,9 +124,9 @@ CASES = [
     ("qemu-netdev-tap", qemu_args("-netdev", "tap,id=t0,ifname=tap9"), ["qemu_extra_args", "host network outside libvirt"]),
     ("qemu-netdev-bridge", qemu_args("-netdev", "bridge,id=b0,br=virbr0"), ["qemu_extra_args", "host network outside libvirt"]),
     ("qemu-hostfwd-all-addresses", qemu_args("-netdev", "user,id=u0,hostfwd=tcp::2222-:22"),
-     ["qemu_extra_args", "every address", "hostfwd_allow_external"]),
+     ["qemu_extra_args", "loopback", "[network] hostfwd"]),
     ("qemu-guestfwd-command", qemu_args("-netdev", "user,id=u0,guestfwd=tcp:10.0.2.100:1-cmd:/bin/sh"),
-     ["qemu_extra_args", "host files or commands"]),
+     ["qemu_extra_args", "host sockets or commands"]),
     ("qemu-monitor-tcp", qemu_args("-monitor", "tcp:0.0.0.0:4444,server=on,wait=off"), ["qemu_extra_args", "monitor"]),
     ("qemu-qmp-tcp", qemu_args("-qmp", "tcp:0.0.0.0:4444,server=on,wait=off"), ["qemu_extra_args", "monitor"]),
     ("qemu-chardev-tcp", qemu_args("-chardev", "socket,id=c0,host=0.0.0.0,port=4444,server=on"),
@@ -140,7 +140,7 @@ CASES = [
     ("qemu-plugin", qemu_args("-plugin", "/tmp/evil.so"), ["qemu_extra_args", "shared library"]),
     ("qemu-global-romfile", qemu_args("-global", "virtio-net-pci.romfile=/etc/shadow"), ["qemu_extra_args", "romfile="]),
     ("qemu-readconfig", qemu_args("-readconfig", "/etc/qemu.cfg"), ["qemu_extra_args", "host file"]),
-    ("qemu-option-without-value", qemu_args("-name"), ["qemu_extra_args", "needs a value"]),
+    ("qemu-option-without-value", qemu_args("-msg"), ["qemu_extra_args", "needs a value"]),
     ("qemu-vnc-outside-libvirt", qemu_args("-vnc", "0.0.0.0:0"), ["qemu_extra_args", "display_password"]),
     ("qemu-allow-unsafe-not-bool", qemu_args("-sandbox", "off") + "qemu_extra_args_allow_unsafe = 1\n",
      ["qemu_extra_args_allow_unsafe", "true or false"]),
@@ -303,7 +303,7 @@ def test_unsafe_qemu_args_pass_with_the_opt_in_and_a_warning():
 
 @pytest.mark.parametrize("args", [
     ["-overcommit", "cpu-pm=on"], ["-cpu", "host,+invtsc"], ["-msg", "timestamp=on"], ["-S"], ["-no-hpet"],
-    ["-device", "intel-hda"], ["-audiodev", "jack,id=a0"], ["-fw_cfg", "name=opt/dsp,string=1"],
+    ["-device", "intel-hda"], ["-fw_cfg", "name=opt/dsp,string=1"],
     ["-netdev", "user,id=u0,hostfwd=tcp:127.0.0.1:2222-:22"], ["-smbios", "type=1,serial=<x>&"],
 ])
 def test_harmless_qemu_args_pass(args):

@@ -6,6 +6,7 @@ and calls one library function. Errors become one line and an exit code
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -50,6 +51,28 @@ class Ctx:
 
     def __init__(self, uri: str | None) -> None:
         self.uri = uri
+
+
+_ASCII_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that takes only a finite number in ASCII digits: click's float() also takes
+    "nan" (which passes every range check), "inf", "1_0" and other scripts' digits."""
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if isinstance(value, str) and not _ASCII_NUMBER.fullmatch(value.strip()):
+            self.fail(f"{value[:20]!r} is not a number in ASCII digits (e.g. 2.5)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Count(click.IntRange):
+    """An IntRange that takes only ASCII digits (int() also takes other scripts' digits and "1_0")."""
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if isinstance(value, str) and not re.fullmatch(r"[+-]?[0-9]{1,6}", value.strip()):
+            self.fail(f"{value[:20]!r} is not a whole number in ASCII digits", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 config_argument = click.argument("config", type=click.Path(dir_okay=True, path_type=Path))
@@ -125,7 +148,7 @@ def up(obj: Ctx, config: Path, restart: bool, no_autostart: bool, skip_checks: t
 
 @cli.command()
 @config_argument
-@click.option("--timeout", type=click.FloatRange(0, 3600), default=60.0, show_default=True,
+@click.option("--timeout", type=Finite(0, 3600), default=60.0, show_default=True,
               help="Seconds to wait for the ACPI shutdown before destroying.")
 @click.option("--force", is_flag=True, help="Destroy at once, without an ACPI shutdown.")
 @click.option("--undefine", is_flag=True, help="Remove the definition too.")
@@ -155,7 +178,7 @@ def status(obj: Ctx, config: Path, as_json: bool) -> None:
 @config_argument
 @click.option("--force", is_flag=True, help="Take over a console another session holds.")
 @click.option("--expect", "pattern", metavar="REGEX", help="Non-interactive: read until REGEX matches, then exit 0.")
-@click.option("--timeout", type=click.FloatRange(0, 86400), default=60.0, show_default=True,
+@click.option("--timeout", type=Finite(0, 86400), default=60.0, show_default=True,
               help="With --expect: give up (exit 1) after this many seconds.")
 @click.option("--send", metavar="TEXT", help="With --expect: type TEXT first (backslash escapes such as \\n work).")
 @click.pass_obj
@@ -176,7 +199,7 @@ jack_server_option = click.option("--jack-server", metavar="NAME",
                                   help="JACK server to join (default: $JACK_DEFAULT_SERVER, else 'default').")
 server_option = click.option("--server", "start_server", type=click.Choice(["dummy", "alsa"]),
                              help="Start a jackd with this backend at the config's rate and period if none runs.")
-wait_option = click.option("--wait", type=click.FloatRange(0, 3600), default=0.0, show_default=True,
+wait_option = click.option("--wait", type=Finite(0, 3600), default=0.0, show_default=True,
                            help="Wait this many seconds for the VM to join; exit 1 if it does not.")
 
 
@@ -185,7 +208,7 @@ wait_option = click.option("--wait", type=click.FloatRange(0, 3600), default=0.0
 @jack_server_option
 @server_option
 @click.option("--device", default="hw:0", show_default=True, help="ALSA device for --server alsa.")
-@click.option("--nperiods", type=click.IntRange(2, 8), default=2, show_default=True, help="ALSA periods.")
+@click.option("--nperiods", type=Count(2, 8), default=2, show_default=True, help="ALSA periods.")
 @wait_option
 def netjack_start(config: Path, jack_server: str | None, start_server: str | None, device: str, nperiods: int,
                   wait: float) -> None:
@@ -251,12 +274,12 @@ def netjack_unit(config: Path, jack_server: str | None, start_server: str | None
 @cli.command()
 @config_argument
 @click.option("--measure", is_flag=True, help="Measure the round trip through the VM with jack_iodelay.")
-@click.option("--seconds", type=click.FloatRange(2, 600), default=6.0, show_default=True,
+@click.option("--seconds", type=Finite(2, 600), default=6.0, show_default=True,
               help="How long --measure listens.")
-@click.option("--target-ms", type=click.FloatRange(0, 1000), help="Say whether this round trip can be met.")
+@click.option("--target-ms", type=Finite(0, 1000), help="Say whether this round trip can be met.")
 @click.option("--host-backend", type=click.Choice(["dummy", "alsa"]), default="dummy", show_default=True,
               help="The host JACK backend: alsa adds its periods of buffering.")
-@click.option("--nperiods", type=click.IntRange(2, 8), default=2, show_default=True, help="ALSA periods.")
+@click.option("--nperiods", type=Count(2, 8), default=2, show_default=True, help="ALSA periods.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (measured_frames, predicted_frames, xruns, ...).")
 def latency(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
             nperiods: int, as_json: bool) -> None:

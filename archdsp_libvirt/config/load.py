@@ -12,9 +12,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 import msgspec
 from msgspec import Struct
 
-from ..errors import ConfigError
-from ..errors import Invalid
+from ..errors import ConfigError, Invalid
 from .model import _CONTROL_RE, CONFIG_MAX_BYTES, DspConfig
+from .paths import shorten
 
 # --- loading -----------------------------------------------------------------
 
@@ -38,14 +38,47 @@ def _key_path(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
         else:
             text = str(part)
-            # A key is the user's text: one with a newline or a terminal escape is quoted.
-            out += ("." if out else "") + (repr(text) if _CONTROL_RE.search(text) else text)
+            # A key is the user's text: one with a newline, an escape or a non-character is quoted,
+            # and a long one is cut (a 1 MB key is not echoed whole).
+            quoted = repr(text) if _CONTROL_RE.search(text) or _unfit_char(text) else text
+            out += ("." if out else "") + shorten(quoted, 40)
     return out or "(top level)"
+
+
+def _unfit_char(text: str) -> str | None:
+    """The first character XML and libvirt cannot hold: a control character (C0, DEL, C1), a surrogate, or a
+    Unicode non-character (U+FDD0..U+FDEF, U+FFFE and U+FFFF in every plane); None when there is none."""
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 or 0x7F <= o <= 0x9F or 0xD800 <= o <= 0xDFFF or 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE:
+            return ch
+    return None
+
+
+def _unfit_strings(data: Any, loc: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], str] | None:
+    """Where a string of the config (a value, a list item or a table's key) holds such a character."""
+    if isinstance(data, str):
+        ch = _unfit_char(data)
+        return (loc, ch) if ch else None
+    if isinstance(data, dict):
+        for k, v in data.items():
+            ch = _unfit_char(k)
+            if ch:
+                return (*loc, k), ch
+            found = _unfit_strings(v, (*loc, k))
+            if found:
+                return found
+    if isinstance(data, list):
+        for i, v in enumerate(data):
+            found = _unfit_strings(v, (*loc, i))
+            if found:
+                return found
+    return None
 
 
 def _shown(got: Any) -> str:
     """``, got VALUE`` for a short scalar the user wrote; nothing for a table or a long value."""
-    if isinstance(got, dict) or got is _MISSING:
+    if isinstance(got, (dict, list)) or got is _MISSING:
         return ""
     text = repr(got)
     return f", got {text}" if len(text) <= 60 else ""
@@ -117,11 +150,20 @@ def _describe(exc: msgspec.ValidationError, data: dict[str, Any]) -> tuple[str, 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> DspConfig:
     """Check a decoded TOML table; raise :class:`ConfigError` naming the key."""
     try:
-        return msgspec.convert(data, DspConfig)
+        cfg = msgspec.convert(data, DspConfig)
     except msgspec.ValidationError as exc:
         key, msg = _describe(exc, data)
         where = f"{source}: {key}: " if key else f"{source}: "
-        raise ConfigError(where + msg) from None
+        raise ConfigError(where + shorten(msg, 400)) from None
+    # Every string, wherever it is (values, list items, table keys): one XML cannot hold would crash the
+    # renderer (lxml) and mean nothing to libvirt. Checked once the model took the file, so an unknown
+    # or misspelt key is reported as such first.
+    found = _unfit_strings(data)
+    if found:
+        loc, ch = found
+        raise ConfigError(f"{source}: {_key_path(loc)}: must not contain control characters or Unicode "
+                          f"non-characters (found U+{ord(ch):04X}); XML and libvirt cannot hold them")
+    return cfg
 
 
 def load_config(path: str | os.PathLike[str]) -> DspConfig:
@@ -149,7 +191,8 @@ def load_config(path: str | os.PathLike[str]) -> DspConfig:
     if len(raw) > CONFIG_MAX_BYTES:
         raise ConfigError(f"{shown}: larger than {CONFIG_MAX_BYTES // 1024} KiB; a DSP VM description is a few lines")
     try:
-        text = raw.decode("utf-8")
+        # A UTF-8 byte order mark (some editors write one) is not TOML: taken off, as Python's utf-8-sig does.
+        text = raw.decode("utf-8-sig")
         data = tomllib.loads(text)
     except UnicodeDecodeError:
         raise ConfigError(f"{shown}: not UTF-8 text; a TOML file is expected") from None

@@ -19,6 +19,10 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta, Struct, field
 
 from ..errors import Invalid
+from .paths import CONTROL_RE, existing_console_log, existing_file, shorten
+from .paths import clean_text as _clean_text
+from .paths import console_log_path as _console_log
+from .paths import host_path as _host_path
 from .qemuargs import unsafe_qemu_args
 
 DEFAULT_NAME = "archibaldos-dsp"
@@ -26,11 +30,11 @@ SAMPLE_RATES = (22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000)
 PAGE_SIZES_KIB = {"2M": 2048, "1G": 1024 * 1024}
 CONFIG_MAX_BYTES = 1024 * 1024
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_PCI_RE = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
-_VENDOR_DEVICE_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{4}$")
-# Characters that have no place in a path, a kernel argument or an XML attribute.
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Matched with fullmatch: "$" would also match before a trailing newline.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_PCI_RE = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])")
+_VENDOR_DEVICE_RE = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{4}")
+_CONTROL_RE = CONTROL_RE
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 
@@ -44,39 +48,8 @@ def _check(obj: Struct, checks: dict[str, Callable[[Any], object]]) -> None:
             raise Invalid(exc.message, (key, *exc.key)) from None
 
 
-def _clean_text(value: str, what: str) -> None:
-    if _CONTROL_RE.search(value):
-        raise Invalid(f"{what} must not contain control characters or newlines")
-
-
-PATH_MAX = 4096
-
-
-def _clean_path(value: str, what: str = "the path") -> None:
-    """A path as libvirt will get it: no control characters, no ``..`` segments, at most PATH_MAX.
-
-    ``..`` is refused rather than resolved: a path that climbs out of the
-    folder it names is almost always a mistake or a trick, and libvirt's
-    security drivers label the path as written.
-    """
-    _clean_text(value, what)
-    if len(value) > PATH_MAX:
-        raise Invalid(f"{what} must be at most {PATH_MAX} characters, got {len(value)}")
-    if ".." in value.split("/"):
-        raise Invalid(f"{what} must not contain '..' segments; write the folder it means (e.g. /var/lib/libvirt/images/dsp.qcow2)")
-
-
 def _is_loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
-
-
-def _host_path(v: str | None) -> None:
-    """A path on the host: absolute (or ~), clean, no '..'."""
-    if v is None:
-        return
-    _clean_path(v)
-    if not (v.startswith("/") or v.startswith("~")):
-        raise Invalid("must be an absolute path (or start with ~)")
 
 
 def _ip(parse, v: str, expected: str):
@@ -167,12 +140,12 @@ class BootConfig(_Section, kw_only=True):
 
 
 def _pci(v: str | None) -> None:
-    if v is not None and not _PCI_RE.match(v):
+    if v is not None and not _PCI_RE.fullmatch(v):
         raise Invalid("must be a PCI address DDDD:BB:SS.F such as 0000:00:1b.0 (see lspci -D)")
 
 
 def _vendor_device(v: str | None) -> None:
-    if v is not None and not _VENDOR_DEVICE_RE.match(v):
+    if v is not None and not _VENDOR_DEVICE_RE.fullmatch(v):
         raise Invalid("must be vendor:device in hex such as 1022:15e3 (see lspci -nn)")
 
 
@@ -192,7 +165,7 @@ class AudioDeviceConfig(_Section, kw_only=True):
     @property
     def pci_address(self) -> tuple[int, int, int, int]:
         """(domain, bus, slot, function) parsed from :attr:`pci_id`."""
-        m = _PCI_RE.match(self.pci_id or "")
+        m = _PCI_RE.fullmatch(self.pci_id or "")
         if not m:
             raise ValueError("no PCI address")
         return tuple(int(g, 16) for g in m.groups())  # type: ignore[return-value]
@@ -214,8 +187,11 @@ def _source(v: str) -> None:
 
 def _forwards(v: dict[str, object]) -> None:
     for host_port, guest_port in v.items():
-        if not host_port.isdigit() or not 1 <= int(host_port) <= 65535:
-            raise Invalid(f"host port {host_port!r} must be a number from 1 to 65535")
+        # ASCII digits only (str.isdigit and int() take other scripts' digits), no leading zero:
+        # "2222" and "02222" would be two keys for one port.
+        if not re.fullmatch(r"[1-9][0-9]{0,4}", host_port) or int(host_port) > 65535:
+            raise Invalid(f"host port {shorten(repr(host_port))} must be a number from 1 to 65535 "
+                          "(ASCII digits, no leading zero)")
         if type(guest_port) is not int:
             raise Invalid("expected an integer (the guest port)", (host_port,))
         if not 1 <= guest_port <= 65535:
@@ -255,7 +231,7 @@ Core = Annotated[int, Meta(ge=0, le=4095)]
 
 
 def _name(v: str) -> None:
-    if not _NAME_RE.match(v):
+    if not _NAME_RE.fullmatch(v):
         raise Invalid("must be 1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
 
 
@@ -274,24 +250,13 @@ def _emulator_cores(v: list[int] | None) -> None:
 def _features(v: list[str]) -> None:
     for f in v:
         if not re.fullmatch(r"[a-z0-9_.-]{1,40}", f):
-            raise Invalid(f"{f!r} is not a CPU feature name (lowercase, e.g. arch-capabilities)")
-
-
-def _console_log(v: str | None) -> None:
-    if v is None:
-        return
-    _clean_path(v)
-    if not v.startswith("/"):
-        raise Invalid("must be an absolute path")
-    if not v.endswith(".log") or v.endswith("/.log"):
-        raise Invalid(
-            "must be a file name ending in .log (virtlogd truncates it on every start), "
-            "e.g. /var/log/libvirt/qemu/dsp-console.log"
-        )
+            raise Invalid(f"{shorten(repr(f))} is not a CPU feature name (lowercase, e.g. arch-capabilities)")
 
 
 def _listen(v: str) -> None:
-    _ip(ipaddress.ip_address, v, "an IP address such as 127.0.0.1")
+    addr = _ip(ipaddress.ip_address, v, "an IP address such as 127.0.0.1")
+    if getattr(addr, "scope_id", None) is not None:
+        raise Invalid("must be an IP address without a %scope (libvirt's listen address takes none)")
 
 
 def _password(v: str | None) -> None:
@@ -334,6 +299,22 @@ class DspConfig(_Section, kw_only=True):
             "display_password": _password, "qemu_extra_args": self._extra_args,
         })
         self._whole()
+        self._existing_files()
+
+    def _existing_files(self) -> None:
+        """What the paths are where they exist on this host (see :mod:`.paths`); every command loads this."""
+        for key, path, role in ((("archibaldos", "disk_image"), self.disk_image, "disk"),
+                                (("boot", "kernel"), self.boot.kernel, "kernel"),
+                                (("boot", "initrd"), self.boot.initrd, "initrd")):
+            if path:
+                try:
+                    existing_file(path, role)
+                except Invalid as exc:
+                    raise Invalid(exc.message, key) from None
+        try:
+            existing_console_log(self.console_log or f"/var/log/libvirt/qemu/{self.name}-console.log")
+        except Invalid as exc:
+            raise Invalid(exc.message, ("console_log",)) from None
 
     def _extra_args(self, v: list[str]) -> None:
         for arg in v:
@@ -341,10 +322,7 @@ class DspConfig(_Section, kw_only=True):
         if not self.qemu_extra_args_allow_unsafe:
             why = unsafe_qemu_args(v)
             if why:
-                raise Invalid(
-                    f"{why}; this goes around libvirt's security model: remove it, "
-                    "or set qemu_extra_args_allow_unsafe = true"
-                )
+                raise Invalid(f"{why}; remove it, or set qemu_extra_args_allow_unsafe = true")
 
     def _whole(self) -> None:
         """Checks across keys; each message names the keys."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import stat
 from pathlib import Path
 
 from msgspec import Struct
@@ -111,42 +110,6 @@ def detect_disk_format(path: str, forced: str | None) -> str:
     )
 
 
-def check_host_file(path: str, key: str) -> None:
-    """Refuse a path that, followed through its symlinks, is not a regular file.
-
-    Symlinks are fine: libvirt and QEMU open what they point to. What they
-    point to must be a file: a link to a host disk (``/dev/sda``), to
-    ``/dev/zero`` or to a FIFO is refused. A path that does not exist here
-    is left to libvirt on the host that runs the domain.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if stat.S_ISREG(mode):
-        return
-    kind = ("a block device" if stat.S_ISBLK(mode) else "a character device" if stat.S_ISCHR(mode)
-            else "a folder" if stat.S_ISDIR(mode) else "a FIFO or socket")
-    real = os.path.realpath(path)
-    via = f" (through a symlink to {real})" if real != os.path.abspath(path) else ""
-    raise ConfigError(f"{key}: {path} is {kind}{via}; a regular file is expected")
-
-
-def check_console_log(path: str) -> None:
-    """virtlogd, as root, truncates the console log on every start: never through a symlink."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return
-    if stat.S_ISLNK(mode):
-        raise ConfigError(
-            f"console_log: {path} is a symlink to {os.path.realpath(path)}: virtlogd (root) would truncate "
-            "what it points to; give the real path"
-        )
-    if not stat.S_ISREG(mode):
-        raise ConfigError(f"console_log: {path} exists and is not a regular file; give a log file's path")
-
-
 def netjack_cmdline(cfg: DspConfig) -> list[str]:
     """Kernel arguments that tell the demo guest's init how to join the link."""
     nj = cfg.netjack
@@ -227,15 +190,10 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
     disk_path = disk_format = None
     if cfg.disk_image:
         disk_path = os.path.expanduser(cfg.disk_image)
-        check_host_file(disk_path, "archibaldos.disk_image")
         disk_format = detect_disk_format(disk_path, cfg.archibaldos.disk_format)
 
     kernel = os.path.expanduser(cfg.boot.kernel) if cfg.boot.kernel else None
     initrd = os.path.expanduser(cfg.boot.initrd) if cfg.boot.initrd else None
-    if kernel:
-        check_host_file(kernel, "boot.kernel")
-    if initrd:
-        check_host_file(initrd, "boot.initrd")
     cmdline = " ".join([cfg.boot.cmdline, *netjack_cmdline(cfg)]).strip() if kernel else None
 
     nics, hostfwd = _nics(cfg, host.passt)
@@ -258,7 +216,6 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
         warnings.append(f"the display listens on {cfg.display_listen}, password-protected: other hosts can reach it")
 
     console_log = cfg.console_log or f"/var/log/libvirt/qemu/{cfg.name}-console.log"
-    check_console_log(console_log)
     fifo = frozenset(range(len(pins))) if cfg.realtime.enable else frozenset()
     return Plan(
         config=cfg,

@@ -77,6 +77,10 @@ def translate(err: libvirt.libvirtError, uri: str, doing: str) -> LibvirtFailure
         hint = "the domain is already running"
     elif "host forwarding rule" in text:
         hint = "a forwarded host port is already in use: free it or pick another port in network.hostfwd"
+    elif re.search(r"failed to set MSR 0x10a", text, re.I):
+        # MSR 0x10a is IA32_ARCH_CAPABILITIES: a nested (or older) KVM host cannot set it for the guest.
+        hint = ("the host's KVM cannot give the guest the arch-capabilities MSR (usual under nested KVM): "
+                "set cpu_disable_features = [\"arch-capabilities\"]")
     elif "hugepages" in text.lower() and ("Cannot allocate memory" in text or "unable to map" in text):
         hint = "the hugepage pool is exhausted: see 'archdsp-virt check' (hugepages.free)"
     else:
