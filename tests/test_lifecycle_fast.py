@@ -250,3 +250,105 @@ def test_missing_daemon_fails_within_the_bound():
     with pytest.raises(LibvirtFailure, match="libvirtd is not running"):
         s.conn_check = s.run("connecting", lambda c: c.getLibVersion())
     assert time.monotonic() - t0 < 10
+
+
+# --- up --restart: a new definition that cannot start leaves the old VM running -----------------
+
+
+class _StartFails:
+    """The domain handle, with create() refused the first ``times`` times (QEMU refusing the new definition)."""
+
+    def __init__(self, dom, counter):
+        self._dom = dom
+        self._counter = counter
+
+    def create(self):
+        self._counter["calls"] += 1
+        if self._counter["calls"] <= self._counter["fail"]:
+            raise libvirt.libvirtError("internal error: qemu unexpectedly closed the monitor")
+        return self._dom.create()
+
+    def __getattr__(self, attr):
+        return getattr(self._dom, attr)
+
+
+def _refuse_starts(monkeypatch, session, fail):
+    real_lookup = session.conn.lookupByName
+    counter = {"calls": 0, "fail": fail}
+    monkeypatch.setattr(session.conn, "lookupByName", lambda n: _StartFails(real_lookup(n), counter))
+    return counter
+
+
+def test_restart_whose_new_definition_fails_restores_and_restarts_the_old(session, unique_name, monkeypatch):
+    up(make_cfg(unique_name), session)
+    before = inactive(session, unique_name)
+    counter = _refuse_starts(monkeypatch, session, fail=1)
+    lines = []
+    with pytest.raises(LibvirtFailure, match="runs it again") as exc:
+        up(make_cfg(unique_name, memory_mb=512), session, restart=True, say=lines.append)
+    monkeypatch.undo()
+    assert "starting" in exc.value.message and exc.value.exit_code == 1
+    assert counter["calls"] == 2  # the new definition, then the old one again
+    dom = session.conn.lookupByName(unique_name)
+    assert dom.isActive(), "the VM must run again, from its previous definition"
+    assert inactive(session, unique_name) == before
+    assert "<memory unit='KiB'>262144</memory>" in dom.XMLDesc(0)
+    assert f"restored the previous definition of {unique_name}" in lines
+    assert f"started {unique_name} again from its previous definition" in lines
+
+
+def test_restart_of_an_already_defined_new_definition_restarts_what_ran(session, unique_name, monkeypatch):
+    """An earlier up defined the new definition without --restart: the VM's running one comes back."""
+    up(make_cfg(unique_name), session)
+    up(make_cfg(unique_name, memory_mb=512), session)  # defined, not applied: the VM runs 256 MiB
+    _refuse_starts(monkeypatch, session, fail=1)
+    with pytest.raises(LibvirtFailure, match="runs it again"):
+        up(make_cfg(unique_name, memory_mb=512), session, restart=True)
+    monkeypatch.undo()
+    dom = session.conn.lookupByName(unique_name)
+    assert dom.isActive()
+    assert "<memory unit='KiB'>262144</memory>" in dom.XMLDesc(0)
+
+
+def test_restart_whose_old_definition_also_fails_says_so(session, unique_name, monkeypatch):
+    up(make_cfg(unique_name), session)
+    _refuse_starts(monkeypatch, session, fail=2)
+    with pytest.raises(LibvirtFailure, match="could not be started again"):
+        up(make_cfg(unique_name, memory_mb=512), session, restart=True)
+    monkeypatch.undo()
+    assert not session.conn.lookupByName(unique_name).isActive()
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_failing_before_start_hook_restores_the_old_definition(session, unique_name, restart, tmp_path):
+    """A pre-start hook that hits a file it may not write (as the bridge's state under /run can):
+    one HostError naming the file, the previous definition back, the old VM running again."""
+    up(make_cfg(unique_name), session)
+    before = inactive(session, unique_name)
+    if not restart:
+        session.conn.lookupByName(unique_name).destroy()
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+
+    def hook():
+        (blocker / "netjack.stale.json").write_text("{}")  # NotADirectoryError: a real OSError
+
+    lines = []
+    with pytest.raises(ArchdspError) as exc:
+        up(make_cfg(unique_name, memory_mb=512), session, restart=restart, before_start=hook, say=lines.append)
+    msg = exc.value.message
+    assert "\n" not in msg and f"before starting {unique_name}" in msg and str(blocker) in msg
+    assert "Not a directory" in msg
+    assert inactive(session, unique_name) == before
+    assert session.conn.lookupByName(unique_name).isActive() == restart
+    if restart:
+        assert "runs it again" in msg
+
+
+def test_a_failing_before_start_hook_of_a_new_domain_leaves_no_definition(session, unique_name):
+    def hook():
+        raise KeyError("master_port")
+
+    with pytest.raises(ArchdspError, match="KeyError"):
+        up(make_cfg(unique_name), session, before_start=hook)
+    assert session.lookup(unique_name) is None
