@@ -352,3 +352,79 @@ def test_a_failing_before_start_hook_of_a_new_domain_leaves_no_definition(sessio
     with pytest.raises(ArchdspError, match="KeyError"):
         up(make_cfg(unique_name), session, before_start=hook)
     assert session.lookup(unique_name) is None
+
+
+# --- supports_passt: "not supported" is "no passt", a restarting daemon is not ---------------------
+
+
+class _CapsConn:
+    """A connection whose capability calls fail with a real libvirt error (from a real failing call)."""
+
+    def __init__(self, caps_error=None, version_error=None, version=9_000_000):
+        self.caps_error, self.version_error, self.version = caps_error, version_error, version
+        self.calls = 0
+
+    def getDomainCapabilities(self):
+        self.calls += 1
+        if self.caps_error:
+            raise self.caps_error
+        return "<domainCapabilities/>"
+
+    def getLibVersion(self):
+        if self.version_error:
+            raise self.version_error
+        return self.version
+
+    def getURI(self):
+        return "qemu:///system"
+
+    def close(self):
+        return 0
+
+
+def _unsupported_error(test_uri):
+    conn = libvirt.open(test_uri)
+    try:
+        conn.getDomainCapabilities()  # the test driver does not implement it
+    except libvirt.libvirtError as err:
+        assert err.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT
+        return err
+    finally:
+        conn.close()
+    raise AssertionError("the test driver answered getDomainCapabilities")
+
+
+def test_supports_passt_on_a_driver_without_domain_capabilities_falls_back_to_the_version(test_uri):
+    from archdsp_libvirt.virt.connection import supports_passt
+
+    conn = libvirt.open(test_uri)
+    try:
+        assert supports_passt(conn) is (conn.getLibVersion() >= 9_002_000)
+    finally:
+        conn.close()
+    assert supports_passt(_CapsConn(caps_error=_unsupported_error(test_uri), version=9_002_000)) is True
+    assert supports_passt(_CapsConn(caps_error=_unsupported_error(test_uri),
+                                    version_error=_unsupported_error(test_uri))) is False
+
+
+def test_supports_passt_raises_a_transient_failure_when_the_daemon_goes_away():
+    from archdsp_libvirt.virt.connection import supports_passt
+
+    with pytest.raises(LibvirtFailure) as exc:
+        supports_passt(_CapsConn(caps_error=_socket_error()))
+    assert exc.value.transient and "libvirtd is not running" in exc.value.message
+    with pytest.raises(LibvirtFailure) as exc:
+        supports_passt(_CapsConn(caps_error=_socket_error(), version_error=_socket_error()))
+    assert exc.value.transient
+
+
+def test_a_session_retries_supports_passt_on_a_fresh_connection(session):
+    from archdsp_libvirt.virt.connection import supports_passt
+
+    dropped = _CapsConn(caps_error=_socket_error(), version=9_002_000)
+    session._conn = dropped  # the connection libvirtd closed when it restarted
+    answer = session.run("reading domain capabilities", supports_passt)
+    assert dropped.calls == 1
+    # Answered by the fresh test-driver connection, not by "no passt" from the failed one.
+    assert answer is (libvirt.getVersion() >= 9_002_000)
+    assert session._conn is not dropped
