@@ -439,14 +439,14 @@ def status(cfg: DspConfig, session: Session, proc: str = "/proc", sysfs_root: st
             info["cpu_time_s"] = round(stats[4] / 1e9, 3)
         except ArchdspError:
             pass
-        pid = qthreads.qemu_pid(name) if session.is_local and _has_qemu_namespace(session) else None
+        pid = qthreads.qemu_pid(name, proc=proc) if session.is_local and _has_qemu_namespace(session) else None
         info["qemu_pid"] = pid
         if pid is not None:
-            try:
-                started = os.stat(os.path.join(proc, str(pid))).st_mtime
-                info["uptime_s"] = round(time.time() - started, 1)
-            except OSError:
-                pass
+            from ..procs import age
+
+            uptime = age(pid, proc)  # from the process's start time (/proc/PID/stat), not an mtime
+            if uptime is not None:
+                info["uptime_s"] = round(uptime, 1)
             threads = qthreads.vcpu_threads(pid, proc)
         else:
             threads = {}
