@@ -23,7 +23,6 @@ from archdsp_libvirt.procs import Owned, spawn_detached
 from conftest import archdsp
 
 RUN = Path("/run/archdsp-libvirt")
-needs_jack = pytest.mark.skipif(not shutil.which("jackd"), reason="jackd is not installed (apt-get install jackd2)")
 
 
 def test_slave_clients_prefer_the_newest():
@@ -136,6 +135,8 @@ def status(cfg):
     return json.loads(archdsp("netjack", "status", "--json", str(cfg)).stdout)
 
 
+@pytest.mark.real
+@pytest.mark.jack
 def test_guest_side_missing_is_reported_within_the_timeout(loopback):
     cfg, _start_slave = loopback
     t0 = time.monotonic()
@@ -148,6 +149,8 @@ def test_guest_side_missing_is_reported_within_the_timeout(loopback):
     assert st["running"] and st["link"] == "down"
 
 
+@pytest.mark.real
+@pytest.mark.jack
 def test_link_aliases_and_recovery_after_the_host_server_dies(loopback):
     cfg, start_slave = loopback
     r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
