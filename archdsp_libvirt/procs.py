@@ -12,13 +12,35 @@ from pathlib import Path
 from msgspec import Struct
 
 
-def start_time(pid: int) -> int | None:
+def start_time(pid: int, proc: str = "/proc") -> int | None:
     """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        stat = Path(proc, str(pid), "stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
         return None
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def boot_time(proc: str = "/proc") -> int | None:
+    """When the machine booted, in seconds since the epoch (``btime`` of /proc/stat)."""
+    try:
+        for line in Path(proc, "stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def age(pid: int, proc: str = "/proc", now: float | None = None) -> float | None:
+    """How long the process has run, in seconds: from its start time, not from /proc/PID's mtime
+    (which is when /proc first looked at it)."""
+    ticks = start_time(pid, proc)
+    booted = boot_time(proc)
+    if ticks is None or booted is None:
+        return None
+    started = booted + ticks / os.sysconf("SC_CLK_TCK")
+    return max(0.0, (time.time() if now is None else now) - started)
 
 
 class Owned(Struct, frozen=True):

@@ -140,24 +140,94 @@ def dsp_guest_files(system_libvirt):
     return GUEST_DIR / "vmlinuz", GUEST_DIR / "initrd.img"
 
 
+JACK_SERVER_NAMES = tuple(f"archdsp-test-{n}" for n in range(1, 5))
+
+
+def jack_server_running(name: str) -> bool:
+    """Whether a JACK server called ``name`` answers (never starting one)."""
+    if not shutil.which("jack_lsp"):
+        return False
+    env = {**os.environ, "JACK_NO_START_SERVER": "1", "JACK_NO_AUDIO_RESERVATION": "1"}
+    try:
+        return subprocess.run(["jack_lsp", "-s", name], capture_output=True, timeout=15, env=env).returncode == 0
+    except subprocess.TimeoutExpired:
+        return True  # something answers, slowly: not ours to take
+
+
+def free_jack_server_name(running=jack_server_running) -> str:
+    """A JACK server name of this session's own: the first of a few fixed names that no running
+    server holds (the demo's server, another session's). Fixed names, not random ones: JACK2
+    reclaims the registry slot of a server that died only for a new server of the same name, and
+    it has eight slots."""
+    for name in JACK_SERVER_NAMES:
+        if not running(name):
+            return name
+    raise RuntimeError(f"every test JACK server name is in use: {', '.join(JACK_SERVER_NAMES)}")
+
+
+def pick_guest_cores(online: frozenset[int], busy: frozenset[int]) -> tuple[int, bool]:
+    """(core for the test guest's vCPU, whether it may run SCHED_FIFO).
+
+    ``busy`` are the cores other running domains' vCPUs are pinned to (the demo's TCG guest keeps
+    its FIFO vCPU on core 1 busy). Two FIFO vCPUs of the same priority on one core take turns only
+    when one blocks: a TCG guest booting beside the demo's starved it (and was starved by it), and
+    never reported ready. So the guest takes a core no other domain's vCPU is pinned to, leaving
+    at least one core to the host; where there is none, it shares a core without SCHED_FIFO.
+    """
+    free = sorted(online - busy)
+    for core in reversed(free):
+        if online - {core}:
+            return core, True
+    return max(online), False
+
+
+def busy_cores(uri: str = SYSTEM_URI, ours: str | None = None) -> frozenset[int]:
+    """Cores the vCPUs of the other running domains on ``uri`` may run on."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        cores: set[int] = set()
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            if dom.name() == ours:
+                continue
+            try:
+                maps = dom.vcpus()[1]
+            except libvirt.libvirtError:
+                continue
+            for cpumap in maps:
+                cores.update(i for i, on in enumerate(cpumap) if on)
+        return frozenset(cores)
+    finally:
+        conn.close()
+
+
 @pytest.fixture(scope="session")
 def demo_domain(dsp_guest_files, tmp_path_factory):
     """One TCG demo guest for the whole session (TCG boots are slow), joined to a host JACK
     server of the test's own through the bridge: yields the config path, domain name and server name.
 
-    The link uses a port and JACK server name of this session's own, and the master's unicast
-    address on libvirt's virbr0 (no multicast, nothing leaves the machine).
+    It coexists with whatever else runs (scripts/demo among them): its own domain name, NETJACK
+    port and JACK server name, and a vCPU core no other running domain's vCPU is pinned to
+    (:func:`pick_guest_cores`). The link uses the master's unicast address on libvirt's virbr0
+    (no multicast, nothing leaves the machine).
     """
     import random
     import tomllib
     import uuid as uuidlib
 
+    from archdsp_libvirt.cpuset import parse_cpuset
+
     tag = uuidlib.uuid4().hex[:6]
     name = f"archdsp-test-demo-{tag}"
-    server = "archdsp-test"  # a fixed name: JACK reclaims a stale registry slot only for the same name
+    server = free_jack_server_name()
     port = random.randint(19100, 19900)
+    online = parse_cpuset(Path("/sys/devices/system/cpu/online").read_text())
+    core, fifo = pick_guest_cores(online, busy_cores(ours=name))
     text = (DOMAINS / "demo-dsp.toml").read_text()
-    for old, new in (('name = "archdsp-demo"', f'name = "{name}"'), ("source_port = 19000", f"source_port = {port}")):
+    for old, new in (('name = "archdsp-demo"', f'name = "{name}"'), ("source_port = 19000", f"source_port = {port}"),
+                     ("isolated_cores = [1]", f"isolated_cores = [{core}]"),
+                     ("[realtime]\nenable = true", f"[realtime]\nenable = {'true' if fifo else 'false'}")):
         assert old in text
         text = text.replace(old, new)
     kernel, initrd = dsp_guest_files

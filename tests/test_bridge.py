@@ -23,7 +23,6 @@ from archdsp_libvirt.procs import Owned, spawn_detached
 from conftest import archdsp
 
 RUN = Path("/run/archdsp-libvirt")
-needs_jack = pytest.mark.skipif(not shutil.which("jackd"), reason="jackd is not installed (apt-get install jackd2)")
 
 
 def test_slave_clients_prefer_the_newest():
@@ -35,14 +34,49 @@ def test_slave_clients_prefer_the_newest():
     assert _newest(["dsp"], "dsp") == "dsp"
 
 
+def _netjack_cfg(name="dsp1"):
+    return parse_config({"name": name, "isolated_cores": [1], "memory_mb": 256,
+                         "archibaldos": {"netjack": {"enable": True}}})
+
+
 def test_systemd_unit(tmp_path):
     cfg_path = tmp_path / "dsp.toml"
-    cfg = parse_config({"name": "dsp1", "isolated_cores": [1], "memory_mb": 256,
-                        "archibaldos": {"netjack": {"enable": True}}})
-    unit = systemd_unit(cfg, cfg_path, "dummy", None)
+    unit = systemd_unit(_netjack_cfg(), cfg_path, "dummy", None)
     assert "Description=NETJACK bridge to the DSP VM dsp1" in unit
-    assert f"netjack start --server dummy {cfg_path}" in unit and f"netjack stop {cfg_path}" in unit
+    assert f'netjack start --server "dummy" "{cfg_path}"' in unit and f'netjack stop "{cfg_path}"' in unit
     assert "After=libvirtd.service" in unit and "WantedBy=multi-user.target" in unit
+    assert "Type=oneshot" in unit and "RemainAfterExit=yes" in unit
+    assert "KillMode=process" in unit and "KillMode=none" not in unit
+
+
+def test_systemd_unit_quotes_paths_as_systemd_reads_them(tmp_path):
+    odd = tmp_path / 'my dsp %n $HOME "q" back\\slash'
+    odd.mkdir()
+    cfg_path = odd / "dsp.toml"
+    unit = systemd_unit(_netjack_cfg(), cfg_path, "dummy", "jack %i")
+    quoted = '"' + str(cfg_path).replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$") + '"'
+    assert f"netjack stop {quoted}\n" in unit
+    assert '--jack-server "jack %%i"' in unit
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed: the unit is not verified by systemd itself")
+    unit_file = tmp_path / "archdsp-test-bridge.service"
+    unit_file.write_text(unit.replace(unit.split("ExecStart=")[1].split(" ")[0], '"/bin/true"'))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit_file)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Unbalanced" not in r.stderr and "specifier" not in r.stderr, r.stderr
+
+
+def test_systemd_unit_refuses_a_path_with_a_newline(tmp_path):
+    from click.testing import CliRunner
+
+    from archdsp_libvirt.cli import cli
+
+    evil = tmp_path / "dsp.toml\nExecStartPre=touch pwned"
+    evil.write_text("isolated_cores = [1]\nmemory_mb = 256\n[archibaldos.netjack]\nenable = true\n")
+    result = CliRunner().invoke(cli, ["netjack", "unit", str(evil)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "control character" in lines[0] and "Traceback" not in result.stderr
+    assert "ExecStartPre" not in result.stdout
 
 
 def test_bridge_commands_need_netjack_enabled(tmp_path):
@@ -101,6 +135,8 @@ def status(cfg):
     return json.loads(archdsp("netjack", "status", "--json", str(cfg)).stdout)
 
 
+@pytest.mark.real
+@pytest.mark.jack
 def test_guest_side_missing_is_reported_within_the_timeout(loopback):
     cfg, _start_slave = loopback
     t0 = time.monotonic()
@@ -113,6 +149,8 @@ def test_guest_side_missing_is_reported_within_the_timeout(loopback):
     assert st["running"] and st["link"] == "down"
 
 
+@pytest.mark.real
+@pytest.mark.jack
 def test_link_aliases_and_recovery_after_the_host_server_dies(loopback):
     cfg, start_slave = loopback
     r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))

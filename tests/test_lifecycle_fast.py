@@ -251,3 +251,181 @@ def test_missing_daemon_fails_within_the_bound():
     with pytest.raises(LibvirtFailure, match="libvirtd is not running"):
         s.conn_check = s.run("connecting", lambda c: c.getLibVersion())
     assert time.monotonic() - t0 < 10
+
+
+# --- up --restart: a new definition that cannot start leaves the old VM running -----------------
+
+
+class _StartFails:
+    """The domain handle, with create() refused the first ``times`` times (QEMU refusing the new definition)."""
+
+    def __init__(self, dom, counter):
+        self._dom = dom
+        self._counter = counter
+
+    def create(self):
+        self._counter["calls"] += 1
+        if self._counter["calls"] <= self._counter["fail"]:
+            raise libvirt.libvirtError("internal error: qemu unexpectedly closed the monitor")
+        return self._dom.create()
+
+    def __getattr__(self, attr):
+        return getattr(self._dom, attr)
+
+
+def _refuse_starts(monkeypatch, session, fail):
+    real_lookup = session.conn.lookupByName
+    counter = {"calls": 0, "fail": fail}
+    monkeypatch.setattr(session.conn, "lookupByName", lambda n: _StartFails(real_lookup(n), counter))
+    return counter
+
+
+def test_restart_whose_new_definition_fails_restores_and_restarts_the_old(session, unique_name, monkeypatch):
+    up(make_cfg(unique_name), session)
+    before = inactive(session, unique_name)
+    counter = _refuse_starts(monkeypatch, session, fail=1)
+    lines = []
+    with pytest.raises(LibvirtFailure, match="runs it again") as exc:
+        up(make_cfg(unique_name, memory_mb=512), session, restart=True, say=lines.append)
+    monkeypatch.undo()
+    assert "starting" in exc.value.message and exc.value.exit_code == 1
+    assert counter["calls"] == 2  # the new definition, then the old one again
+    dom = session.conn.lookupByName(unique_name)
+    assert dom.isActive(), "the VM must run again, from its previous definition"
+    assert inactive(session, unique_name) == before
+    assert "<memory unit='KiB'>262144</memory>" in dom.XMLDesc(0)
+    assert f"restored the previous definition of {unique_name}" in lines
+    assert f"started {unique_name} again from its previous definition" in lines
+
+
+def test_restart_of_an_already_defined_new_definition_restarts_what_ran(session, unique_name, monkeypatch):
+    """An earlier up defined the new definition without --restart: the VM's running one comes back."""
+    up(make_cfg(unique_name), session)
+    up(make_cfg(unique_name, memory_mb=512), session)  # defined, not applied: the VM runs 256 MiB
+    _refuse_starts(monkeypatch, session, fail=1)
+    with pytest.raises(LibvirtFailure, match="runs it again"):
+        up(make_cfg(unique_name, memory_mb=512), session, restart=True)
+    monkeypatch.undo()
+    dom = session.conn.lookupByName(unique_name)
+    assert dom.isActive()
+    assert "<memory unit='KiB'>262144</memory>" in dom.XMLDesc(0)
+
+
+def test_restart_whose_old_definition_also_fails_says_so(session, unique_name, monkeypatch):
+    up(make_cfg(unique_name), session)
+    _refuse_starts(monkeypatch, session, fail=2)
+    with pytest.raises(LibvirtFailure, match="could not be started again"):
+        up(make_cfg(unique_name, memory_mb=512), session, restart=True)
+    monkeypatch.undo()
+    assert not session.conn.lookupByName(unique_name).isActive()
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_failing_before_start_hook_restores_the_old_definition(session, unique_name, restart, tmp_path):
+    """A pre-start hook that hits a file it may not write (as the bridge's state under /run can):
+    one HostError naming the file, the previous definition back, the old VM running again."""
+    up(make_cfg(unique_name), session)
+    before = inactive(session, unique_name)
+    if not restart:
+        session.conn.lookupByName(unique_name).destroy()
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+
+    def hook():
+        (blocker / "netjack.stale.json").write_text("{}")  # NotADirectoryError: a real OSError
+
+    lines = []
+    with pytest.raises(ArchdspError) as exc:
+        up(make_cfg(unique_name, memory_mb=512), session, restart=restart, before_start=hook, say=lines.append)
+    msg = exc.value.message
+    assert "\n" not in msg and f"before starting {unique_name}" in msg and str(blocker) in msg
+    assert "Not a directory" in msg
+    assert inactive(session, unique_name) == before
+    assert session.conn.lookupByName(unique_name).isActive() == restart
+    if restart:
+        assert "runs it again" in msg
+
+
+def test_a_failing_before_start_hook_of_a_new_domain_leaves_no_definition(session, unique_name):
+    def hook():
+        raise KeyError("master_port")
+
+    with pytest.raises(ArchdspError, match="KeyError"):
+        up(make_cfg(unique_name), session, before_start=hook)
+    assert session.lookup(unique_name) is None
+
+
+# --- supports_passt: "not supported" is "no passt", a restarting daemon is not ---------------------
+
+
+class _CapsConn:
+    """A connection whose capability calls fail with a real libvirt error (from a real failing call)."""
+
+    def __init__(self, caps_error=None, version_error=None, version=9_000_000):
+        self.caps_error, self.version_error, self.version = caps_error, version_error, version
+        self.calls = 0
+
+    def getDomainCapabilities(self):
+        self.calls += 1
+        if self.caps_error:
+            raise self.caps_error
+        return "<domainCapabilities/>"
+
+    def getLibVersion(self):
+        if self.version_error:
+            raise self.version_error
+        return self.version
+
+    def getURI(self):
+        return "qemu:///system"
+
+    def close(self):
+        return 0
+
+
+def _unsupported_error(test_uri):
+    conn = libvirt.open(test_uri)
+    try:
+        conn.getDomainCapabilities()  # the test driver does not implement it
+    except libvirt.libvirtError as err:
+        assert err.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT
+        return err
+    finally:
+        conn.close()
+    raise AssertionError("the test driver answered getDomainCapabilities")
+
+
+def test_supports_passt_on_a_driver_without_domain_capabilities_falls_back_to_the_version(test_uri):
+    from archdsp_libvirt.virt.connection import supports_passt
+
+    conn = libvirt.open(test_uri)
+    try:
+        assert supports_passt(conn) is (conn.getLibVersion() >= 9_002_000)
+    finally:
+        conn.close()
+    assert supports_passt(_CapsConn(caps_error=_unsupported_error(test_uri), version=9_002_000)) is True
+    assert supports_passt(_CapsConn(caps_error=_unsupported_error(test_uri),
+                                    version_error=_unsupported_error(test_uri))) is False
+
+
+def test_supports_passt_raises_a_transient_failure_when_the_daemon_goes_away():
+    from archdsp_libvirt.virt.connection import supports_passt
+
+    with pytest.raises(LibvirtFailure) as exc:
+        supports_passt(_CapsConn(caps_error=_socket_error()))
+    assert exc.value.transient and "libvirtd is not running" in exc.value.message
+    with pytest.raises(LibvirtFailure) as exc:
+        supports_passt(_CapsConn(caps_error=_socket_error(), version_error=_socket_error()))
+    assert exc.value.transient
+
+
+def test_a_session_retries_supports_passt_on_a_fresh_connection(session):
+    from archdsp_libvirt.virt.connection import supports_passt
+
+    dropped = _CapsConn(caps_error=_socket_error(), version=9_002_000)
+    session._conn = dropped  # the connection libvirtd closed when it restarted
+    answer = session.run("reading domain capabilities", supports_passt)
+    assert dropped.calls == 1
+    # Answered by the fresh test-driver connection, not by "no passt" from the failed one.
+    assert answer is (libvirt.getVersion() >= 9_002_000)
+    assert session._conn is not dropped

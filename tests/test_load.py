@@ -1,7 +1,7 @@
 """Load: many lifecycle cycles without leaks, and concurrent `up` of one config ending in one domain.
 
-The cycles run on libvirt's in-process test driver (fast, private); the
-concurrency runs ten real `archdsp-virt up` processes against qemu:///system.
+The cycles run on libvirt's in-process test driver (fast, private, unmarked); what runs against
+qemu:///system (ten real `archdsp-virt up` processes, sessions on libvirtd's socket) is marked real.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from archdsp_libvirt import parse_config
 from archdsp_libvirt.virt.connection import Session
 from archdsp_libvirt.virt.lifecycle import down, up
 from conftest import SYSTEM_URI, virsh
-
-pytestmark = pytest.mark.real
 
 CYCLES = 200
 
@@ -71,7 +69,7 @@ def test_define_start_destroy_undefine_cycles_leak_nothing(test_uri, unique_name
     assert rss_kib() - rss_before < 16 * 1024, "resident memory grew by more than 16 MiB"
 
 
-@pytest.mark.parametrize("where", ["test driver", "qemu:///system"])
+@pytest.mark.parametrize("where", ["test driver", pytest.param("qemu:///system", marks=pytest.mark.real)])
 def test_sessions_opened_and_closed_leak_no_descriptors(request, test_uri, unique_name, where):
     """What every CLI command does: open a connection, look something up, close it.
 
@@ -91,6 +89,7 @@ def test_sessions_opened_and_closed_leak_no_descriptors(request, test_uri, uniqu
 UUID_RE = re.compile(r"uuid ([0-9a-f-]{36})")
 
 
+@pytest.mark.real
 def test_ten_concurrent_up_end_with_one_domain(kvm_config):
     cfg, name = kvm_config
     cmd = [sys.executable, "-m", "archdsp_libvirt", "-c", SYSTEM_URI, "up", "--no-check", "--no-autostart", str(cfg)]

@@ -359,13 +359,31 @@ def format_status(info: dict) -> list[str]:
 
 
 def systemd_unit(cfg: DspConfig, config_path: Path, server_kind: str | None, server: str | None) -> str:
-    """A unit that runs the bridge like the original design's dsp-netjack-bridge.service."""
-    exe = shutil.which("archdsp-virt") or "archdsp-virt"
-    opts = "".join([f" --jack-server {server}" if server else "", f" --server {server_kind}" if server_kind else ""])
-    cfg_path = Path(config_path).resolve()
+    """A unit that runs the bridge like the original design's dsp-netjack-bridge.service.
+
+    Every word of the command lines is quoted as systemd.syntax(7) and systemd.service(5) read them
+    (``"..."`` with ``\\`` and ``\"`` escaped, ``%`` as ``%%``, ``$`` as ``$$``); a word with a
+    control character (a newline would start a new directive) is refused.
+    """
+    import re
+
+    from ..errors import UsageError
+
+    def word(what: str, value: str) -> str:
+        if re.search(r"[\x00-\x1f\x7f]", value):
+            raise UsageError(f"{what} {value!r} holds a control character, which a systemd unit cannot carry; "
+                             "use a path without one")
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+        return f'"{escaped}"'
+
+    exe = word("the archdsp-virt path", shutil.which("archdsp-virt") or "archdsp-virt")
+    opts = "".join([f" --jack-server {word('--jack-server', server)}" if server else "",
+                    f" --server {word('--server', server_kind)}" if server_kind else ""])
+    cfg_path = word("the config path", str(Path(config_path).resolve()))
+    description = cfg.name.replace("%", "%%")
     return (
         "[Unit]\n"
-        f"Description=NETJACK bridge to the DSP VM {cfg.name}\n"
+        f"Description=NETJACK bridge to the DSP VM {description}\n"
         "After=libvirtd.service sound.target\n"
         "Wants=libvirtd.service\n\n"
         "[Service]\n"
@@ -374,7 +392,11 @@ def systemd_unit(cfg: DspConfig, config_path: Path, server_kind: str | None, ser
         f"ExecStart={exe} netjack start{opts} {cfg_path}\n"
         f"ExecStop={exe} netjack stop {cfg_path}\n"
         f"ExecReload={exe} netjack restart {cfg_path}\n"
-        "KillMode=none\n\n"
+        "# `netjack start` exits once the bridge runs; the supervisor and a jackd it started stay in this\n"
+        "# unit's cgroup (detached into sessions of their own, which does not take them out of it).\n"
+        "# ExecStop stops them by PID, the NETJACK master first; KillMode=process leaves the rest of the\n"
+        "# cgroup to it instead of SIGTERMing jackd mid-unload (and is not the deprecated 'none').\n"
+        "KillMode=process\n\n"
         "[Install]\n"
         "WantedBy=multi-user.target\n"
     )

@@ -5,7 +5,9 @@ and calls one library function. Errors become one line and an exit code
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -44,6 +46,70 @@ class Group(click.Group):
             return super().invoke(ctx)
         except ArchdspError as err:
             raise Failure(err.message, err.exit_code) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
+        except Exception as exc:  # the one boundary where anything else becomes one line
+            failure = unexpected(exc)
+            if failure is None:
+                raise
+            raise failure from None
+
+
+# Programs the package runs, and where they come from, for a "not found" hint.
+_PROGRAMS = {
+    "jack_iodelay": "apt-get install jackd2", "jack_load": "apt-get install jackd2",
+    "jack_unload": "apt-get install jackd2", "jackd": "apt-get install jackd2",
+    "stdbuf": "apt-get install coreutils", "virsh": "apt-get install libvirt-clients",
+}
+_HINTS = {
+    errno.EACCES: "run as root (or with sudo)",
+    errno.EPERM: "run as root (or with sudo)",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "free some space",
+    errno.ENOENT: "check that it exists",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ESRCH: "the process exited meanwhile; run the command again",
+}
+
+
+def _shown(name) -> str:
+    text = os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name)
+    return text if text.isprintable() else repr(text)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: the file or program, the operation's reason, and a hint."""
+    reason = exc.strerror or type(exc).__name__
+    name = exc.filename
+    if isinstance(exc, FileNotFoundError) and isinstance(name, str) and os.sep not in name:
+        # subprocess: a program looked up on PATH
+        fix = _PROGRAMS.get(name, "install it, or put it on PATH")
+        return f"cannot run {name}: not found on PATH ({fix})"
+    if isinstance(exc, ProcessLookupError) or exc.errno == errno.ESRCH:
+        return f"no such process ({_HINTS[errno.ESRCH]})"
+    where = ""
+    if name is not None:
+        where = _shown(name) + (f" -> {_shown(exc.filename2)}" if exc.filename2 is not None else "") + ": "
+    hint = _HINTS.get(exc.errno or 0)
+    return f"{where}{reason}" + (f" ({hint})" if hint else "")
+
+
+def unexpected(exc: Exception) -> Failure | None:
+    """What the CLI says about an exception that is not one of ours; None to let it through
+    (ARCHDSP_DEBUG=1 keeps the traceback of an internal error)."""
+    if isinstance(exc, OSError):
+        return Failure(describe_os_error(exc), 1)
+    jack = sys.modules.get("jack")  # JACK-Client: imported only by the commands that use it
+    if jack is not None and isinstance(exc, getattr(jack, "JackError", ())):
+        return Failure(f"JACK: {exc}", 1)
+    if os.environ.get("ARCHDSP_DEBUG") == "1":
+        return None
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return Failure(f"internal error: {type(exc).__name__}" + (f": {detail}" if detail else "")
+                   + "; please report it (ARCHDSP_DEBUG=1 shows the traceback)", 1)
 
 
 class Ctx:
@@ -298,5 +364,5 @@ def latency(config: Path, measure: bool, seconds: float, target_ms: float | None
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="archdsp-virt", standalone_mode=True)
-    except KeyboardInterrupt:  # pragma: no cover - interactive only
+    except KeyboardInterrupt:  # pragma: no cover - outside any command (e.g. while importing)
         sys.exit(130)

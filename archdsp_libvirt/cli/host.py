@@ -104,9 +104,13 @@ def vfio_bind(pci: str, dry_run: bool, host_root: Path) -> None:
 @vfio.command("unbind")
 @pci_argument
 @dry_run_option
+@click.option("--force", is_flag=True, help="Unbind even when libvirt cannot say whether a running VM has PCI.")
 @host_root_option
-def vfio_unbind(pci: str, dry_run: bool, host_root: Path) -> None:
-    """Give PCI back to the driver it had before vfio bind."""
+@click.pass_obj
+def vfio_unbind(obj, pci: str, dry_run: bool, force: bool, host_root: Path) -> None:
+    """Give PCI back to the driver it had before vfio bind (refused while a running VM has it)."""
     from ..host.vfio import unbind
 
-    _print_writes(unbind(Host(host_root), pci, dry_run=dry_run), dry_run, f"{pci}: not bound to vfio-pci")
+    writes = unbind(Host(host_root), pci, dry_run=dry_run, uri=getattr(obj, "uri", None), force=force,
+                    say=lambda m: click.echo(m, err=True))
+    _print_writes(writes, dry_run, f"{pci}: not bound to vfio-pci")

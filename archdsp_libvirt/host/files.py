@@ -289,26 +289,9 @@ class Host:
 
     def root_storage_devices(self) -> dict[str, str]:
         """PCI address -> why, for the controller(s) holding the root filesystem."""
-        roots = [m for m in self.mounts() if m.path == "/"]
-        if not roots:
-            return {}
-        dev = roots[-1].device
-        if not dev.startswith("/dev/"):
-            return {}
-        resolved = self.resolve(dev)
-        name = os.path.basename(resolved or dev)
-        out: dict[str, str] = {}
-        for disk in self._block_leaves(name, depth=0):
-            addr = _pci_in_path(self.resolve(f"/sys/class/block/{disk}") or "")
-            if addr:
-                out[addr] = f"storage controller of the root filesystem ({dev})"
-        return out
+        from .critical import storage_devices
 
-    def _block_leaves(self, name: str, depth: int) -> list[str]:
-        slaves = self.listdir(f"/sys/class/block/{name}/slaves")
-        if not slaves or depth > 4:
-            return [name]
-        return [leaf for s in slaves for leaf in self._block_leaves(s, depth + 1)]
+        return {a: why for a, why in storage_devices(self).items() if "the root filesystem" in why}
 
     def default_route_interfaces(self) -> list[str]:
         ifaces: list[str] = []
@@ -337,8 +320,12 @@ class Host:
         return {a: f"NIC of the default route ({i})" for i in self.default_route_interfaces() for a in self._nic_pci(i)}
 
     def critical_devices(self) -> dict[str, str]:
-        """PCI devices the host cannot lose: root storage and default-route NIC (bridges by class)."""
-        return {**self.default_route_nics(), **self.root_storage_devices()}
+        """PCI devices the host cannot lose (bridges are refused by class): the storage of /, /boot,
+        /usr, /var, swap and the libvirt image store, the default route's NICs and NICs carrying an
+        SSH session (see :mod:`.critical`)."""
+        from .critical import ssh_nics, storage_devices
+
+        return {**ssh_nics(self), **self.default_route_nics(), **storage_devices(self)}
 
 
 def _limit_value(text: str) -> int | None:

@@ -18,14 +18,22 @@ Everything goes through a :class:`~archdsp_libvirt.hostcheck.Host` root.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from msgspec import Struct
 
-from ..errors import HostError
+from ..errors import ArchdspError, HostError
 from .files import Host, PciDevice, normalize_pci
 
 STATE_FILE = "/run/archdsp-libvirt/vfio.json"
+LOCK_FILE = "/run/archdsp-libvirt/vfio.lock"  # held around every read-modify-write of STATE_FILE
+LOCK_WAIT = 30.0  # seconds
 VFIO_DRIVER = "vfio-pci"
 
 
@@ -82,15 +90,50 @@ def _load_state(host: Host) -> dict[str, str | None]:
 
 
 def _save_state(host: Host, state: dict[str, str | None]) -> None:
+    """Replace the state file atomically (a temporary file in the same folder, then rename)."""
     path = host.path(STATE_FILE)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if state:
-            path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        else:
+        if not state:
             path.unlink(missing_ok=True)
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".vfio.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(state, indent=2, sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     except OSError as exc:
-        raise HostError(f"cannot write {STATE_FILE}: {exc.strerror}") from None
+        raise HostError(f"cannot write {STATE_FILE}: {exc.strerror} (run as root)") from None
+
+
+@contextmanager
+def _locked(host: Host) -> Iterator[None]:
+    """Hold an exclusive flock on LOCK_FILE (waiting at most LOCK_WAIT s) for a read-modify-write."""
+    path = host.path(LOCK_FILE)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise HostError(f"cannot open {LOCK_FILE}: {exc.strerror} (run as root)") from None
+    try:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HostError(f"another vfio bind or unbind holds {LOCK_FILE} for more than "
+                                    f"{LOCK_WAIT:g} s; try again when it has finished") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _apply(host: Host, writes: list[SysfsWrite]) -> None:
@@ -101,6 +144,29 @@ def _apply(host: Host, writes: list[SysfsWrite]) -> None:
             raise HostError(f"writing {w.value.strip()!r} to {w.path} failed: {exc.strerror}") from None
 
 
+def _apply_or_undo(host: Host, writes: list[SysfsWrite], undo: Callable[[list[SysfsWrite]], list[SysfsWrite]]) -> None:
+    """Make ``writes`` in order; when one fails, make ``undo(done)`` (best effort) and raise, saying
+    what was undone and what could not be."""
+    done: list[SysfsWrite] = []
+    for w in writes:
+        try:
+            host.write(w.path, w.value)
+        except OSError as exc:
+            failed = f"writing {w.value.strip()!r} to {w.path} failed: {exc.strerror}"
+            undone, not_undone = [], []
+            for u in undo(done):
+                try:
+                    host.write(u.path, u.value)
+                    undone.append(str(u))
+                except OSError as uexc:
+                    not_undone.append(f"{u} ({uexc.strerror})")
+            what = f"; undone: {', '.join(undone)}" if undone else "; nothing to undo"
+            if not_undone:
+                what += f"; could NOT undo: {', '.join(not_undone)} (check with archdsp-virt vfio show)"
+            raise HostError(failed + what) from None
+        done.append(w)
+
+
 def show(host: Host, pci: str) -> DeviceInfo:
     dev = _device(host, pci)
     names = host.iommu_group_members(dev.iommu_group) if dev.iommu_group else []
@@ -109,7 +175,11 @@ def show(host: Host, pci: str) -> DeviceInfo:
 
 
 def bind(host: Host, pci: str, dry_run: bool = False) -> list[SysfsWrite]:
-    """Hand ``pci`` to vfio-pci; [] when it already is. Refuses host-critical devices."""
+    """Hand ``pci`` to vfio-pci; [] when it already is. Refuses host-critical devices.
+
+    When a sysfs write fails, the writes already made are undone (the override cleared, the old
+    driver bound again) and the recorded driver is forgotten, then the failure is raised.
+    """
     dev = _device(host, pci)
     if dev.driver == VFIO_DRIVER:
         return []
@@ -122,21 +192,89 @@ def bind(host: Host, pci: str, dry_run: bool = False) -> list[SysfsWrite]:
     if not host.exists(f"/sys/bus/pci/drivers/{VFIO_DRIVER}"):
         raise HostError("the vfio-pci driver is not loaded: modprobe vfio-pci")
     base = f"/sys/bus/pci/devices/{dev.address}"
-    writes = [SysfsWrite(f"{base}/driver_override", VFIO_DRIVER)]
+    override = SysfsWrite(f"{base}/driver_override", VFIO_DRIVER)
+    writes = [override]
+    release = None
     if dev.driver:
-        writes.append(SysfsWrite(f"/sys/bus/pci/drivers/{dev.driver}/unbind", dev.address))
+        release = SysfsWrite(f"/sys/bus/pci/drivers/{dev.driver}/unbind", dev.address)
+        writes.append(release)
     writes.append(SysfsWrite("/sys/bus/pci/drivers_probe", dev.address))
     if dry_run:
         return writes
-    state = _load_state(host)
-    state[dev.address] = dev.driver
-    _save_state(host, state)
-    _apply(host, writes)
+
+    def undo(done: list[SysfsWrite]) -> list[SysfsWrite]:
+        out = []
+        if override in done:  # first: an override of vfio-pci keeps the old driver from binding
+            out.append(SysfsWrite(f"{base}/driver_override", "\n"))
+        if release is not None and release in done:
+            out.append(SysfsWrite(f"/sys/bus/pci/drivers/{dev.driver}/bind", dev.address))
+        return out
+
+    with _locked(host):
+        state = _load_state(host)
+        before = dict(state)
+        state[dev.address] = dev.driver
+        _save_state(host, state)
+        try:
+            _apply_or_undo(host, writes, undo)
+        except HostError:
+            _save_state(host, before)
+            raise
     return writes
 
 
-def unbind(host: Host, pci: str, dry_run: bool = False) -> list[SysfsWrite]:
-    """Give ``pci`` back to the driver it had before ``bind`` (or to whatever the kernel probes)."""
+InUse = Callable[[str, "str | None"], list[str]]
+
+
+def running_domains_with(address: str, uri: str | None) -> list[str]:
+    """Names of the running libvirt domains with a PCI ``<hostdev>`` at ``address``.
+
+    Raises :class:`HostError` when libvirt cannot be asked."""
+    from lxml import etree
+
+    import libvirt
+
+    from ..virt.connection import call, open_connection, resolve_uri
+
+    target = resolve_uri(uri)
+    try:
+        conn = open_connection(target, readonly=True, retry=False)
+    except ArchdspError as err:
+        raise HostError(f"cannot ask libvirt ({target}) whether a running domain holds {address}: {err}") from None
+    try:
+        doms = call(target, "listing running domains", conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        users = []
+        for dom in doms:
+            try:
+                root = etree.fromstring(dom.XMLDesc(0).encode())
+            except libvirt.libvirtError:
+                continue  # it stopped meanwhile
+            for a in root.iterfind("devices/hostdev[@type='pci']/source/address"):
+                try:
+                    addr = (f"{int(a.get('domain', '0'), 0):04x}:{int(a.get('bus'), 0):02x}:"
+                            f"{int(a.get('slot'), 0):02x}.{int(a.get('function'), 0):x}")
+                except (TypeError, ValueError):
+                    continue
+                if addr == address:
+                    users.append(dom.name())
+                    break
+        return users
+    except ArchdspError as err:
+        raise HostError(f"cannot ask libvirt ({target}) whether a running domain holds {address}: {err}") from None
+    finally:
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+
+
+def unbind(host: Host, pci: str, dry_run: bool = False, uri: str | None = None, force: bool = False,
+           in_use: InUse = running_domains_with, say: Callable[[str], None] = lambda _m: None) -> list[SysfsWrite]:
+    """Give ``pci`` back to the driver it had before ``bind`` (or to whatever the kernel probes).
+
+    Refuses while a running libvirt domain (on ``uri``) has the device; when libvirt cannot be
+    asked, refuses unless ``force``.
+    """
     dev = _device(host, pci)
     state = _load_state(host)
     remembered = dev.address in state
@@ -153,7 +291,20 @@ def unbind(host: Host, pci: str, dry_run: bool = False) -> list[SysfsWrite]:
         writes.append(SysfsWrite("/sys/bus/pci/drivers_probe", dev.address))
     if dry_run:
         return writes
-    _apply(host, writes)
-    state.pop(dev.address, None)
-    _save_state(host, state)
+    try:
+        users = in_use(dev.address, uri)
+    except HostError as err:
+        if not force:
+            raise HostError(f"{err}; refusing to take {dev.address} from vfio-pci under a VM that may use it "
+                            "(start libvirtd, or --force)") from None
+        say(f"warning: {err}; unbinding anyway (--force)")
+        users = []
+    if users:
+        raise HostError(f"refusing to unbind {dev.address}: the running domain {', '.join(users)} has it "
+                        f"(virsh shutdown {users[0]}, then vfio unbind again)")
+    with _locked(host):
+        _apply(host, writes)
+        state = _load_state(host)
+        state.pop(dev.address, None)
+        _save_state(host, state)
     return writes

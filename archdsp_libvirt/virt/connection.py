@@ -139,24 +139,50 @@ def open_connection(uri: str | None = None, readonly: bool = False, retry: bool 
     return with_retries(attempt) if retry else attempt()
 
 
+# Errors that mean "this driver or daemon cannot answer that question": no passt, as far as we can tell.
+_UNSUPPORTED_CODES = {
+    libvirt.VIR_ERR_NO_SUPPORT,
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+    libvirt.VIR_ERR_INVALID_ARG,  # e.g. no emulator for the host's architecture
+}
+
+
+def _conn_uri(conn: libvirt.virConnect) -> str:
+    try:
+        return conn.getURI()
+    except libvirt.libvirtError:
+        return "libvirt"
+
+
 def supports_passt(conn: libvirt.virConnect) -> bool:
     """Whether libvirt accepts ``<interface type='user'><backend type='passt'/>``.
 
     Asked of the domain capabilities where libvirt lists interface backends;
     libvirt that does not list them (Debian 12's 9.0 among them) is taken at
     its version: 9.2 was the first whose QEMU driver took passt.
+
+    Only "not supported" answers count as "no passt"; any other failure (a
+    daemon restarting, a dropped connection) is raised as a
+    :class:`LibvirtFailure`, transient where it is, so that a session retries
+    it instead of silently switching the port-forward backend.
     """
     try:
         caps = etree.fromstring(conn.getDomainCapabilities().encode())
+    except libvirt.libvirtError as err:
+        if err.get_error_code() not in _UNSUPPORTED_CODES:
+            raise translate(err, _conn_uri(conn), "reading domain capabilities") from None
+    else:
         values = caps.xpath("/domainCapabilities/devices/interface/enum[@name='backendType']/value/text()")
         if values:
             return "passt" in values
-    except libvirt.libvirtError:
-        pass
     try:
         return conn.getLibVersion() >= 9_002_000
-    except libvirt.libvirtError:
-        return False
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in _UNSUPPORTED_CODES:
+            return False
+        raise translate(err, _conn_uri(conn), "reading the libvirt version") from None
 
 
 class Session:

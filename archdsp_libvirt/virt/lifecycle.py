@@ -94,8 +94,8 @@ def _undefine(session: Session, name: str, doing: str) -> None:
         session.dom(name, doing, lambda d: d.undefine())
 
 
-def _restore(session: Session, name: str, old_xml: str | None, say: Say) -> None:
-    """Put back the definition that was there before (or none)."""
+def _restore(session: Session, name: str, old_xml: str | None, say: Say) -> bool:
+    """Put back the definition that was there before (or none). False (and said) if it could not."""
     try:
         if old_xml is None:
             dom = session.lookup(name)
@@ -105,8 +105,38 @@ def _restore(session: Session, name: str, old_xml: str | None, say: Say) -> None
         else:
             _define(session, old_xml)
             say(f"restored the previous definition of {name}")
-    except ArchdspError as err:  # pragma: no cover - best effort, reported
+    except ArchdspError as err:  # best effort, reported
         say(f"could not restore the previous definition of {name}: {err}")
+        return False
+    return True
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an unexpected exception: an OSError names its file and reason."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _roll_back(session: Session, name: str, previous: str | None, was_new: bool, restart_old: bool,
+               say: Say) -> str:
+    """After a failed (re)start: put the previous definition back, and start the VM again from it
+    when it was running before we stopped it. Best effort; each step is said, and the outcome is
+    returned as a clause for the error message."""
+    if (previous is not None or was_new) and not _restore(session, name, previous, say):
+        return f"the previous definition of {name} could not be restored (see above)"
+    if not restart_old:
+        return ("the new definition was removed" if was_new else
+                f"the previous definition of {name} is back" if previous is not None else
+                f"the definition of {name} is unchanged")
+    try:
+        session.dom(name, f"starting {name} again", lambda d: d.create())
+    except ArchdspError as err:
+        say(f"could not start {name} again from its previous definition: {err}")
+        return f"the previous definition of {name} is back, but the VM could not be started again: {err}"
+    say(f"started {name} again from its previous definition")
+    return f"the previous definition of {name} is back and the VM runs it again"
 
 
 def up(
@@ -162,12 +192,21 @@ def up(
 
     result = UpResult(name=name, uuid=uuid, defined=defined, started=False, restarted=False, stale=False)
     active = session.dom(name, "checking state", lambda d: d.isActive())
+    # What to put back, and start again, when a restart cannot start the new definition: the
+    # persistent definition before ours, or (when an earlier `up` already defined this one without
+    # restarting) the definition the stopped VM ran.
+    previous = old_xml if defined != "unchanged" else None
+    stopped_running = False
     if active:
         stale = _is_updated(session, name)
         if stale and restart:
+            if previous is None:
+                previous = session.dom(name, "reading the running definition",
+                                       lambda d: d.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE))
             say(f"{name} runs an older definition: restarting it")
             session.dom(name, f"stopping {name}", lambda d: d.destroy())
             active = False
+            stopped_running = True
             result.restarted = True
         elif stale:
             result.stale = True
@@ -176,16 +215,24 @@ def up(
             say(f"{name} is already running")
     if not active:
         if before_start is not None:
-            before_start()
+            try:
+                before_start()
+            except BaseException as exc:
+                outcome = _roll_back(session, name, previous, old_xml is None, stopped_running, say)
+                if not isinstance(exc, Exception):
+                    raise  # KeyboardInterrupt, SystemExit: rolled back, then theirs
+                if isinstance(exc, ArchdspError):
+                    exc.message = f"before starting {name}: {exc.message}; {outcome}"
+                    raise
+                raise HostError(f"before starting {name}: {_describe(exc)}; {outcome}") from None
         try:
             session.dom(name, f"starting {name}", lambda d: d.create())
         except LibvirtFailure as err:
             if "already running" in str(err) or err.code == libvirt.VIR_ERR_OPERATION_INVALID and "active" in str(err):
                 say(f"{name} is already running")
             else:
-                if defined != "unchanged":
-                    _restore(session, name, old_xml, say)
-                raise
+                outcome = _roll_back(session, name, previous, old_xml is None, stopped_running, say)
+                raise LibvirtFailure(f"{err.message}; {outcome}", code=err.code, transient=False) from None
         else:
             result.started = True
             say(f"started {name}")

@@ -9,15 +9,13 @@ threads also read from /proc (class and priority as the kernel applies them).
 
 from __future__ import annotations
 
-import os
-import time
-
 import libvirt
 
 from ..config import DspConfig
 from ..cpuset import format_cpuset
 from ..domain.drift import differences
 from ..errors import ArchdspError
+from ..procs import age
 from ..host.model import HostModel
 from . import threads as qthreads
 from .connection import Session
@@ -91,11 +89,9 @@ def status(cfg: DspConfig, session: Session, proc: str = "/proc", model: HostMod
         info["qemu_pid"] = pid if pid is not None else (UNKNOWN if not local_qemu else None)
         threads: dict[int, qthreads.Thread] = {}
         if pid is not None:
-            try:
-                started = os.stat(os.path.join(proc, str(pid))).st_mtime
-                info["uptime_s"] = round(time.time() - started, 1)
-            except OSError:
-                pass
+            uptime = age(pid, proc)  # from the process's start time (/proc/PID/stat), not an mtime
+            if uptime is not None:
+                info["uptime_s"] = round(uptime, 1)
             threads = qthreads.vcpu_threads(pid, proc)
         try:
             placement = vcpu_placement(session, name)

@@ -33,12 +33,55 @@ class Thread(Struct, frozen=True):
         return int(m.group(1)) if m else None
 
 
-def qemu_pid(name: str, run_dir: str = "/run/libvirt/qemu") -> int | None:
-    """The PID of the QEMU process of domain ``name`` (libvirt's pid file), or None."""
+def qemu_pid(name: str, run_dir: str = "/run/libvirt/qemu", proc: str = "/proc") -> int | None:
+    """The PID of the QEMU process of domain ``name`` (libvirt's pid file), or None.
+
+    The pid file is not trusted alone: a stale one may name a PID the kernel has given to another
+    process. The PID counts only if it runs a ``qemu-system-*`` binary whose ``-name guest=NAME``
+    is this domain.
+    """
     try:
-        return int(Path(run_dir, f"{name}.pid").read_text().strip())
+        pid = int(Path(run_dir, f"{name}.pid").read_text().strip())
     except (OSError, ValueError):
         return None
+    return pid if pid > 0 and is_qemu_of(pid, name, proc) else None
+
+
+def _guest_name(value: str) -> str:
+    """The guest name of QEMU's ``-name`` value (``guest=NAME,debug-threads=on``, or a plain
+    ``NAME,...``); ``,,`` is an escaped comma."""
+    rest = value.removeprefix("guest=")
+    out, i = [], 0
+    while i < len(rest):
+        if rest[i] == ",":
+            if rest[i + 1 : i + 2] != ",":
+                break
+            i += 1
+        out.append(rest[i])
+        i += 1
+    return "".join(out)
+
+
+def is_qemu_of(pid: int, name: str, proc: str = "/proc") -> bool:
+    """Whether process ``pid`` is a QEMU system emulator running the domain ``name``."""
+    try:
+        argv = Path(proc, str(pid), "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args = [a.decode(errors="replace") for a in argv if a]
+    if not args:
+        return False  # a zombie, or a kernel thread
+    try:
+        exe = os.path.basename(os.readlink(Path(proc, str(pid), "exe")))
+    except OSError:
+        exe = ""
+    exe = exe.removesuffix(" (deleted)")  # QEMU upgraded under a running VM
+    if not (os.path.basename(args[0]).startswith("qemu-system-") or exe.startswith("qemu-system-")):
+        return False
+    for flag, value in zip(args, args[1:]):
+        if flag == "-name":
+            return _guest_name(value) == name
+    return False
 
 
 def read_thread(pid: int, tid: int, proc: str = "/proc") -> Thread | None:
