@@ -153,6 +153,10 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
 
         info["bridge"] = bridge_status(cfg.name)
         info["sections"] = [format_bridge(info["bridge"])]
+    elif cfg.netjack.enable:  # the bridge's host side runs on the VM's host, not on this machine
+        info["bridge"] = {"running": "unknown", "problem": f"the bridge runs on {model.where}: "
+                          "run 'archdsp-virt netjack status CONFIG' there"}
+        info["sections"] = [["=== NETJACK Bridge ===", f"  {info['bridge']['problem']}"]]
     if as_json:
         info.pop("sections", None)
         return json.dumps(info, indent=2, sort_keys=True) + "\n"

@@ -654,3 +654,23 @@ def test_cli_check_exit_codes(fake, tmp_path):
     broken = write_config(tmp_path, "isolated_cores = [2]\n")
     res = run(cli, ["check", str(broken), "--host-root", str(fake.root)])
     assert res.exit_code == 2 and "memory_mb" in res.output
+
+
+@pytest.mark.parametrize("machine, needs_fix", [("0", True), (None, True), ("500000", True), ("fixed", False),
+                                                ("v2", False)])
+def test_host_services_asks_the_same_rt_verdict_as_check(fake, machine, needs_fix):
+    """scripts/host-services applies the qemu.conf fix on the package's own verdict, never on a copy of it."""
+    import subprocess
+    import sys
+
+    if machine == "v2":
+        pass  # the default fake host: cgroup v2
+    else:
+        cgroup_v1(fake, machine="0" if machine == "fixed" else machine)
+    if machine == "fixed":
+        fake.file("/etc/libvirt/qemu.conf", 'cgroup_controllers = [ "cpuset", "memory", "devices", "blkio", "cpuacct" ]\n')
+    r = subprocess.run([sys.executable, "-m", "archdsp_libvirt.host.prepare", "--host-root", str(fake.root),
+                        "rt-budget"], capture_output=True, text=True, timeout=60)
+    status = check(fake)["rt.cgroup"].status
+    assert (r.returncode == 0) is needs_fix is (status != "ok"), (r.stdout, r.stderr, status)
+    assert r.stdout.startswith(f"{status}: ")
