@@ -138,6 +138,16 @@ def run_preflight(cfg: DspConfig, session: Session, model: HostModel, skip: set[
     say(f"preflight: {len(findings)} checks, none failed" + (f", {warned} warnings (archdsp-virt check)" if warned else ""))
 
 
+def down_command(config: Path, uri: str | None, timeout: float, force: bool, undefine: bool, say) -> None:
+    """``archdsp-virt down``: ACPI shutdown, destroy after ``timeout``; optionally undefine."""
+    from .virt.connection import Session
+    from .virt.lifecycle import down
+
+    cfg = load_config(config)
+    with Session(uri) as session:
+        down(cfg.name, session, timeout=timeout, force=force, undefine=undefine, say=say)
+
+
 def status_command(config: Path, uri: str | None, as_json: bool) -> str:
     import json
 

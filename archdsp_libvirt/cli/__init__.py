@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from ..errors import ArchdspError
+from .options import Count, Finite, config_argument, json_option, nperiods_option
 
 
 class Failure(click.ClickException):
@@ -119,29 +120,6 @@ class Ctx:
         self.uri = uri
 
 
-_ASCII_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
-
-
-class Finite(click.FloatRange):
-    """A FloatRange that takes only a finite number in ASCII digits: click's float() also takes
-    "nan" (which passes every range check), "inf", "1_0" and other scripts' digits."""
-
-    def convert(self, value, param, ctx):  # type: ignore[override]
-        if isinstance(value, str) and not _ASCII_NUMBER.fullmatch(value.strip()):
-            self.fail(f"{value[:20]!r} is not a number in ASCII digits (e.g. 2.5)", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-class Count(click.IntRange):
-    """An IntRange that takes only ASCII digits (int() also takes other scripts' digits and "1_0")."""
-
-    def convert(self, value, param, ctx):  # type: ignore[override]
-        if isinstance(value, str) and not re.fullmatch(r"[+-]?[0-9]{1,6}", value.strip()):
-            self.fail(f"{value[:20]!r} is not a whole number in ASCII digits", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-config_argument = click.argument("config", type=click.Path(dir_okay=True, path_type=Path))
 
 
 def warn(message: str) -> None:
@@ -190,12 +168,6 @@ def xml(obj: Ctx, config: Path, host_cpus: str | None, port_forwards: str | None
     click.echo(rendered.xml, nl=False)
 
 
-def _session(obj: Ctx, readonly: bool = False):
-    from ..virt.connection import Session
-
-    return Session(obj.uri, readonly=readonly)
-
-
 @cli.command()
 @config_argument
 @click.option("--restart", is_flag=True, help="Restart a running domain whose definition changed.")
@@ -221,17 +193,14 @@ def up(obj: Ctx, config: Path, restart: bool, no_autostart: bool, skip_checks: t
 @click.pass_obj
 def down(obj: Ctx, config: Path, timeout: float, force: bool, undefine: bool) -> None:
     """Shut CONFIG's domain down (ACPI, then destroy after --timeout)."""
-    from ..config import load_config
-    from ..virt.lifecycle import down as do_down
+    from ..service import down_command
 
-    cfg = load_config(config)
-    with _session(obj) as session:
-        do_down(cfg.name, session, timeout=timeout, force=force, undefine=undefine, say=click.echo)
+    down_command(config, obj.uri, timeout=timeout, force=force, undefine=undefine, say=click.echo)
 
 
 @cli.command()
 @config_argument
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option()
 @click.pass_obj
 def status(obj: Ctx, config: Path, as_json: bool) -> None:
     """The DSP VM's state, vCPUs, isolation, hugepages, console log and drift."""
@@ -274,7 +243,7 @@ wait_option = click.option("--wait", type=Finite(0, 3600), default=0.0, show_def
 @jack_server_option
 @server_option
 @click.option("--device", default="hw:0", show_default=True, help="ALSA device for --server alsa.")
-@click.option("--nperiods", type=Count(2, 8), default=2, show_default=True, help="ALSA periods.")
+@nperiods_option
 @wait_option
 def netjack_start(config: Path, jack_server: str | None, start_server: str | None, device: str, nperiods: int,
                   wait: float) -> None:
@@ -311,7 +280,7 @@ def netjack_restart(config: Path, jack_server: str | None, start_server: str | N
 
 @netjack.command("status")
 @config_argument
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option()
 def netjack_status(config: Path, as_json: bool) -> None:
     """Server, link up/down, the VM's ports and xruns since start."""
     import json
@@ -345,8 +314,8 @@ def netjack_unit(config: Path, jack_server: str | None, start_server: str | None
 @click.option("--target-ms", type=Finite(0, 1000), help="Say whether this round trip can be met.")
 @click.option("--host-backend", type=click.Choice(["dummy", "alsa"]), default="dummy", show_default=True,
               help="The host JACK backend: alsa adds its periods of buffering.")
-@click.option("--nperiods", type=Count(2, 8), default=2, show_default=True, help="ALSA periods.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (measured_frames, predicted_frames, xruns, ...).")
+@nperiods_option
+@json_option("Print JSON (measured_frames, predicted_frames, xruns, ...).")
 def latency(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
             nperiods: int, as_json: bool) -> None:
     """The latency budget of CONFIG's link, and with --measure the real round trip."""

@@ -13,22 +13,15 @@ import click
 
 from ..host.files import Host
 from ..host.kernelparams import FORMATS
+from .options import config_argument, host_root_option, json_option
 
-config_argument = click.argument("config", type=click.Path(dir_okay=True, path_type=Path))
-host_root_option = click.option(
-    "--host-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default="/",
-    hidden=True,
-    help="Read the host (sysfs, procfs, /dev, /etc) under this directory instead of /.",
-)
 pci_argument = click.argument("pci", metavar="PCI")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print the sysfs writes without making them.")
 
 
 @click.command()
 @config_argument
-@click.option("--json", "as_json", is_flag=True, help="Print the findings as a JSON list.")
+@json_option("Print the findings as a JSON list.")
 @host_root_option
 @click.pass_obj
 def check(obj, config: Path, as_json: bool, host_root: Path) -> None:
