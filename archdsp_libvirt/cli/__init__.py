@@ -8,14 +8,13 @@ from __future__ import annotations
 import errno
 import importlib
 import os
-import re
 import sys
 from pathlib import Path
 
 import click
 
 from ..errors import ArchdspError
-from .options import Count, Finite, config_argument, json_option, nperiods_option
+from .options import Finite, config_argument, json_option, nperiods_option
 
 
 class Failure(click.ClickException):
