@@ -143,7 +143,12 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
 
     from .bridge import ALIAS_CLIENT, BridgeError, jack_env, open_client, status, wait_for_link
     from ..procs import Owned
+    from . import servers
 
+    if servers.status(cfg.name).get("audio_server") == "pipewire":
+        from .pwmeasure import run
+
+        return run(cfg.name, seconds, channel)
     info = status(cfg.name)
     if not info.get("running"):
         raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
