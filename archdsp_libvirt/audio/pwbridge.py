@@ -30,6 +30,12 @@ from . import pipewire as pw
 from .bridge import STATUS_PERIOD, Link, _check_local_address, _owned, _paths, _read_json, _write_json
 
 POLL = 1.0
+# A slave that joins a manager which was listening before it came leaves packets queued in the manager's
+# receive socket: round trips of 8-13 periods, fixed for the life of the link. Restarting the manager once
+# the slave runs brings it back to 1-2 periods (measured: README, "PipeWire"). Once per link, then not
+# again for SETTLE_HOLD s.
+SETTLE_AFTER = 2.0
+SETTLE_HOLD = 60.0
 
 
 def _conf_path(domain: str) -> Path:
@@ -40,9 +46,9 @@ def _restart_request(domain: str) -> Path:
     return _paths(domain)[0].with_suffix(".restart")
 
 
-def resolve(user: str | None) -> tuple[pw.Target, dict]:
+def resolve(user: str | None, remote: str | None = None) -> tuple[pw.Target, dict]:
     """The user's PipeWire and its core info, or :class:`BridgeError` saying where it looked."""
-    target = pw.find_target(user)
+    target = pw.find_target(env={"PIPEWIRE_REMOTE": remote}) if remote else pw.find_target(user)
     if target is None:
         raise BridgeError("no PipeWire server to join: XDG_RUNTIME_DIR is unset and not run through sudo; "
                           "pass --pipewire-user USER")
@@ -53,7 +59,8 @@ def resolve(user: str | None) -> tuple[pw.Target, dict]:
     return target, info
 
 
-def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: float = 0.0, say=print) -> dict:
+def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: float = 0.0, say=print,
+          remote: str | None = None) -> dict:
     link = Link.of(cfg)
     state_file, status_file, log = _paths(link.domain)
     state = _read_json(state_file)
@@ -66,7 +73,7 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     if not pw.module_installed():
         raise BridgeError(f"this PipeWire has no {pw.MODULE} (PipeWire >= 1.2 has it; on Debian 12 run "
                           "scripts/install-test-deps, which takes PipeWire from bookworm-backports)")
-    target, core = resolve(user)
+    target, core = resolve(user, remote)
     version = core.get("version", "?")
     say(f"PipeWire {version} of user {core.get('user-name') or target.user or '?'} at {target.remote} "
         f"(found by {target.how})")
@@ -263,7 +270,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
         client.set_xrun_callback(on_xrun)
         client.activate()
     mgr: Owned | None = None
-    restarts, quick_deaths, started, mgr_started = 0, 0, time.time(), time.time()
+    restarts, quick_deaths, started, mgr_started, last_settle = 0, 0, time.time(), time.time(), 0.0
     link, changed, slave = "down", time.time(), None
 
     def launch() -> Owned:
@@ -281,8 +288,13 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                 mgr, mgr_started = launch(), time.time()
             nodes = pw.netjack_nodes(pw.dump(target), mgr.pid) if target else []
             n = pw.pairs(nodes)
-            if n > 1 or restart_file.exists():
-                why = f"{n} node pairs" if n > 1 else "the VM restarts"
+            settle = (n == 1 and link == "up" and time.time() - changed > SETTLE_AFTER
+                      and time.time() - last_settle > SETTLE_HOLD)
+            if n > 1 or restart_file.exists() or settle:
+                why = (f"{n} node pairs" if n > 1 else "the VM restarts" if restart_file.exists()
+                       else f"slave '{slave}' joined a cold manager (its start-up queue)")
+                if settle or n > 1:
+                    last_settle = time.time()
                 print(f"bridge supervisor: {why}: restarting the NETJACK2 manager (pid {mgr.pid})", flush=True)
                 mgr.stop(timeout=5)
                 mgr, mgr_started = launch(), time.time()

@@ -85,6 +85,12 @@ def run(domain: str, seconds: float, channel: int = 1) -> dict:
     if not info.get("running"):
         raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
     wait_for_link(domain, 30)
+    deadline = time.monotonic() + 60  # past the supervisor's one restart of a freshly joined link
+    while time.monotonic() < deadline:
+        info = status(domain)
+        if info.get("link") == "up" and time.time() - (info.get("link_changed") or 0) > 6:
+            break
+        time.sleep(0.5)
     target = pw.find_target(env={"PIPEWIRE_REMOTE": info["pipewire"]["remote"]})
     send, receive = f"{pw.CAPTURE_NODE}:send_AUX{channel - 1}", f"{pw.PLAYBACK_NODE}:receive_AUX{channel - 1}"
     env = {**pw.pw_env(target), "JACK_NO_START_SERVER": "1"}

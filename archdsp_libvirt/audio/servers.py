@@ -46,13 +46,14 @@ def restart(cfg, wait: float = 0.0, say=print, audio_server: str = "auto", **ove
     if audio_server == "auto" and not any(overrides.get(k) for k in ("server", "start_server")) and state:
         audio_server = state.get("audio_server", "jack")
     if state.get("audio_server") == "pipewire" or audio_server == "pipewire":
-        user = overrides.get("pipewire_user") or (state.get("pipewire") or {}).get("user")
+        user = overrides.get("pipewire_user")
+        remote = None if user else (state.get("pipewire") or {}).get("remote")  # the server it joined
         allow = overrides.get("allow_any_address") or state.get("allow_any_address", False)
         stop(cfg.name, say=say)
         if audio_server == "jack":
             return bridge.start(cfg, wait=wait, say=say, server=overrides.get("server"),
                                 start_server=overrides.get("start_server"))
-        return pwbridge.start(cfg, user=user, allow_any_address=allow, wait=wait, say=say)
+        return pwbridge.start(cfg, user=user, allow_any_address=allow, wait=wait, say=say, remote=remote)
     jack_over = {k: v for k, v in overrides.items() if k in ("server", "start_server")}
     if state.get("audio_server", "jack") == "jack" and audio_server in ("jack", "auto"):
         return bridge.restart(cfg, wait=wait, say=say, **jack_over)

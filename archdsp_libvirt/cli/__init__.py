@@ -339,9 +339,11 @@ def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool) -> None:
 @click.option("--host-backend", type=click.Choice(["dummy", "alsa"]), default="dummy", show_default=True,
               help="The host JACK backend: alsa adds its periods of buffering.")
 @click.option("--nperiods", type=Count(2, 8), default=2, show_default=True, help="ALSA periods.")
+@click.option("--audio-server", type=click.Choice(["auto", "pipewire", "jack"]), default="auto", show_default=True,
+              help="Whose model: auto follows the running bridge (JACK when none runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (measured_frames, predicted_frames, xruns, ...).")
 def latency(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
-            nperiods: int, as_json: bool) -> None:
+            nperiods: int, audio_server: str, as_json: bool) -> None:
     """The latency budget of CONFIG's link, and with --measure the real round trip."""
     import json
 
@@ -349,7 +351,11 @@ def latency(config: Path, measure: bool, seconds: float, target_ms: float | None
     from ..audio.latency import budget, format_report, measure as do_measure, report
 
     cfg = load_config(config)
-    b = budget(cfg, host_backend=host_backend, host_nperiods=nperiods, target_ms=target_ms)
+    if audio_server == "auto":
+        from ..audio.servers import status
+
+        audio_server = status(cfg.name).get("audio_server", "jack") if cfg.netjack.enable else "jack"
+    b = budget(cfg, host_backend=host_backend, host_nperiods=nperiods, target_ms=target_ms, audio_server=audio_server)
     rep = report(cfg, b, do_measure(cfg, seconds=seconds) if measure else None)
     click.echo(json.dumps(rep, indent=2, sort_keys=True) if as_json else format_report(rep, b), nl=as_json)
 
