@@ -33,7 +33,8 @@ POLL = 1.0
 # A slave that joins a manager which was listening before it came leaves packets queued in the manager's
 # receive socket: round trips of 8-13 periods, fixed for the life of the link. Restarting the manager once
 # the slave runs brings it back to 1-2 periods (measured: README, "PipeWire"). Once per link, then not
-# again for SETTLE_HOLD s.
+# again for SETTLE_HOLD s. Every restart waits SETTLE_AFTER s after the pair came: a slave whose master
+# vanishes in the middle of its join waits for it forever (JACK 1.9.21's net driver).
 SETTLE_AFTER = 2.0
 SETTLE_HOLD = 60.0
 
@@ -181,7 +182,7 @@ def status(domain: str) -> dict:
         "listening": f"0.0.0.0:{state.get('port')}/udp, nftables: only {state.get('interface')} to "
                      f"{state.get('master_ip')}",
         "slave": seen.get("slave"), "link": seen.get("link", "down"), "ports": seen.get("ports", {}),
-        "pairs": seen.get("pairs", 0), "manager_restarts": seen.get("restarts", 0),
+        "pairs": seen.get("pairs", 0), "nodes": seen.get("nodes", []), "manager_restarts": seen.get("restarts", 0),
         "manager_pid": (seen.get("manager") or {}).get("pid"),
         "xruns": seen.get("xruns", 0), "since": state.get("started"), "link_changed": seen.get("link_changed"),
         "log": str(log),
@@ -271,6 +272,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
         client.activate()
     mgr: Owned | None = None
     restarts, quick_deaths, started, mgr_started, last_settle = 0, 0, time.time(), time.time(), 0.0
+    multi_since: float | None = None
     link, changed, slave = "down", time.time(), None
 
     def launch() -> Owned:
@@ -290,7 +292,9 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
             n = pw.pairs(nodes)
             settle = (n == 1 and link == "up" and time.time() - changed > SETTLE_AFTER
                       and time.time() - last_settle > SETTLE_HOLD)
-            if n > 1 or restart_file.exists() or settle:
+            multi_since = (multi_since or time.time()) if n > 1 else None
+            crowded = multi_since is not None and time.time() - multi_since > SETTLE_AFTER
+            if crowded or restart_file.exists() or settle:
                 why = (f"{n} node pairs" if n > 1 else "the VM restarts" if restart_file.exists()
                        else f"slave '{slave}' joined a cold manager (its start-up queue)")
                 if settle or n > 1:
@@ -300,7 +304,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                 mgr, mgr_started = launch(), time.time()
                 restarts += 1
                 restart_file.unlink(missing_ok=True)
-                nodes, n = [], 0
+                nodes, n, multi_since = [], 0, None
             ports = {}
             if client is not None:
                 try:

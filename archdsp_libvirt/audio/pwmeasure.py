@@ -95,12 +95,18 @@ def run(domain: str, seconds: float, channel: int = 1) -> dict:
     send, receive = f"{pw.CAPTURE_NODE}:send_AUX{channel - 1}", f"{pw.PLAYBACK_NODE}:receive_AUX{channel - 1}"
     env = {**pw.pw_env(target), "JACK_NO_START_SERVER": "1"}
     argv = ["pw-jack", sys.executable, "-P", "-m", "archdsp_libvirt.audio.pwmeasure", send, receive, str(seconds)]
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, env=env)
-        out = json.loads(r.stdout.strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, ValueError, IndexError):
-        raise BridgeError(f"the PipeWire round-trip measurement failed: {(r.stderr or '')[-300:]}") from None
-    readings = out["readings"]
+    for attempt in range(3):  # a guest re-makes a loop lost in a manager restart within ~10 s
+        r = None
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, env=env)
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError):
+            raise BridgeError("the PipeWire round-trip measurement failed: "
+                              f"{(r.stderr if r else 'timed out')[-300:]}") from None
+        readings = out["readings"]
+        if readings:
+            break
+        time.sleep(6)
     if not readings:
         raise BridgeError(f"no impulse came back through {receive} in {seconds:g} s: is the DSP loop in the VM "
                           "connected? (archdsp-virt console)")
