@@ -71,6 +71,6 @@ def test_guest_round_trip_on_pipewire_is_in_the_budgets_range(on_pipewire):
     rep = json.loads(r.stdout)
     print(f"PipeWire, TCG guest with jack_thru, L=0: {rep['measured_frames']} frames, "
           f"readings {sorted(set(rep['readings']))}, xruns {rep['xruns']}")
-    assert (rep["predicted_frames"], rep["predicted_max_frames"]) == (256, 384)
+    assert (rep["predicted_frames"], rep["predicted_max_frames"]) == (256, 768)
     assert rep["graph_period"] == 128 and rep["graph_rate"] == 96000
     assert rep["matches_prediction"], rep

@@ -78,7 +78,7 @@ class Slave:
     """``jackd -d net -a MASTER`` in the netns, looping its capture_1 to playback_1 (a direct loop)."""
 
     def __init__(self, base: Path, latency: int = 0):
-        self.server = f"apwt{TAG}"
+        self.server = "archdsp-pwt-slave"  # a fixed name: JACK reclaims a stale registry slot only for the same name
         self.log = base / "slave.log"
         self.proc = spawn_detached(["ip", "netns", "exec", NS, "timeout", "-s", "KILL", "600", "jackd", "-n",
                                     self.server, "-d", "net", "-a", MASTER, "-p", str(PORT), "-C", "2", "-P", "2",
@@ -180,7 +180,7 @@ def test_round_trip_is_within_the_pipewire_range(env):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["audio_server"] == "pipewire" and rep["graph_period"] == 128 and rep["graph_rate"] == 96000
-    assert (rep["predicted_frames"], rep["predicted_max_frames"]) == (128, 256)
+    assert (rep["predicted_frames"], rep["predicted_max_frames"]) == (128, 640)
     assert rep["matches_prediction"], rep
     print(f"PipeWire round trip at L=0, direct loop: {rep['measured_frames']} frames {sorted(set(rep['readings']))}")
 

@@ -32,7 +32,7 @@ from .bridge import STATUS_PERIOD, Link, _check_local_address, _owned, _paths, _
 POLL = 1.0
 # A slave that joins a manager which was listening before it came leaves packets queued in the manager's
 # receive socket: round trips of 8-13 periods, fixed for the life of the link. Restarting the manager once
-# the slave runs brings it back to 1-2 periods (measured: README, "PipeWire"). Once per link, then not
+# the slave runs brings it back to 1-5 periods, mostly 1 (measured: README, "PipeWire"). Once per link, then not
 # again for SETTLE_HOLD s. Every restart waits SETTLE_AFTER s after the pair came: a slave whose master
 # vanishes in the middle of its join waits for it forever (JACK 1.9.21's net driver).
 SETTLE_AFTER = 2.0
