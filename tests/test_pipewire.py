@@ -218,7 +218,7 @@ def test_pipewire_budget_is_the_measured_range_next_to_jack2s():
     assert (with_client.predicted_frames, with_client.predicted_max_frames) == (256, 768)
     text = format_budget(with_client)
     assert "256..768 frames = 2.667..8.000 ms (PipeWire)" in text and "varies from one join" in text
-    assert "16 of 26 joins" in text
+    assert "16 of 27 joins" in text
     jack = budget(cfg(network_latency=0))
     assert jack.predicted_max_frames is None and jack.predicted_frames == 256
 

@@ -55,10 +55,10 @@ def frames_to_ms(frames: float, rate: int) -> float:
 
 # PipeWire 1.4.2's manager, measured at 96 kHz / 128 frames with a direct loop (README, "PipeWire"): the
 # slave's network latency L makes no difference, and the round trip is fixed for the life of a link but
-# not the same on every join: 1 period on 16 of 26 joins, 2 on 8, 3 and 5 once each (plus the guest's
+# not the same on every join: 1 period on 16 of 27 joins, 2 on 8, 3 on 2, 5 once (plus the guest's
 # client period). The budget gives that measured range.
 PIPEWIRE_PERIODS = (1, 5)
-PIPEWIRE_MEASURED = "1 period on 16 of 26 joins, 2 on 8, 3 and 5 once each"
+PIPEWIRE_MEASURED = "1 period on 16 of 27 joins, 2 on 8, 3 on 2, 5 once"
 
 
 def budget(cfg: DspConfig, host_backend: str = "dummy", host_nperiods: int = 2,
