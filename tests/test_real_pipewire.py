@@ -66,8 +66,11 @@ def env(tmp_path_factory):
         cfg = base / "pwt.toml"
         cfg.write_text(text)
         e = {"XDG_RUNTIME_DIR": str(xdg), "ARCHDSP_RUN_DIR": str(state)}
-        yield {"cfg": cfg, "xdg": xdg, "env": e, "state": state, "name": f"archdsp-pwt-{TAG}", "base": base}
+        shared = {"cfg": cfg, "xdg": xdg, "env": e, "state": state, "name": f"archdsp-pwt-{TAG}", "base": base}
+        yield shared
         archdsp("netjack", "stop", str(cfg), env=e, timeout=60)
+        if "slave" in shared:
+            shared["slave"].stop()
     finally:
         pwheadless.stop(xdg, say=lambda _m: None)
         subprocess.run(["ip", "netns", "del", NS], capture_output=True, timeout=30)
