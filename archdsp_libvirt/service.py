@@ -107,7 +107,7 @@ def _fresh_master(cfg: DspConfig, say) -> None:
     slave stale, so the aliases follow the new one (JACK's master keeps a dead slave for a minute)."""
     if not cfg.netjack.enable:
         return
-    from .audio.bridge import forget_slave, status as bridge_status
+    from .audio.servers import forget_slave, status as bridge_status
 
     if bridge_status(cfg.name).get("running"):
         forget_slave(cfg.name, say=say)
@@ -159,7 +159,7 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
         model = host_model(cfg, session)
         info = status(cfg, session, model=model)
     if cfg.netjack.enable and model.is_local:
-        from .audio.bridge import format_status as format_bridge, status as bridge_status
+        from .audio.servers import format_status as format_bridge, status as bridge_status
 
         info["bridge"] = bridge_status(cfg.name)
         info["sections"] = [format_bridge(info["bridge"])]

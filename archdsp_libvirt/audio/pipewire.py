@@ -1,0 +1,364 @@
+"""PipeWire as the host's audio server: which server to join, and what to load into it.
+
+PipeWire's JACK has no internal clients, so JACK2's ``netmanager`` cannot be loaded there. PipeWire
+has its own NETJACK2 master, ``libpipewire-module-netjack2-manager``, which speaks the protocol the
+guest's ``jackd -d net`` slave speaks. The bridge runs it in a ``pipewire -c FILE`` process of its
+own, a client of the user's PipeWire daemon: killing that process by PID removes every node it added.
+
+What PipeWire 1.4.2's manager does, found by experiment (README, "PipeWire"):
+
+- ``net.ip``: a multicast address is joined; a unicast address joins nothing, but the listening
+  socket is bound to INADDR_ANY all the same (``ss -uln``: ``0.0.0.0:PORT``). No option binds it to
+  one address, so the bridge refuses to start unless told otherwise (:func:`address_guard`).
+- ``local.ifname``: the interface of the multicast join, and SO_BINDTODEVICE of each slave's data socket.
+- the slave's nodes are never removed when the slave stops; the supervisor restarts the manager
+  process when more than one pair exists or the VM restarts.
+- node names come from ``source.props``/``sink.props``; port names are fixed by the module:
+  ``send_<position>`` (host -> VM) and ``receive_<position>`` (VM -> host).
+
+Everything here but :func:`probe`, :func:`nodes` and the nftables calls is pure and tested fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from msgspec import Struct
+
+from ..errors import BridgeError
+
+MODULE = "libpipewire-module-netjack2-manager"
+CAPTURE_NODE = "netjack-capture"    # host -> VM: the manager's sink; its ports are send_AUXn
+PLAYBACK_NODE = "netjack-playback"  # VM -> host: the manager's source; its ports are receive_AUXn
+JACK_PROPS = "{ jack.short-name = true }"  # JACK clients then see the node.nick names above
+
+
+class Target(Struct, frozen=True):
+    """The PipeWire server to join: its runtime directory and socket, whose it is and how it was found."""
+
+    runtime_dir: str
+    socket: str
+    user: str | None
+    uid: int | None
+    how: str
+
+    @property
+    def remote(self) -> str:
+        return str(Path(self.runtime_dir) / self.socket)
+
+
+def _user_of(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def find_target(user: str | None = None, env: dict[str, str] | None = None, euid: int | None = None) -> Target | None:
+    """Where the desktop user's PipeWire listens.
+
+    ``--pipewire-user USER`` -> /run/user/UID; as root through sudo, the invoking user's
+    /run/user/$SUDO_UID; else $XDG_RUNTIME_DIR; else $PIPEWIRE_RUNTIME_DIR. The socket is
+    $PIPEWIRE_REMOTE's name when it is set, else ``pipewire-0``.
+    """
+    env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
+    remote = env.get("PIPEWIRE_REMOTE") or "pipewire-0"
+    if "/" in remote:  # a full path: that is the server
+        path = Path(remote)
+        st_uid = _owner(path.parent)
+        return Target(str(path.parent), path.name, _user_of(st_uid) if st_uid is not None else None, st_uid,
+                      "PIPEWIRE_REMOTE")
+    if user:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise BridgeError(f"--pipewire-user {user}: no such user on this host") from None
+        return Target(f"/run/user/{pw.pw_uid}", remote, user, pw.pw_uid, "--pipewire-user")
+    sudo_uid = env.get("SUDO_UID", "")
+    if euid == 0 and sudo_uid.isdigit() and int(sudo_uid) != 0:
+        uid = int(sudo_uid)
+        return Target(f"/run/user/{uid}", remote, env.get("SUDO_USER") or _user_of(uid), uid, "sudo (SUDO_UID)")
+    for var in ("XDG_RUNTIME_DIR", "PIPEWIRE_RUNTIME_DIR"):
+        if env.get(var):
+            st_uid = _owner(Path(env[var]))
+            return Target(env[var], remote, _user_of(st_uid) if st_uid is not None else None, st_uid, var)
+    return None
+
+
+def _owner(path: Path) -> int | None:
+    try:
+        return path.stat().st_uid
+    except OSError:
+        return None
+
+
+def pw_env(target: Target, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for PipeWire tools and our manager process: that server, and nothing else's."""
+    env = dict(os.environ if base is None else base)
+    env.update({"PIPEWIRE_RUNTIME_DIR": target.runtime_dir, "PIPEWIRE_REMOTE": target.remote,
+                "XDG_RUNTIME_DIR": target.runtime_dir, "PIPEWIRE_PROPS": JACK_PROPS})
+    return env
+
+
+def probe(target: Target, timeout: float = 5.0) -> dict | None:
+    """The server's core info (version, user-name, ...) when it answers, else None."""
+    if not shutil.which("pw-dump") or not Path(target.remote).exists():
+        return None
+    try:
+        out = subprocess.run(["pw-dump", "-r", target.remote, "0"], capture_output=True, text=True,
+                             timeout=timeout, env=pw_env(target))
+    except subprocess.TimeoutExpired:
+        return None
+    try:
+        objs = json.loads(out.stdout or "[]")
+    except ValueError:
+        return None
+    for obj in objs:
+        if obj.get("type") == "PipeWire:Interface:Core":
+            return obj.get("info", {})
+    return None
+
+
+def module_installed() -> bool:
+    """Whether this host's PipeWire has the NETJACK2 manager (Debian 12's own 0.3.65 has not)."""
+    for d in ("/usr/lib/x86_64-linux-gnu/pipewire-0.3", "/usr/lib/aarch64-linux-gnu/pipewire-0.3",
+              "/usr/lib64/pipewire-0.3", "/usr/lib/pipewire-0.3"):
+        if (Path(d) / f"{MODULE}.so").exists():
+            return True
+    return False
+
+
+def choose_server(requested: str, pipewire_answers: bool, jack_options: bool) -> str:
+    """``auto``: PipeWire when a PipeWire server answers and no JACK option was given, else JACK."""
+    if requested in ("pipewire", "jack"):
+        return requested
+    if requested != "auto":
+        raise BridgeError(f"--audio-server {requested}: choose auto, pipewire or jack")
+    return "pipewire" if pipewire_answers and not jack_options else "jack"
+
+
+# --- configuration text -----------------------------------------------------------------------
+
+def manager_args(master_ip: str, port: int, rate: int, period: int, channels: int) -> dict:
+    """The manager's arguments: the slave joins master_ip:port; while it is linked its nodes force the
+    graph to rate/period (node.force-rate/-quantum: nothing else in the user's settings changes)."""
+    positions = [f"AUX{i}" for i in range(channels)]
+
+    def props(name: str) -> dict:
+        return {"node.name": name, "node.nick": name, "midi.ports": 0, "audio.position": positions,
+                "node.force-rate": rate, "node.force-quantum": period}
+
+    return {
+        "net.ip": master_ip, "net.port": port,
+        "netjack2.sample-rate": rate, "netjack2.period-size": period,
+        "audio.channels": channels, "midi.ports": 0,
+        "sink.props": props(CAPTURE_NODE),
+        "source.props": props(PLAYBACK_NODE),
+    }
+
+
+def _spa(value, indent: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[ " + " ".join(_spa(v, indent) for v in value) + " ]"
+    inner = indent + "    "
+    body = "".join(f"{inner}{k} = {_spa(v, inner)}\n" for k, v in value.items())
+    return "{\n" + body + indent + "}"
+
+
+def _nix(value, indent: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[ " + " ".join(_nix(v, indent) for v in value) + " ]"
+    inner = indent + "  "
+    body = "".join(f"{inner}{json.dumps(k)} = {_nix(v, inner)};\n" for k, v in value.items())
+    return "{\n" + body + indent + "}"
+
+
+def _module_entry(args: dict, indent: str) -> str:
+    return f"{indent}{{ name = {MODULE}\n{indent}    args = {_spa(args, indent + '    ')}\n{indent}}}\n"
+
+
+def client_conf(args: dict) -> str:
+    """The ``pipewire -c FILE`` the bridge runs: a client of the user's daemon hosting the manager."""
+    return (
+        "# archdsp-virt netjack: the NETJACK2 master, hosted in a PipeWire client process of its own\n"
+        "context.properties = {\n    log.level = 2\n}\n"
+        "context.spa-libs = {\n"
+        "    audio.convert.* = audioconvert/libspa-audioconvert\n"
+        "    support.*       = support/libspa-support\n}\n"
+        "context.modules = [\n"
+        "    { name = libpipewire-module-rt args = { } flags = [ ifexists nofail ] }\n"
+        "    { name = libpipewire-module-protocol-native }\n"
+        "    { name = libpipewire-module-client-node }\n"
+        "    { name = libpipewire-module-adapter }\n"
+        + _module_entry(args, "    ") + "]\n"
+    )
+
+
+def _warning(domain: str, master_ip: str, port: int, latency: int) -> str:
+    return (
+        f"# NETJACK2 master for the DSP VM {domain} (archdsp-virt netjack dropin).\n"
+        f"# Network latency {latency} is the guest slave's (jackd -d net -l {latency}); the manager has no such option.\n"
+        f"# WARNING: PipeWire 1.4.2's manager listens on 0.0.0.0:{port}/udp, every address, not only {master_ip};\n"
+        "# a firewall must keep that port to the VM's bridge. It also keeps a stopped slave's nodes until\n"
+        "# the daemon restarts: prefer `archdsp-virt netjack start --audio-server pipewire` (which restarts\n"
+        "# the manager when the VM restarts) in a systemd unit (archdsp-virt netjack unit).\n"
+    )
+
+
+def dropin(domain: str, args: dict, latency: int) -> str:
+    """A ``~/.config/pipewire/pipewire.conf.d/`` file: the user's daemon loads the manager at login."""
+    return (_warning(domain, args["net.ip"], args["net.port"], latency)
+            + "context.modules = [\n" + _module_entry(args, "    ") + "]\n")
+
+
+def dropin_name(domain: str) -> str:
+    return f"60-archdsp-netjack-{domain}.conf"
+
+
+def nixos(domain: str, args: dict, latency: int, ifname: str = "virbr0") -> str:
+    """The same drop-in as NixOS configuration (services.pipewire.extraConfig.pipewire), with NixOS's
+    firewall (on by default, dropping every port not allowed) opening the port on the VM's bridge only."""
+    comment = "".join(f"  {line}\n" for line in _warning(domain, args["net.ip"], args["net.port"], latency).splitlines())
+    entry = _nix({"name": MODULE, "args": args}, "    ")
+    key = json.dumps(dropin_name(domain).removesuffix(".conf"))
+    return (
+        "{\n" + comment
+        + f"  services.pipewire.extraConfig.pipewire.{key} = {{\n"
+        + f"    \"context.modules\" = [ {entry} ];\n  }};\n"
+        + "  networking.firewall.enable = true;  # the port stays closed everywhere but on the VM's bridge\n"
+        + f"  networking.firewall.interfaces.{json.dumps(ifname)}.allowedUDPPorts = [ {args['net.port']} ];\n"
+        + "}\n"
+    )
+
+
+# --- what is in the graph ---------------------------------------------------------------------
+
+def dump(target: Target, timeout: float = 5.0) -> list[dict]:
+    try:
+        out = subprocess.run(["pw-dump", "-r", target.remote], capture_output=True, text=True, timeout=timeout,
+                             env=pw_env(target))
+        return json.loads(out.stdout or "[]")
+    except (subprocess.TimeoutExpired, ValueError):
+        return []
+
+
+def netjack_nodes(objs: list[dict], manager_pid: int | None) -> list[dict]:
+    """Our manager's nodes in a pw-dump: ``{id, name, slave, state}``, by the client's process id."""
+    clients = {o["id"]: (o.get("info", {}).get("props", {}) or {}) for o in objs
+               if o.get("type") == "PipeWire:Interface:Client"}
+    out = []
+    for o in objs:
+        if o.get("type") != "PipeWire:Interface:Node":
+            continue
+        info = o.get("info", {}) or {}
+        props = info.get("props", {}) or {}
+        if props.get("node.name") not in (CAPTURE_NODE, PLAYBACK_NODE):
+            continue
+        owner = clients.get(props.get("client.id"), {})
+        if manager_pid is not None and str(owner.get("application.process.id")) != str(manager_pid):
+            continue
+        desc = str(props.get("node.description", ""))
+        out.append({"id": o["id"], "name": props["node.name"], "state": info.get("state"),
+                    "slave": desc.split(" NETJACK2 ")[0] if " NETJACK2 " in desc else None})
+    return out
+
+
+def pairs(nodes: list[dict]) -> int:
+    return max(sum(n["name"] == CAPTURE_NODE for n in nodes), sum(n["name"] == PLAYBACK_NODE for n in nodes))
+
+
+_PORT = re.compile(r"^(?P<node>netjack-capture|netjack-playback):(?P<dir>send|receive)_AUX(?P<n>\d+)$")
+
+
+def logical_ports(port_names: list[str]) -> dict[str, str]:
+    """``netjack:capture_N`` / ``netjack:playback_N`` -> the real JACK port name on PipeWire."""
+    out = {}
+    for name in port_names:
+        m = _PORT.match(name)
+        if m and (m["node"], m["dir"]) in ((CAPTURE_NODE, "send"), (PLAYBACK_NODE, "receive")):
+            kind = "capture" if m["node"] == CAPTURE_NODE else "playback"
+            out[f"netjack:{kind}_{int(m['n']) + 1}"] = name
+    return out
+
+
+# --- keeping the port to the VM's bridge (nftables) -------------------------------------------
+
+def interface_of(ip: str) -> str | None:
+    try:
+        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10)
+        for link in json.loads(out.stdout or "[]"):
+            if any(a.get("local") == ip for a in link.get("addr_info", [])):
+                return link.get("ifname")
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        pass
+    return None
+
+
+def nft_table(domain: str) -> str:
+    return "archdsp_netjack_" + re.sub(r"[^A-Za-z0-9_]", "_", domain)
+
+
+def nft_rules(domain: str, ifname: str, master_ip: str, port: int) -> str:
+    """Drop datagrams to the manager's port unless they come in on the VM's bridge to master_ip."""
+    return (
+        f"table inet {nft_table(domain)} {{\n"
+        "    chain input {\n"
+        "        type filter hook input priority -10; policy accept;\n"
+        f"        udp dport {port} iifname != \"{ifname}\" drop\n"
+        f"        udp dport {port} meta nfproto ipv6 drop\n"
+        f"        udp dport {port} ip daddr != {master_ip} drop\n"
+        "    }\n}\n"
+    )
+
+
+def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        raise BridgeError("nft did not answer within 15 s") from None
+
+
+def address_guard(domain: str, master_ip: str, port: int, allow_any: bool) -> str:
+    """Refuse (the default), or install the nftables table that keeps the port to master_ip's interface."""
+    if not allow_any:
+        raise BridgeError(
+            f"PipeWire's netjack2 manager cannot bind {master_ip}: it listens on 0.0.0.0:{port}/udp (every "
+            "address); pass --allow-any-address to start it behind an nftables rule that keeps the port to "
+            f"the VM's bridge, or use JACK (--audio-server jack)")
+    ifname = interface_of(master_ip)
+    if ifname is None:
+        raise BridgeError(f"archibaldos.netjack.master_ip {master_ip} is on no interface of this host: start the "
+                          "VM's network (virsh net-start default)")
+    if not shutil.which("nft"):
+        raise BridgeError(f"--allow-any-address needs nftables to keep port {port}/udp to {ifname}: "
+                          "apt-get install nftables (or use --audio-server jack)")
+    _nft(["delete", "table", "inet", nft_table(domain)])
+    r = _nft(["-f", "-"], nft_rules(domain, ifname, master_ip, port))
+    if r.returncode != 0:
+        raise BridgeError(f"cannot install the nftables rule for port {port}/udp: {r.stderr.strip()[:200]}")
+    return ifname
+
+
+def drop_guard(domain: str) -> bool:
+    if not shutil.which("nft"):
+        return False
+    return _nft(["delete", "table", "inet", nft_table(domain)]).returncode == 0

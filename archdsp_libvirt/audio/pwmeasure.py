@@ -1,0 +1,120 @@
+"""Round trip through the VM on PipeWire, measured with two JACK clients (run under ``pw-jack``).
+
+jack_iodelay cannot measure it: any path from the manager's source back into its sink inside one
+PipeWire graph deadlocks the link (the sink runs only after data arrived, data arrives only after
+the sink ran), so PipeWire stops it. Two separate clients break that cycle: one writes an impulse
+every ``EVERY`` periods into netjack-capture:send_AUXn (host -> VM), the other finds it again on
+netjack-playback:receive_AUXn (VM -> host); the round trip is the frame-time difference.
+
+``python -P -m archdsp_libvirt.audio.pwmeasure SEND_PORT RECEIVE_PORT SECONDS`` prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+EVERY = 100  # periods between impulses: longer than any round trip seen (13 periods)
+
+
+def measure(send_port: str, receive_port: str, seconds: float) -> dict:
+    import jack
+
+    jack.set_error_function(lambda _m: None)
+    jack.set_info_function(lambda _m: None)
+    gen = jack.Client("archdsp-rt-gen", no_start_server=True)
+    rec = jack.Client("archdsp-rt-rec", no_start_server=True)
+    out = gen.outports.register("out")
+    inp = rec.inports.register("in")
+    sent: list[int] = []
+    got: list[int] = []
+    xruns = 0
+    lock = threading.Lock()
+    count = 0
+
+    @gen.set_process_callback
+    def _gen(frames):
+        nonlocal count
+        buf = memoryview(out.get_buffer()).cast("B").cast("f")
+        for i in range(len(buf)):
+            buf[i] = 0.0
+        count += 1
+        if count % EVERY == 0:
+            buf[0] = 1.0
+            sent.append(gen.last_frame_time)
+
+    @rec.set_process_callback
+    def _rec(frames):
+        buf = memoryview(inp.get_buffer()).cast("B").cast("f")
+        for i, v in enumerate(buf):
+            if v > 0.5:
+                got.append(rec.last_frame_time + i)
+                break
+
+    def on_xrun(_delay):
+        nonlocal xruns
+        with lock:
+            xruns += 1
+
+    gen.set_xrun_callback(on_xrun)
+    with gen, rec:
+        gen.connect(out, send_port)
+        rec.connect(receive_port, inp)
+        period, rate = gen.blocksize, gen.samplerate
+        time.sleep(seconds)
+    readings = []
+    for t in sent:
+        later = [x - t for x in got if 0 <= x - t < EVERY * period]
+        if later:
+            readings.append(min(later))
+    return {"readings": readings, "impulses": len(sent), "xruns": xruns, "period": period, "rate": rate}
+
+
+def run(domain: str, seconds: float, channel: int = 1) -> dict:
+    """Measure through the running PipeWire bridge of ``domain`` (a subprocess under pw-jack)."""
+    import subprocess
+    from collections import Counter
+
+    from ..errors import BridgeError
+    from . import pipewire as pw
+    from .pwbridge import status, wait_for_link
+
+    info = status(domain)
+    if not info.get("running"):
+        raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
+    wait_for_link(domain, 30)
+    deadline = time.monotonic() + 60  # past the supervisor's one restart of a freshly joined link
+    while time.monotonic() < deadline:
+        info = status(domain)
+        if info.get("link") == "up" and time.time() - (info.get("link_changed") or 0) > 6:
+            break
+        time.sleep(0.5)
+    target = pw.find_target(env={"PIPEWIRE_REMOTE": info["pipewire"]["remote"]})
+    send, receive = f"{pw.CAPTURE_NODE}:send_AUX{channel - 1}", f"{pw.PLAYBACK_NODE}:receive_AUX{channel - 1}"
+    env = {**pw.pw_env(target), "JACK_NO_START_SERVER": "1"}
+    argv = ["pw-jack", sys.executable, "-P", "-m", "archdsp_libvirt.audio.pwmeasure", send, receive, str(seconds)]
+    for attempt in range(3):  # a guest re-makes a loop lost in a manager restart within ~10 s
+        r = None
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, env=env)
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError):
+            raise BridgeError("the PipeWire round-trip measurement failed: "
+                              f"{(r.stderr if r else 'timed out')[-300:]}") from None
+        readings = out["readings"]
+        if readings:
+            break
+        time.sleep(6)
+    if not readings:
+        raise BridgeError(f"no impulse came back through {receive} in {seconds:g} s: is the DSP loop in the VM "
+                          "connected? (archdsp-virt console)")
+    settled = readings[len(readings) // 2:]
+    return {"measured_frames": Counter(settled).most_common(1)[0][0], "readings": readings, "xruns": out["xruns"],
+            "seconds": seconds, "server": info["server"], "method": "two JACK clients through pw-jack (impulse)",
+            "graph_period": out["period"], "graph_rate": out["rate"]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], sys.argv[2], float(sys.argv[3]))))

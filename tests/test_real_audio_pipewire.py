@@ -1,0 +1,76 @@
+"""End to end on PipeWire: the session's TCG demo guest leaves the JACK2 bridge and joins PipeWire's
+NETJACK2 manager (a headless PipeWire + WirePlumber of this test's own), and the measured round trip
+falls in the PipeWire range the budget gives. The JACK2 bridge is restored afterwards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from archdsp_libvirt.audio import pipewire as pw, pwheadless
+from conftest import archdsp
+
+pytestmark = [pytest.mark.real,
+              pytest.mark.skipif(not pw.module_installed() or not shutil.which("wireplumber"),
+                                 reason="PipeWire >= 1.2 with the netjack2 manager and WirePlumber are not "
+                                        "installed (scripts/install-test-deps installs them)")]
+
+
+@pytest.fixture(scope="module")
+def on_pipewire(demo_domain, tmp_path_factory):
+    cfg, name, server = demo_domain
+    xdg = tmp_path_factory.mktemp("pwguest") / "xdg"
+    pwheadless.start(xdg, say=lambda _m: None)
+    env = {"XDG_RUNTIME_DIR": str(xdg)}
+    try:
+        archdsp("netjack", "stop", str(cfg), timeout=60)
+        r = archdsp("netjack", "start", "--audio-server", "pipewire", "--allow-any-address", str(cfg),
+                    env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        yield cfg, name, env, r.stdout
+    finally:
+        archdsp("netjack", "stop", str(cfg), timeout=60)
+        pwheadless.stop(xdg, say=lambda _m: None)
+        archdsp("netjack", "start", "--jack-server", server, "--server", "dummy", str(cfg), timeout=120)
+
+
+def test_guest_joins_pipewire_and_status_names_it(on_pipewire):
+    cfg, name, env, out = on_pipewire
+    assert "PipeWire 1.4" in out and "found by XDG_RUNTIME_DIR" in out
+    deadline = time.monotonic() + 180
+    info = {}
+    while time.monotonic() < deadline:
+        info = json.loads(archdsp("netjack", "status", "--json", str(cfg), env=env, timeout=60).stdout)
+        if info["link"] == "up" and len(info["ports"]) == 4:
+            break
+        time.sleep(2)
+    assert info["link"] == "up" and info["slave"] == "dsp", info
+    screen = archdsp("netjack", "status", str(cfg), env=env).stdout
+    print(screen)
+    assert "server: PipeWire 1.4" in screen and "link: up (slave 'dsp')" in screen
+    assert "netjack:capture_1 = netjack-capture:send_AUX0" in screen
+    port = json.loads(archdsp("netjack", "status", "--json", str(cfg), env=env).stdout)["master"].split(":")[1]
+    port = port.split("/")[0]
+    socks = [ln for ln in subprocess.run(["ss", "-Huln"], capture_output=True, text=True, timeout=30).stdout
+             .splitlines() if f":{port} " in ln]
+    assert len(socks) == 1 and f"0.0.0.0:{port}" in socks[0]  # what PipeWire 1.4.2 does; nftables limits it
+    rules = subprocess.run(["nft", "list", "table", "inet", pw.nft_table(name)], capture_output=True, text=True,
+                           timeout=30).stdout
+    assert f'udp dport {port} iifname != "virbr0" drop' in rules
+    assert "225.3.19.154" not in subprocess.run(["ip", "maddr", "show"], capture_output=True, text=True).stdout
+
+
+def test_guest_round_trip_on_pipewire_is_in_the_budgets_range(on_pipewire):
+    cfg, _name, env, _out = on_pipewire
+    r = archdsp("latency", "--measure", "--json", "--seconds", "6", str(cfg), env=env, timeout=240)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    print(f"PipeWire, TCG guest with jack_thru, L=0: {rep['measured_frames']} frames, "
+          f"readings {sorted(set(rep['readings']))}, xruns {rep['xruns']}")
+    assert (rep["predicted_frames"], rep["predicted_max_frames"]) == (256, 768)
+    assert rep["graph_period"] == 128 and rep["graph_rate"] == 96000
+    assert rep["matches_prediction"], rep

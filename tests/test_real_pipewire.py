@@ -1,0 +1,259 @@
+"""The bridge on a real PipeWire 1.4.2 (a headless pipewire + WirePlumber of this test's own) with a real
+NETJACK2 slave (jackd -d net) in a network namespace of the test's own, joined by a veth pair.
+
+SAFETY: the slave always names the master's unicast address (-a); the netns has no route out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import random
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from archdsp_libvirt.audio import pipewire as pw, pwheadless
+from archdsp_libvirt.procs import Owned, spawn_detached
+from conftest import DOMAINS, archdsp
+
+pytestmark = [pytest.mark.real,
+              pytest.mark.skipif(not pw.module_installed() or not shutil.which("wireplumber"),
+                                 reason="PipeWire >= 1.2 with the netjack2 manager and WirePlumber are not "
+                                        "installed (scripts/install-test-deps installs them)")]
+
+TAG = uuid.uuid4().hex[:5]
+NS = f"apwt{TAG}"
+SUBNET = random.randint(1, 250)
+MASTER = f"10.216.{SUBNET}.1"
+PORT = random.randint(19100, 19900)
+
+
+def run(*argv, check=True, timeout=30, **kw):
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)}: {r.stderr.strip()}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A headless PipeWire (own XDG_RUNTIME_DIR), a netns linked by veth, and a config pointing at it."""
+    base = tmp_path_factory.mktemp("pw")
+    xdg, state = base / "xdg", base / "run"
+    run("ip", "netns", "add", NS)
+    try:
+        run("ip", "link", "add", f"{NS}h", "type", "veth", "peer", "name", f"{NS}n")
+        run("ip", "link", "set", f"{NS}n", "netns", NS)
+        run("ip", "addr", "add", f"{MASTER}/24", "dev", f"{NS}h")
+        run("ip", "link", "set", f"{NS}h", "up")
+        run("ip", "netns", "exec", NS, "ip", "addr", "add", f"10.216.{SUBNET}.2/24", "dev", f"{NS}n")
+        run("ip", "netns", "exec", NS, "ip", "link", "set", f"{NS}n", "up")
+        run("ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up")
+        pwheadless.start(xdg, say=lambda _m: None)
+        text = (DOMAINS / "demo-dsp.toml").read_text()
+        for old, new in (('name = "archdsp-demo"', f'name = "archdsp-pwt-{TAG}"'),
+                         ("source_port = 19000", f"source_port = {PORT}"),
+                         ('master_ip = "192.168.122.1"', f'master_ip = "{MASTER}"'),
+                         ("dsp_client", "# dsp_client")):
+            text = text.replace(old, new)
+        text = text.replace('client_name = "dsp"', 'client_name = "dsp"\ndsp_client = false')
+        cfg = base / "pwt.toml"
+        cfg.write_text(text)
+        e = {"XDG_RUNTIME_DIR": str(xdg), "ARCHDSP_RUN_DIR": str(state)}
+        shared = {"cfg": cfg, "xdg": xdg, "env": e, "state": state, "name": f"archdsp-pwt-{TAG}", "base": base}
+        yield shared
+        archdsp("netjack", "stop", str(cfg), env=e, timeout=60)
+        if "slave" in shared:
+            shared["slave"].stop()
+    finally:
+        pwheadless.stop(xdg, say=lambda _m: None)
+        subprocess.run(["ip", "netns", "del", NS], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", f"{NS}h"], capture_output=True, timeout=30)
+
+
+class Slave:
+    """``jackd -d net -a MASTER`` in the netns, looping its capture_1 to playback_1 (a direct loop)."""
+
+    def __init__(self, base: Path, latency: int = 0):
+        self.server = "archdsp-pwt-slave"  # a fixed name: JACK reclaims a stale registry slot only for the same name
+        self.log = base / "slave.log"
+        self.proc = spawn_detached(["ip", "netns", "exec", NS, "timeout", "-s", "KILL", "600", "jackd", "-n",
+                                    self.server, "-d", "net", "-a", MASTER, "-p", str(PORT), "-C", "2", "-P", "2",
+                                    "-i", "0", "-o", "0", "-l", str(latency), "-n", "dsp"], self.log,
+                                   env={**os.environ, "JACK_NO_AUDIO_RESERVATION": "1"})
+
+    def loop(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = subprocess.run(["ip", "netns", "exec", NS, "jack_connect", "system:capture_1", "system:playback_1"],
+                               capture_output=True, text=True, timeout=10,
+                               env={**os.environ, "JACK_DEFAULT_SERVER": self.server, "JACK_NO_START_SERVER": "1"})
+            if r.returncode == 0 or "already" in (r.stdout + r.stderr):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"the slave's loop could not be connected: {self.log.read_text()[-500:]}")
+
+    def stop(self):
+        self.proc.stop(timeout=5)  # SIGTERM, SIGKILL after 5 s (a slave once ignored SIGTERM)
+
+
+def status(env):
+    return json.loads(archdsp("netjack", "status", "--json", str(env["cfg"]), env=env["env"], timeout=60).stdout)
+
+
+def wait(env, pred, timeout=40):
+    deadline = time.monotonic() + timeout
+    info = {}
+    while time.monotonic() < deadline:
+        info = status(env)
+        if pred(info):
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"not reached within {timeout} s: {info}")
+
+
+def graph_nodes(env):
+    t = pw.Target(str(env["xdg"]), "pipewire-0", None, None, "test")
+    return [o for o in pw.dump(t) if o.get("type") == "PipeWire:Interface:Node"]
+
+
+def netjack_node_count(env):
+    return sum(str((o.get("info", {}).get("props") or {}).get("node.name", "")).startswith("netjack-")
+               for o in graph_nodes(env))
+
+
+def listening(port):
+    return [ln for ln in run("ss", "-Huln").stdout.splitlines() if f":{port} " in ln]
+
+
+def test_start_is_refused_without_allow_any_address(env):
+    r = archdsp("netjack", "start", "--audio-server", "pipewire", str(env["cfg"]), env=env["env"], timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cannot bind" in r.stderr and f"0.0.0.0:{PORT}/udp" in r.stderr and "--allow-any-address" in r.stderr
+    assert listening(PORT) == [] and not (env["state"] / f"netjack-{env['name']}.json").exists()
+
+
+def test_auto_picks_pipewire_and_says_which_server(env):
+    env["before"] = {o["id"] for o in graph_nodes(env)}
+    r = archdsp("netjack", "start", "--allow-any-address", str(env["cfg"]), env=env["env"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"PipeWire 1.4" in r.stdout and f"at {env['xdg']}/pipewire-0 (found by XDG_RUNTIME_DIR)" in r.stdout
+    # What ss shows: PipeWire's manager on every address; nftables keeps the port to the veth and MASTER.
+    socks = listening(PORT)
+    assert len(socks) == 1 and f"0.0.0.0:{PORT}" in socks[0]
+    rules = run("nft", "list", "table", "inet", pw.nft_table(env["name"])).stdout
+    assert f'udp dport {PORT} iifname != "{NS}h" drop' in rules and f"ip daddr != {MASTER} drop" in rules
+
+
+def test_slave_joins_with_the_names_documented(env):
+    env["slave"] = slave = Slave(env["base"])
+    # The supervisor restarts the manager once after a cold join (README); the slave's net driver then
+    # re-creates its ports, so the loop is made after that.
+    wait(env, lambda i: i["link"] == "up" and i["manager_restarts"] >= 1 and time.time() - i["link_changed"] > 2)
+    slave.loop()
+    info = wait(env, lambda i: len(i["ports"]) == 4)
+    assert info["audio_server"] == "pipewire" and info["server"].startswith("PipeWire 1.4") and info["slave"] == "dsp"
+    assert info["ports"] == {"netjack:capture_1": "netjack-capture:send_AUX0",
+                             "netjack:capture_2": "netjack-capture:send_AUX1",
+                             "netjack:playback_1": "netjack-playback:receive_AUX0",
+                             "netjack:playback_2": "netjack-playback:receive_AUX1"}
+    screen = archdsp("netjack", "status", str(env["cfg"]), env=env["env"]).stdout
+    assert "server: PipeWire 1.4" in screen and "link: up (slave 'dsp')" in screen and "xruns since start:" in screen
+    # pw-link and jack_lsp (through pw-jack) show the same names.
+    e = {**os.environ, **env["env"], "PIPEWIRE_PROPS": pw.JACK_PROPS}
+    assert "netjack-capture:send_AUX0" in run("pw-link", "-i", env=e).stdout
+    assert "netjack-playback:receive_AUX1" in run("pw-link", "-o", env=e).stdout
+    lsp = run("pw-jack", "jack_lsp", env=e).stdout
+    assert "netjack-capture:send_AUX0" in lsp and "netjack-playback:receive_AUX0" in lsp
+
+
+def test_no_multicast_group_joined(env):
+    assert "225.3.19.154" not in run("ip", "maddr", "show").stdout
+    assert "E6031399" not in Path("/proc/net/igmp").read_text().upper()  # 230.3.19.154 nor 225.3.19.154 in hex
+
+
+def test_round_trip_is_within_the_pipewire_range(env):
+    r = archdsp("latency", "--measure", "--json", "--seconds", "4", str(env["cfg"]), env=env["env"], timeout=150)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["audio_server"] == "pipewire" and rep["graph_period"] == 128 and rep["graph_rate"] == 96000
+    assert (rep["predicted_frames"], rep["predicted_max_frames"]) == (128, 640)
+    assert rep["matches_prediction"], rep
+    print(f"PipeWire round trip at L=0, direct loop: {rep['measured_frames']} frames {sorted(set(rep['readings']))}")
+
+
+@pytest.mark.xfail(reason="JACK 1.9.21's net slave sometimes never rejoins when the manager restarts during its "
+                          "join (README, PipeWire, Nodes): not solved", strict=False)
+def test_ten_slave_restarts_leave_exactly_one_pair(env):
+    """Each new slave gets a new pair (new node ids) and the old one goes: by the manager's socket error
+    when the dead slave's port is refused, else by the supervisor restarting the manager (> 1 pair)."""
+    for i in range(10):
+        old = {n["id"] for n in status(env)["nodes"]}
+        env["slave"].stop()
+        env["slave"] = Slave(env["base"])
+        info = wait(env, lambda s: s["link"] == "up" and s["pairs"] == 1 and len(s["nodes"]) == 2
+                    and not old & {n["id"] for n in s["nodes"]}, timeout=60)
+        assert netjack_node_count(env) <= 4, info  # at most the old pair for a moment, never a pile
+    info = wait(env, lambda s: s["link"] == "up" and time.time() - s["link_changed"] > 5, timeout=60)
+    assert info["pairs"] == 1 and netjack_node_count(env) == 2, info
+    print(f"10 slave restarts: manager restarted {info['manager_restarts']} times in all, one pair left")
+
+
+def test_stop_removes_what_the_bridge_added_and_nothing_else(env):
+    state = json.loads((env["state"] / f"netjack-{env['name']}.json").read_text())
+    seen = json.loads((env["state"] / f"netjack-{env['name']}.status.json").read_text())
+    sup, mgr = Owned(**state["supervisor"]), Owned(**seen["manager"])
+    assert sup.alive() and mgr.alive()
+    r = archdsp("netjack", "stop", str(env["cfg"]), env=env["env"], timeout=60)
+    assert r.returncode == 0 and "nftables" in r.stdout
+    assert not sup.alive() and not mgr.alive()
+    time.sleep(1)
+    assert netjack_node_count(env) == 0
+    assert {o["id"] for o in graph_nodes(env)} == env["before"]  # the daemon's own nodes are all still there
+    assert listening(PORT) == []
+    assert run("nft", "list", "table", "inet", pw.nft_table(env["name"]), check=False).returncode != 0
+    env["slave"].stop()
+
+
+@pytest.fixture
+def desktop_user(tmp_path):
+    """A user of the test's own with a PipeWire in /run/user/UID, as on a desktop (removed afterwards)."""
+    name = f"apwu{TAG}"
+    run("useradd", "--create-home", "--shell", "/usr/sbin/nologin", name)
+    uid = pwd.getpwnam(name).pw_uid
+    rundir = Path(f"/run/user/{uid}")
+    try:
+        pwheadless.start(rundir, user=name, say=lambda _m: None)
+        yield name, uid, rundir
+    finally:
+        pwheadless.stop(rundir, say=lambda _m: None)
+        shutil.rmtree(rundir, ignore_errors=True)
+        subprocess.run(["userdel", "--remove", name], capture_output=True, timeout=30)
+
+
+def test_root_through_sudo_joins_the_users_pipewire(env, desktop_user):
+    name, uid, rundir = desktop_user
+    e = {"SUDO_UID": str(uid), "SUDO_USER": name, "ARCHDSP_RUN_DIR": str(env["state"])}
+    base = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "PIPEWIRE_REMOTE",
+                                                             "PIPEWIRE_RUNTIME_DIR")}
+    cmd = lambda *a: subprocess.run([os.sys.executable, "-m", "archdsp_libvirt", "netjack", *a, str(env["cfg"])],
+                                    capture_output=True, text=True, timeout=60, env={**base, **e})
+    r = cmd("start", "--allow-any-address")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert f"of user {name} at {rundir}/pipewire-0 (found by sudo (SUDO_UID))" in r.stdout
+        seen = json.loads((env["state"] / f"netjack-{env['name']}.status.json").read_text())
+        t = pw.Target(str(rundir), "pipewire-0", name, uid, "test")
+        clients = [o for o in pw.dump(t) if o.get("type") == "PipeWire:Interface:Client"]
+        assert any(str((c["info"]["props"] or {}).get("application.process.id")) == str(seen["manager"]["pid"])
+                   for c in clients), "the manager is not a client of the user's PipeWire"
+        st = json.loads(cmd("status", "--json").stdout)
+        assert st["pipewire"]["user"] == name and st["pipewire"]["how"] == "sudo (SUDO_UID)"
+    finally:
+        assert cmd("stop").returncode == 0
