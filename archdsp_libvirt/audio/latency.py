@@ -144,6 +144,8 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
     from .bridge import ALIAS_CLIENT, BridgeError, jack_env, open_client, status, wait_for_link
     from ..procs import Owned
 
+    from .soak import count_link_events
+
     info = status(cfg.name)
     if not info.get("running"):
         raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
@@ -151,12 +153,15 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
     server = info["server"]
     client = open_client(server, "archdsp-latency")
     xruns = 0
+    xrun_times: list[float] = []
+    t0 = time.monotonic()
     lock = threading.Lock()
 
     def on_xrun(_delay):
         nonlocal xruns
         with lock:
             xruns += 1
+            xrun_times.append(time.monotonic() - t0)
 
     client.set_xrun_callback(on_xrun)
     client.activate()
@@ -165,6 +170,9 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
                             env=jack_env(server), text=True, start_new_session=True)
     owned = Owned.of(proc.pid)
     readings: list[float] = []
+    reading_times: list[float] = []
+    log = info.get("log") if info.get("server_started_by_bridge") else None  # jackd's own output is there
+    log_start = os.path.getsize(log) if log and os.path.exists(log) else 0
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -177,6 +185,8 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
         _connect_loop(client, channel, timeout=20)
         with lock:
             xruns = 0
+            xrun_times.clear()
+            t0 = time.monotonic()
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         os.set_blocking(proc.stdout.fileno(), False)
@@ -188,6 +198,7 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
                 buf += chunk
                 for m in _IODELAY_LINE.finditer(buf):
                     readings.append(float(m.group(1)))
+                    reading_times.append(round(time.monotonic() - t0, 3))
                 buf = buf[buf.rfind("\n") + 1:]
             if proc.poll() is not None:
                 break
@@ -204,8 +215,11 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
                           f"{seconds:g} s: is the DSP loop in the VM connected? (archdsp-virt console)")
     settled = readings[len(readings) // 2:]
     measured = Counter(round(r) for r in settled).most_common(1)[0][0]
-    return {"measured_frames": measured, "readings": readings, "xruns": xruns, "seconds": seconds,
-            "server": server}
+    with lock:
+        times = [round(t, 3) for t in xrun_times]
+    return {"measured_frames": measured, "readings": readings, "reading_times": reading_times, "xruns": xruns,
+            "xrun_times": times, "seconds": seconds, "xruns_per_minute": round(xruns * 60.0 / seconds, 2),
+            "server": server, **count_link_events(log, log_start)}
 
 
 def _connect_loop(client, channel: int, timeout: float) -> None:
@@ -250,4 +264,8 @@ def format_report(rep: dict, b: Budget) -> str:
         text += (f"measured round trip: {rep['measured_frames']} frames = {rep['measured_ms']:.3f} ms "
                  f"({'matches' if rep['matches_prediction'] else 'DIFFERS FROM'} the prediction, "
                  f"{rep['difference_frames']:+d} frames); {rep['xruns']} xruns in {rep['seconds']:g} s\n")
+        if "xruns_per_minute" in rep:
+            from .soak import format_soak
+
+            text += format_soak(rep)
     return text
