@@ -250,6 +250,7 @@ def tune_command(config: Path, uri: str | None, sizes, latencies, syncs, seconds
     with Session(uri) as session:
         rep = tune(cfg, session, sizes, latencies, syncs, seconds, every=every, say=say)
     text = format_tune(rep)
+    rep["applied"] = None  # the config is written only with --apply
     if plot_path and rep["steps"]:
         rep["plot"] = plot(rep, plot_path)
         text += f"plot: {plot_path}\n"
