@@ -191,6 +191,7 @@ def start(cfg: DspConfig, server: str | None = None, start_server: str | None = 
         return state
     server = server or (state or {}).get("server") or default_server()
     _check_local_address(link.master_ip)
+    placement.confine_self(link.vcpu_cores)  # what this starts (jackd, the supervisor) stays off the VM's cores
     owned_server = None
     try:
         probe = open_client(server, "archdsp-probe")

@@ -151,6 +151,9 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
         raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
     wait_for_link(cfg.name, 30)
     server = info["server"]
+    from .placement import confine_self
+
+    confine_self(cfg.isolated_cores)  # our JACK client and jack_iodelay are real-time threads: not on a vCPU's core
     client = open_client(server, "archdsp-latency")
     xruns = 0
     xrun_times: list[float] = []

@@ -92,3 +92,15 @@ def describe(threads: list[ServerThread], cores: CpuSet) -> str:
             reach = frozenset().union(*(t.allowed & cores for t in bad))
             parts.append(f"{ts[0].comm} {pid}: {len(bad)} of {len(ts)} threads may run on {format_cpuset(reach)}")
     return "; ".join(parts)
+
+
+def confine_self(vcpu_cores) -> CpuSet | None:
+    """Keep this process's calling thread, and every thread and process it makes from now on (JACK
+    clients' real-time threads, jack_iodelay, the bridge supervisor), off the VM's cores."""
+    keep = housekeeping_cores(vcpu_cores)
+    if keep:
+        try:
+            os.sched_setaffinity(0, keep)
+        except OSError:
+            return None
+    return keep

@@ -74,10 +74,10 @@ def plot(rep: dict, path: str | os.PathLike[str], title: str = "") -> Path:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[3, 2])
     times = rep.get("reading_times", [])
     ms = [v * 1000.0 / rate for v in rep["readings"]]
-    ax1.plot(times, ms, ".", markersize=3, color="tab:blue", label="jack_iodelay reading")
     if rep.get("predicted_ms") is not None:
-        ax1.axhline(rep["predicted_ms"], color="tab:green", linestyle="--",
+        ax1.axhline(rep["predicted_ms"], color="tab:green", linestyle="--", zorder=1,
                     label=f"predicted {rep['predicted_ms']:.3f} ms")
+    ax1.plot(times, ms, ".", markersize=4, color="tab:blue", zorder=2, label="jack_iodelay reading")
     top = max(ms + [rep.get("predicted_ms") or 0.0, 0.1])
     ax1.set_ylim(0, top * 1.25)
     ax1.set_ylabel("round trip (ms)")

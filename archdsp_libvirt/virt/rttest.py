@@ -150,6 +150,7 @@ def plot(r: RtResult, path) -> str:
     ys = [c for _, c in r.histogram]
     ax.bar(xs, ys, width=max(1.0, (max(xs, default=1) - min(xs, default=0)) / 200), color="tab:blue")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)  # a bucket of one sample stays visible
     ax.axvline(r.budget_us, color="tab:red", linestyle="--", label=f"period budget {r.budget_us:.0f} µs")
     ax.axvline(r.max_us, color="tab:orange", linestyle=":", label=f"max {r.max_us} µs")
     ax.set_xlabel("wake-up latency (µs)")
@@ -157,8 +158,11 @@ def plot(r: RtResult, path) -> str:
     ax.set_xlim(0, max(r.budget_us, r.max_us) * 1.1)
     ax.set_title(f"cyclictest in the guest, {r.seconds:g} s: {r.samples} samples, min/avg/max "
                  f"{r.min_us}/{r.avg_us}/{r.max_us} µs ({'holds' if r.holds else 'misses'} the period)")
+    if r.overflows:
+        ax.annotate(f"{r.overflows} samples > {HIST_BUCKETS_US} µs (beyond the histogram)",
+                    xy=(0.98, 0.95), xycoords="axes fraction", ha="right", va="top", color="tab:orange")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
