@@ -152,15 +152,18 @@ def plot(r: RtResult, path) -> str:
     ax.set_yscale("log")
     ax.set_ylim(bottom=0.5)  # a bucket of one sample stays visible
     ax.axvline(r.budget_us, color="tab:red", linestyle="--", label=f"period budget {r.budget_us:.0f} µs")
-    ax.axvline(r.max_us, color="tab:orange", linestyle=":", label=f"max {r.max_us} µs")
+    right = max(r.budget_us * 1.5, max(xs, default=0)) * 1.05
+    if r.max_us <= right:
+        ax.axvline(r.max_us, color="tab:orange", linestyle=":", label=f"max {r.max_us} µs")
     ax.set_xlabel("wake-up latency (µs)")
     ax.set_ylabel("samples (log scale)")
-    ax.set_xlim(0, max(r.budget_us, r.max_us) * 1.1)
+    ax.set_xlim(0, right)
     ax.set_title(f"cyclictest in the guest, {r.seconds:g} s: {r.samples} samples, min/avg/max "
                  f"{r.min_us}/{r.avg_us}/{r.max_us} µs ({'holds' if r.holds else 'misses'} the period)")
     if r.overflows:
-        ax.annotate(f"{r.overflows} samples > {HIST_BUCKETS_US} µs (beyond the histogram)",
-                    xy=(0.98, 0.95), xycoords="axes fraction", ha="right", va="top", color="tab:orange")
+        ax.annotate(f"{r.overflows} samples > {HIST_BUCKETS_US} µs (beyond the histogram), max {r.max_us} µs",
+                    xy=(0.98, 0.95), xycoords="axes fraction", ha="right", va="top", color="tab:orange",
+                    bbox={"facecolor": "white", "alpha": 0.9, "edgecolor": "none"})
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center right")
     fig.tight_layout()
