@@ -222,7 +222,7 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
         times = [round(t, 3) for t in xrun_times]
     return {"measured_frames": measured, "readings": readings, "reading_times": reading_times, "xruns": xruns,
             "xrun_times": times, "seconds": seconds, "xruns_per_minute": round(xruns * 60.0 / seconds, 2),
-            "server": server, **count_link_events(log, log_start)}
+            "server": server, **count_link_events(log, log_start, cfg.netjack.client_name)}
 
 
 def _connect_loop(client, channel: int, timeout: float) -> None:

@@ -13,11 +13,11 @@ from collections import Counter
 from pathlib import Path
 
 # What JACK2's NETJACK master (netmanager, in the host jackd) prints when a cycle comes late or not at all.
-LATE_CYCLE = re.compile(r"missing last data packet|Packet\(s\) missing|client = netmanager was not finished")
+LATE_CYCLE = r"missing last data packet|Packet\(s\) missing|client = (netmanager|{slave}(-\d+)?) was not finished"
 LINK_LOST = re.compile(r"connection lost", re.I)
 
 
-def count_link_events(log: str | None, start: int) -> dict:
+def count_link_events(log: str | None, start: int, slave: str = "dsp") -> dict:
     """Late/lost NETJACK cycles and lost connections the master logged after byte ``start`` of ``log``.
 
     ``None`` counts mean the server's output is not ours to read (a server the bridge did not start).
@@ -27,7 +27,8 @@ def count_link_events(log: str | None, start: int) -> dict:
     with open(log, "rb") as fh:
         fh.seek(start)
         text = fh.read().decode("utf-8", "replace")
-    return {"late_cycles": len(LATE_CYCLE.findall(text)), "link_lost": len(LINK_LOST.findall(text))}
+    late = re.compile(LATE_CYCLE.format(slave=re.escape(slave)))
+    return {"late_cycles": sum(1 for _ in late.finditer(text)), "link_lost": len(LINK_LOST.findall(text))}
 
 
 def windows(rep: dict, width: float | None = None) -> list[dict]:

@@ -23,7 +23,7 @@ from .latency import frames_to_ms
 
 READY = r"ARCHDSP-READY name="
 FAILED = r"ARCHDSP-FAILED"
-RESTART_DELAY = 4  # seconds the guest waits between stopping and starting its jackd
+RESTART_DELAY = 6  # seconds the guest waits between stopping and starting its jackd
 
 
 class Step(Struct, frozen=True):
@@ -75,19 +75,18 @@ def _restart_guest(cfg: DspConfig, session, server: str, size: int, latency: int
                    timeout: float) -> None:
     """Restart the guest's jackd with ``latency``/``sync`` while the host runs at ``size`` frames.
 
-    The guest stops its jackd and waits; meanwhile the host's period is changed and set again, which
-    makes JACK2's netmanager drop its master for the old slave (a stale master keeps sending audio to
-    the slave's port, and a new slave bound to it meanwhile spins on those packets). Then the guest
-    starts jackd and says it is ready.
+    The guest stops its jackd and waits (a master still serving the old slave keeps sending audio to
+    the slave's port, and a new slave bound to it meanwhile spins on those packets); the host's period
+    is set once that master is gone. Then the guest starts jackd and says it is ready.
     """
     from ..virt.console import expect
 
     line = f"echo 'LATENCY={latency} SYNC={int(sync)} DELAY={RESTART_DELAY}' > /run/archdsp-restart\n"
     asked, seen = expect(session, cfg.name, r"restart requested", 30, send=b"\n" + line.encode())
     if asked:
-        time.sleep(1.5)  # the old jackd is stopped
-        _set_period(server, size // 2 if size >= 32 else size * 2)
-        time.sleep(0.5)
+        # The old jackd is stopped; the master for it notices within a few cycles and exits by itself.
+        # Only then change the host's period (changing it while a master exits can hang JACK2 1.9.21).
+        time.sleep(3)
         _set_period(server, size)
         matched, seen = expect(session, cfg.name, f"{READY}|{FAILED}", timeout)
     if not asked or not matched or FAILED in seen:
