@@ -39,8 +39,10 @@ def test_bridge_jackd_runs_on_the_housekeeping_cores_only(demo_domain):
     r = archdsp("check", "--json", str(cfg))
     found = {f["id"]: f for f in json.loads(r.stdout)}["audio.threads"]
     # other JACK servers on this machine may sit anywhere (check warns about them); ours is not among them
-    assert f"jackd {pid}" in found["observed"] or found["status"] == "warn", found
-    assert f"jackd {pid}:" not in found["observed"], found
+    if found["status"] == "ok":
+        assert f"jackd {pid}" in found["observed"], found
+    else:
+        assert found["status"] == "warn" and f"jackd {pid}:" not in found["observed"], found
 
 
 def test_soak_reports_xruns_per_minute_and_the_round_trip_over_time(demo_domain, tmp_path):
@@ -91,5 +93,10 @@ def test_one_tune_step_restarts_the_guest_side_and_measures(demo_domain):
     assert cfg.read_text() == before  # never changed without --apply
     # tune put the config's own settings back
     wait_link(cfg)
-    m = json.loads(archdsp("latency", "--measure", "--json", "--seconds", "6", str(cfg), timeout=120).stdout)
-    assert m["measured_frames"] == 256
+    for _attempt in range(3):  # the VM's ports are re-aliased a moment after its slave rejoins
+        r = archdsp("latency", "--measure", "--json", "--seconds", "6", str(cfg), timeout=120)
+        if r.returncode == 0:
+            break
+        time.sleep(5)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["measured_frames"] == 256
