@@ -213,16 +213,16 @@ def plot(rep: dict, path) -> str:
 
     steps = rep["steps"]
     labels = [f"{s['buffer_size']}/L{s['network_latency']}/{'sync' if s['sync'] else 'async'}" for s in steps]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(steps) + 2), 5))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.75 * len(steps) + 2)), 6))
     xs = range(len(steps))
     ax.bar([x - 0.2 for x in xs], [s["predicted_ms"] for s in steps], width=0.4, color="lightgray",
            label="predicted")
     ax.bar([x + 0.2 for x in xs], [s["measured_ms"] or 0 for s in steps], width=0.4,
-           color=["tab:green" if s["held"] else "tab:red" for s in steps], label="measured (green: 0 xruns)")
+           color=["tab:green" if s["held"] else "tab:red" for s in steps], label="measured (green: 0 xruns; the number: xruns in the step)")
     for x, s in zip(xs, steps, strict=True):
-        ax.annotate(f"{s['xruns'] if s['xruns'] is not None else '?'} xruns", (x + 0.2, (s["measured_ms"] or 0)),
-                    ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), labels, rotation=20, fontsize=8)
+        ax.annotate(f"{s['xruns'] if s['xruns'] is not None else '?'}", (x + 0.2, (s["measured_ms"] or 0)),
+                    ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=9)
     ax.set_xlabel("buffer_size / network_latency / slave mode")
     ax.set_ylabel("round trip (ms)")
     ax.set_title(f"tune: {rep['seconds_per_step']:g} s soak per step at {rep['sample_rate']} Hz")
