@@ -226,3 +226,51 @@ def check_command(config: Path, uri: str | None, host_root: str = "/", as_json: 
     findings = run_checks(cfg, model, reachable, libvirt_detail=detail)
     text = json.dumps(findings_json(findings), indent=2) + "\n" if as_json else format_findings(findings)
     return text, bool(failures(findings))
+
+
+def rt_test_command(config: Path, uri: str | None, seconds: float, force: bool = False,
+                    plot_path: Path | None = None) -> tuple[dict, str]:
+    """cyclictest in CONFIG's running guest: (the result as data, the text report)."""
+    from .virt.connection import Session
+    from .virt.console import ensure_event_loop
+    from .virt.rttest import format_result, plot, run
+
+    cfg = load_config(config)
+    if not cfg.netjack.enable:
+        raise ConfigError(f"{config}: archibaldos.netjack.enable: rt-test sets the guest's latency against the "
+                          "link's period; set enable = true")
+    ensure_event_loop()
+    with Session(uri) as session:
+        r = run(cfg, session, seconds, force=force)
+    out = r.as_dict()
+    text = format_result(r)
+    if plot_path:
+        out["plot"] = plot(r, plot_path)
+        text += f"plot: {plot_path}\n"
+    return out, text
+
+
+def tune_command(config: Path, uri: str | None, sizes, latencies, syncs, seconds: float, every: bool = False,
+                 do_apply: bool = False, plot_path: Path | None = None, say=print) -> tuple[dict, str]:
+    """Sweep the link's settings on the running VM (audio/tune.py); with ``do_apply`` write the best."""
+    from .audio.tune import apply, format_tune, plot, tune
+    from .virt.connection import Session
+    from .virt.console import ensure_event_loop
+
+    cfg = load_config(config)
+    if not cfg.netjack.enable:
+        raise ConfigError(f"{config}: archibaldos.netjack.enable: tune sweeps the NETJACK link; set enable = true")
+    ensure_event_loop()
+    with Session(uri) as session:
+        rep = tune(cfg, session, sizes, latencies, syncs, seconds, every=every, say=say)
+    text = format_tune(rep)
+    rep["applied"] = None  # the config is written only with --apply
+    if plot_path and rep["steps"]:
+        rep["plot"] = plot(rep, plot_path)
+        text += f"plot: {plot_path}\n"
+    if rep["best"] and do_apply:
+        rep["applied"] = apply(config, rep["best"], say=say)
+        load_config(config)  # what was written still loads
+    elif rep["best"]:
+        text += "the config was not changed (--apply writes these values into it)\n"
+    return rep, text

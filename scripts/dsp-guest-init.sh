@@ -29,6 +29,15 @@
 #   archdsp.timeout=120   seconds to wait for jackd + master before FAILED
 #   archdsp.debug=1       jackd output on the console, kernel log level kept
 #   archdsp.shell=1       also start a busybox shell on the console
+#   archdsp.rtprio=70     SCHED_FIFO priority of jackd (-P); its clients run
+#                         just below it; the virtio IRQ threads get rtprio+5
+#                         so packets are taken in while the DSP computes
+#
+# Changing the link settings at run time (archdsp-virt tune): write
+#   LATENCY=N SYNC=0|1 [DELAY=S]
+# to /run/archdsp-restart; within a second init stops jackd, waits S seconds
+# (default 1; the host drops its master for the old slave meanwhile), starts
+# jackd with the new settings (and the DSP client), then prints the marker again.
 #
 # Console protocol (one line each, nothing periodic):
 #   ARCHDSP-READY name=NAME master=IP port=PORT   (the marker; again after a
@@ -70,7 +79,7 @@ fail() {
 # --------------------------------------------------------------- options ---
 
 IP='' GW='' IFACE=eth0 MASTER='' PORT=19000 NAME=dsp LATENCY=0 CHANNELS=2
-MARKER=ARCHDSP-READY DSP=thru SYNC=0 TIMEOUT=120 DEBUG=0 SHELL_ON_CONSOLE=0
+MARKER=ARCHDSP-READY DSP=thru SYNC=0 TIMEOUT=120 DEBUG=0 SHELL_ON_CONSOLE=0 RTPRIO=70
 set -f # no globbing of kernel command line words
 for w in $(cat /proc/cmdline); do
 	case "$w" in
@@ -88,6 +97,7 @@ for w in $(cat /proc/cmdline); do
 	archdsp.timeout=*) TIMEOUT=${w#*=} ;;
 	archdsp.debug=*) DEBUG=${w#*=} ;;
 	archdsp.shell=*) SHELL_ON_CONSOLE=${w#*=} ;;
+	archdsp.rtprio=*) RTPRIO=${w#*=} ;;
 	esac
 done
 set +f
@@ -123,6 +133,7 @@ case "$NAME" in '' | *[!A-Za-z0-9_.-]*) fail "bad archdsp.name=$NAME (letters, d
 case "$IFACE" in '' | *[!A-Za-z0-9_.-]*) fail "bad archdsp.iface=$IFACE" ;; esac
 case "$DSP" in thru | direct) ;; *) fail "bad archdsp.dsp=$DSP (thru or direct)" ;; esac
 case "$SYNC" in 0 | 1) ;; *) fail "bad archdsp.sync=$SYNC (0 or 1)" ;; esac
+is_uint "$RTPRIO" && [ "$RTPRIO" -ge 1 ] && [ "$RTPRIO" -le 90 ] || fail "bad archdsp.rtprio=$RTPRIO (1-90)"
 if [ -n "$IP" ]; then
 	case "$IP" in
 	*/*) is_ipv4 "${IP%/*}" && is_uint "${IP#*/}" && [ "${IP#*/}" -le 32 ] || fail "bad archdsp.ip=$IP" ;;
@@ -186,7 +197,7 @@ start_jackd() {
 	# no multicast is sent.  MIDI off: the loop is audio only.
 	sync_flag=
 	[ "$SYNC" = 1 ] && sync_flag=-S
-	set -- jackd -R $sync_flag -d net -a "$MASTER" -p "$PORT" -n "$NAME" -l "$LATENCY" \
+	set -- jackd -R -P "$RTPRIO" $sync_flag -d net -a "$MASTER" -p "$PORT" -n "$NAME" -l "$LATENCY" \
 		-C "$CHANNELS" -P "$CHANNELS" -i 0 -o 0
 	log "starting: $*"
 	if [ "$DEBUG" = 1 ]; then
@@ -198,6 +209,33 @@ start_jackd() {
 }
 
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+
+# The virtio IRQ threads (PREEMPT_RT threads every IRQ) above jackd: a packet
+# is taken in even while the DSP computes.  No-op without chrt or threaded IRQs.
+irq_priorities() {
+	command -v chrt >/dev/null 2>&1 || return 0
+	for d in /proc/[0-9]*; do
+		case "$(cat "$d/comm" 2>/dev/null)" in
+		irq/*virtio*) chrt -f -p $((RTPRIO + 5)) "${d#/proc/}" >/dev/null 2>&1 ;;
+		esac
+	done
+}
+
+# restart_requested: /run/archdsp-restart holds "LATENCY=N SYNC=0|1" (tune)
+restart_requested() {
+	[ -f /run/archdsp-restart ] || return 1
+	req=$(cat /run/archdsp-restart)
+	rm -f /run/archdsp-restart
+	for kv in $req; do
+		case "$kv" in
+		LATENCY=*) v=${kv#*=}; is_uint "$v" && [ "$v" -le 64 ] && LATENCY=$v ;;
+		SYNC=*) v=${kv#*=}; case "$v" in 0 | 1) SYNC=$v ;; esac ;;
+		DELAY=*) v=${kv#*=}; is_uint "$v" && [ "$v" -le 30 ] && RESTART_DELAY=$v ;;
+		esac
+	done
+	log "restart requested: latency=$LATENCY sync=$SYNC"
+	return 0
+}
 
 # the DSP loop as "source destination" lines
 want_pairs() {
@@ -321,14 +359,28 @@ MAX_RESTARTS=10
 restarts=0
 while :; do
 	start_jackd
+	irq_priorities
 	bring_up
 	rc=$?
 	state=$rc # 0 ready, 1 not ready (jackd running), 2 jackd gone
 	# Watch quietly every ~10 s: re-make a lost loop (the net driver drops
 	# and re-creates its ports when the master goes away and comes back),
 	# announce transitions only.
+	requested=0
 	while [ $state != 2 ]; do
-		sleep 10
+		i=0
+		while [ $i -lt 10 ]; do
+			sleep 1
+			i=$((i + 1))
+			if restart_requested; then requested=1; break; fi
+		done
+		if [ $requested = 1 ]; then
+			kill "$JACKD_PID" 2>/dev/null
+			j=0
+			while alive "$JACKD_PID" && [ $j -lt 50 ]; do usleep 100000; j=$((j + 1)); done
+			alive "$JACKD_PID" && kill -9 "$JACKD_PID" 2>/dev/null
+			break
+		fi
 		trim_logs
 		if ! alive "$JACKD_PID"; then
 			fail_msg "jackd exited: $(tail -n 3 "$JACKD_LOG" 2>/dev/null | tr '\n' ' ')"
@@ -348,6 +400,12 @@ while :; do
 	done
 	alive "$THRU_PID" && kill "$THRU_PID" 2>/dev/null
 	THRU_PID=
+	if [ $requested = 1 ]; then
+		# Let the master drop the old slave first: a stale master keeps sending it
+		# audio, and a new slave that binds the port meanwhile spins on those packets.
+		sleep "${RESTART_DELAY:-1}"
+		continue
+	fi
 	restarts=$((restarts + 1))
 	if [ $restarts -ge $MAX_RESTARTS ]; then
 		fail "jackd failed $restarts times, giving up"

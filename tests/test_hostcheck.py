@@ -674,3 +674,25 @@ def test_host_services_asks_the_same_rt_verdict_as_check(fake, machine, needs_fi
     status = check(fake)["rt.cgroup"].status
     assert (r.returncode == 0) is needs_fix is (status != "ok"), (r.stdout, r.stderr, status)
     assert r.stdout.startswith(f"{status}: ")
+
+
+def _audio_server(fake: FakeHost, pid: int, comm: str, tasks: dict[int, str]) -> None:
+    fake.file(f"/proc/{pid}/comm", comm + "\n")
+    for tid, allowed in tasks.items():
+        fake.file(f"/proc/{pid}/task/{tid}/status", f"Name:\t{comm}\nCpus_allowed_list:\t{allowed}\n")
+
+
+def test_audio_threads_on_a_vcpu_core_are_a_warn_with_the_taskset_fix(fake):
+    vcpu = cfg().isolated_cores[0]
+    _audio_server(fake, 4242, "jackd", {4242: f"0-{vcpu}", 4243: "0"})
+    _audio_server(fake, 77, "bash", {77: f"0-{vcpu}"})  # not an audio server
+    f = check(fake)["audio.threads"]
+    assert f.status == "warn"
+    assert "jackd 4242: 1 of 2 threads may run on" in f.observed
+    assert "taskset -a -p -c" in f.fix and "4242" in f.fix and "77" not in f.fix
+
+
+def test_audio_threads_on_housekeeping_cores_are_ok(fake):
+    _audio_server(fake, 99, "pipewire", {99: "0", 100: "0"})
+    f = check(fake)["audio.threads"]
+    assert f.status == "ok" and "pipewire 99" in f.observed

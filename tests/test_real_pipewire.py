@@ -143,7 +143,7 @@ def test_auto_picks_pipewire_and_says_which_server(env):
     env["before"] = {o["id"] for o in graph_nodes(env)}
     r = archdsp("netjack", "start", "--allow-any-address", str(env["cfg"]), env=env["env"], timeout=60)
     assert r.returncode == 0, r.stderr
-    assert f"PipeWire 1.4" in r.stdout and f"at {env['xdg']}/pipewire-0 (found by XDG_RUNTIME_DIR)" in r.stdout
+    assert "PipeWire 1.4" in r.stdout and f"at {env['xdg']}/pipewire-0 (found by XDG_RUNTIME_DIR)" in r.stdout
     # What ss shows: PipeWire's manager on every address; nftables keeps the port to the veth and MASTER.
     socks = listening(PORT)
     assert len(socks) == 1 and f"0.0.0.0:{PORT}" in socks[0]

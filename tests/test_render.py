@@ -214,3 +214,39 @@ def test_rendering_needs_no_disk_image():
     c = parse_config({"isolated_cores": [1], "memory_mb": 512, "archibaldos": {"disk_image": "/nonexistent/x.qcow2"}})
     p = plan(c, HOST4)
     assert p.disk_path == "/nonexistent/x.qcow2" and p.disk_format == "qcow2"
+
+
+def test_emulatorsched_fifo_on_the_housekeeping_cores():
+    root = xml_of(cfg(realtime={"emulator_priority": 5}))
+    sched = root.find("cputune/emulatorsched")
+    assert (sched.get("scheduler"), sched.get("priority")) == ("fifo", "5")
+    tags = [el.tag for el in root.find("cputune")]
+    assert tags.index("emulatorpin") < tags.index("vcpusched") < tags.index("emulatorsched")
+    assert xml_of(cfg()).find("cputune/emulatorsched") is None  # default: SCHED_OTHER
+    assert xml_of(cfg(realtime={"enable": False, "emulator_priority": 5})).find("cputune/emulatorsched") is None
+
+
+def test_emulatorsched_needs_a_housekeeping_core():
+    c = cfg(isolated_cores=[0, 1, 2, 3], realtime={"emulator_priority": 5})
+    result = render_domain(c, HOST4)
+    assert "<emulatorsched" not in result.xml
+    assert any("emulatorsched omitted" in w for w in result.warnings)
+
+
+def test_disk_gets_an_iothread_pinned_and_scheduled_with_the_emulator(tmp_path):
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(b"\0" * 512)
+    root = xml_of(cfg(archibaldos={"disk_image": str(disk)}, realtime={"emulator_priority": 3}))
+    assert root.findtext("iothreads") == "1"
+    assert root.find("devices/disk/driver").get("iothread") == "1"
+    assert root.find("cputune/iothreadpin").attrib == {"iothread": "1", "cpuset": "0-1"}
+    assert root.find("cputune/iothreadsched").attrib == {"iothreads": "1", "scheduler": "fifo", "priority": "3"}
+    none = xml_of(cfg(archibaldos={"disk_image": str(disk)}, realtime={"iothreads": 0}))
+    assert none.find("iothreads") is None and none.find("devices/disk/driver").get("iothread") is None
+    assert xml_of(cfg()).find("iothreads") is None  # no disk, no I/O thread
+
+
+@pytest.mark.parametrize("key,value", [("emulator_priority", 100), ("emulator_priority", -1), ("iothreads", 17)])
+def test_bad_realtime_scheduling_keys(key, value):
+    with pytest.raises(ConfigError, match=f"realtime.{key}"):
+        cfg(realtime={key: value})

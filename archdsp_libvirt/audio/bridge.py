@@ -31,7 +31,9 @@ from pathlib import Path
 
 from msgspec import Struct
 
+from . import placement
 from ..config import DspConfig
+from ..cpuset import format_cpuset
 from ..errors import BridgeError, ConfigError
 from ..procs import Owned, spawn_detached
 
@@ -99,6 +101,7 @@ class Link(Struct, frozen=True):
     rate: int
     period: int
     channels: int
+    vcpu_cores: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, cfg: DspConfig) -> Link:
@@ -106,7 +109,7 @@ class Link(Struct, frozen=True):
         if not nj.enable:
             raise ConfigError("archibaldos.netjack.enable: the bridge is for the NETJACK link; set enable = true")
         return cls(cfg.name, nj.client_name, nj.master_ip, nj.source_port, nj.sample_rate, nj.buffer_size,
-                   nj.channels)
+                   nj.channels, tuple(cfg.isolated_cores))
 
 
 def _check_local_address(ip: str) -> None:
@@ -129,6 +132,13 @@ def _start_server(link: Link, server: str, kind: str, device: str, nperiods: int
     argv = ["jackd", "-n", server, "-R", "-t", "5000", *driver]
     proc = spawn_detached(argv, log, env=jack_env(server))
     say(f"started jackd '{server}' ({kind}, {link.rate} Hz, {link.period} frames), pid {proc.pid}")
+    keep = placement.housekeeping_cores(link.vcpu_cores)
+    if keep:  # off the vCPUs' cores: a FIFO jackd thread there preempts the FIFO vCPU every period
+        placement.pin_process(proc.pid, keep)
+        say(f"jackd '{server}' pinned to the housekeeping cores {format_cpuset(keep)} (the VM's: "
+            f"{format_cpuset(link.vcpu_cores)})")
+    else:
+        say(f"jackd '{server}' not pinned: no core outside the VM's {format_cpuset(link.vcpu_cores)}")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if not proc.alive():
@@ -137,6 +147,8 @@ def _start_server(link: Link, server: str, kind: str, device: str, nperiods: int
             raise BridgeError(f"jackd '{server}' exited at start: {' / '.join(why)} (see {log})")
         try:
             open_client(server, "archdsp-probe").close()
+            if keep:  # the threads jackd made before the first pin
+                placement.pin_process(proc.pid, keep)
             return proc
         except BridgeError:
             time.sleep(0.2)
@@ -179,6 +191,7 @@ def start(cfg: DspConfig, server: str | None = None, start_server: str | None = 
         return state
     server = server or (state or {}).get("server") or default_server()
     _check_local_address(link.master_ip)
+    placement.confine_self(link.vcpu_cores)  # what this starts (jackd, the supervisor) stays off the VM's cores
     owned_server = None
     try:
         probe = open_client(server, "archdsp-probe")

@@ -189,19 +189,28 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
         from .pwmeasure import run
 
         return run(cfg.name, seconds, channel)
+
+    from .soak import count_link_events
+
     info = status(cfg.name)
     if not info.get("running"):
         raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
     wait_for_link(cfg.name, 30)
     server = info["server"]
+    from .placement import confine_self
+
+    confine_self(cfg.isolated_cores)  # our JACK client and jack_iodelay are real-time threads: not on a vCPU's core
     client = open_client(server, "archdsp-latency")
     xruns = 0
+    xrun_times: list[float] = []
+    t0 = time.monotonic()
     lock = threading.Lock()
 
     def on_xrun(_delay):
         nonlocal xruns
         with lock:
             xruns += 1
+            xrun_times.append(time.monotonic() - t0)
 
     client.set_xrun_callback(on_xrun)
     client.activate()
@@ -210,6 +219,9 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
                             env=jack_env(server), text=True, start_new_session=True)
     owned = Owned.of(proc.pid)
     readings: list[float] = []
+    reading_times: list[float] = []
+    log = info.get("log") if info.get("server_started_by_bridge") else None  # jackd's own output is there
+    log_start = os.path.getsize(log) if log and os.path.exists(log) else 0
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -222,6 +234,8 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
         _connect_loop(client, channel, timeout=20)
         with lock:
             xruns = 0
+            xrun_times.clear()
+            t0 = time.monotonic()
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         os.set_blocking(proc.stdout.fileno(), False)
@@ -233,6 +247,7 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
                 buf += chunk
                 for m in _IODELAY_LINE.finditer(buf):
                     readings.append(float(m.group(1)))
+                    reading_times.append(round(time.monotonic() - t0, 3))
                 buf = buf[buf.rfind("\n") + 1:]
             if proc.poll() is not None:
                 break
@@ -249,8 +264,11 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
                           f"{seconds:g} s: is the DSP loop in the VM connected? (archdsp-virt console)")
     settled = readings[len(readings) // 2:]
     measured = Counter(round(r) for r in settled).most_common(1)[0][0]
-    return {"measured_frames": measured, "readings": readings, "xruns": xruns, "seconds": seconds,
-            "server": server}
+    with lock:
+        times = [round(t, 3) for t in xrun_times]
+    return {"measured_frames": measured, "readings": readings, "reading_times": reading_times, "xruns": xruns,
+            "xrun_times": times, "seconds": seconds, "xruns_per_minute": round(xruns * 60.0 / seconds, 2),
+            "server": server, **count_link_events(log, log_start, cfg.netjack.client_name)}
 
 
 def _connect_loop(client, channel: int, timeout: float) -> None:
@@ -294,9 +312,15 @@ def report(cfg: DspConfig, b: Budget, measured: dict | None) -> dict:
 def format_report(rep: dict, b: Budget) -> str:
     text = format_budget(b)
     if "measured_frames" in rep:
+        if rep.get("predicted_max_frames") is not None:  # PipeWire: a range
+            verdict = f"{'within' if rep['matches_prediction'] else 'OUTSIDE'} the predicted range"
+        else:
+            verdict = (f"{'matches' if rep['matches_prediction'] else 'DIFFERS FROM'} the prediction, "
+                       f"{rep['difference_frames']:+d} frames")
         text += (f"measured round trip: {rep['measured_frames']} frames = {rep['measured_ms']:.3f} ms "
-                 f"({'within' if rep['matches_prediction'] else 'OUTSIDE'} the predicted range, "
-                 if rep.get("predicted_max_frames") is not None else
-                 f"({'matches' if rep['matches_prediction'] else 'DIFFERS FROM'} the prediction, "
-                 f"{rep['difference_frames']:+d} frames); {rep['xruns']} xruns in {rep['seconds']:g} s\n")
+                 f"({verdict}); {rep['xruns']} xruns in {rep['seconds']:g} s\n")
+        if "xruns_per_minute" in rep:
+            from .soak import format_soak
+
+            text += format_soak(rep)
     return text

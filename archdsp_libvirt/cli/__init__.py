@@ -30,7 +30,7 @@ class Group(click.Group):
     (``check``, ``host``, ``vfio``) are imported only when one of them runs
     or help lists them."""
 
-    lazy = {"check": "host", "host": "host", "vfio": "host"}
+    lazy = {"check": "host", "host": "host", "vfio": "host", "rt-test": "rt", "tune": "rt"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -38,7 +38,7 @@ class Group(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy and name not in self.commands:
             module = importlib.import_module(f".{self.lazy[name]}", __package__)
-            self.add_command(getattr(module, name))
+            self.add_command(getattr(module, name.replace("-", "_")))
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
@@ -367,17 +367,19 @@ def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool) -> None:
 @cli.command()
 @config_argument
 @click.option("--measure", is_flag=True, help="Measure the round trip through the VM with jack_iodelay.")
-@click.option("--seconds", type=Finite(2, 600), default=6.0, show_default=True,
-              help="How long --measure listens.")
+@click.option("--seconds", type=Finite(2, 86400), default=6.0, show_default=True,
+              help="How long --measure listens (a soak: xruns per minute and the round trip over time).")
 @click.option("--target-ms", type=Finite(0, 1000), help="Say whether this round trip can be met.")
 @click.option("--host-backend", type=click.Choice(["dummy", "alsa"]), default="dummy", show_default=True,
               help="The host JACK backend: alsa adds its periods of buffering.")
 @nperiods_option
 @click.option("--audio-server", type=click.Choice(["auto", "pipewire", "jack"]), default="auto", show_default=True,
               help="Whose model: auto follows the running bridge (JACK when none runs).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --measure: draw the round trip and xruns over time into this PNG.")
 @json_option("Print JSON (measured_frames, predicted_frames, xruns, ...).")
 def latency(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
-            nperiods: int, audio_server: str, as_json: bool) -> None:
+            nperiods: int, audio_server: str, as_json: bool, plot_path: Path | None) -> None:
     """The latency budget of CONFIG's link, and with --measure the real round trip."""
     import json
 
@@ -385,13 +387,21 @@ def latency(config: Path, measure: bool, seconds: float, target_ms: float | None
     from ..audio.latency import budget, format_report, measure as do_measure, report
 
     cfg = load_config(config)
+    if plot_path and not measure:
+        raise click.UsageError("--plot draws a measurement: add --measure")
     if audio_server == "auto":
         from ..audio.servers import status
 
         audio_server = status(cfg.name).get("audio_server", "jack") if cfg.netjack.enable else "jack"
     b = budget(cfg, host_backend=host_backend, host_nperiods=nperiods, target_ms=target_ms, audio_server=audio_server)
     rep = report(cfg, b, do_measure(cfg, seconds=seconds) if measure else None)
+    if plot_path:
+        from ..audio.soak import plot
+
+        rep["plot"] = str(plot(rep, plot_path))
     click.echo(json.dumps(rep, indent=2, sort_keys=True) if as_json else format_report(rep, b), nl=as_json)
+    if plot_path and not as_json:
+        click.echo(f"plot: {plot_path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -178,6 +178,11 @@ class RealtimeConfig(_Section, kw_only=True):
     mlock: bool = True
     nice: Annotated[int, Meta(ge=-20, le=19)] = -20
     priority: Annotated[int, Meta(ge=1, le=99)] = 1
+    # SCHED_FIFO priority of QEMU's emulator threads (<emulatorsched>) on the housekeeping cores;
+    # 0 leaves them SCHED_OTHER. Under TCG the main loop carries virtio-net: it is in the audio path.
+    emulator_priority: Annotated[int, Meta(ge=0, le=99)] = 0
+    # I/O threads for the disk (<iothreads>, pinned and scheduled like the emulator); 0 = QEMU's main loop.
+    iothreads: Annotated[int, Meta(ge=0, le=16)] = 1
 
 
 def _source(v: str) -> None:

@@ -54,6 +54,8 @@ class Plan(Struct, frozen=True):
     hostfwd_args: tuple[str, ...]
     console_log: str
     uuid: str | None = None
+    emulator_priority: int = 0  # SCHED_FIFO priority of the emulator threads; 0 = SCHED_OTHER
+    iothreads: int = 0  # I/O threads serving the disk (pinned with the emulator)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -216,7 +218,14 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
         warnings.append(f"the display listens on {cfg.display_listen}, password-protected: other hosts can reach it")
 
     console_log = cfg.console_log or f"/var/log/libvirt/qemu/{cfg.name}-console.log"
-    fifo = frozenset(range(len(pins))) if cfg.realtime.enable else frozenset()
+    rt = cfg.realtime
+    fifo = frozenset(range(len(pins))) if rt.enable else frozenset()
+    emulator_priority = rt.emulator_priority if rt.enable else 0
+    if emulator_priority and not emulator:
+        warnings.append("emulatorsched omitted: QEMU's own threads have no housekeeping core to run FIFO on "
+                        "without starving the vCPUs (set emulator_cores)")
+        emulator_priority = 0
+    iothreads = rt.iothreads if disk_path else 0
     return Plan(
         config=cfg,
         pins=pins,
@@ -231,5 +240,7 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
         hostfwd_args=hostfwd,
         console_log=console_log,
         uuid=uuid,
+        emulator_priority=emulator_priority,
+        iothreads=iothreads,
         warnings=tuple(warnings),
     )

@@ -64,18 +64,31 @@ def vcpu(plan: Plan) -> etree._Element:
     return E.vcpu(str(len(plan.pins)), placement="static")
 
 
+def iothreads(plan: Plan) -> list[etree._Element]:
+    """<iothreads>N</iothreads>: I/O threads for the disk, off QEMU's main loop."""
+    return [E.iothreads(str(plan.iothreads))] if plan.iothreads else []
+
+
 def cputune(plan: Plan) -> etree._Element:
-    """<cputune><vcpupin vcpu='0' cpuset='1'/>...<emulatorpin cpuset='0'/>
-    <vcpusched vcpus='0' scheduler='fifo' priority='1'/></cputune>"""
+    """<cputune><vcpupin vcpu='0' cpuset='1'/>...<emulatorpin cpuset='0'/><iothreadpin iothread='1' cpuset='0'/>
+    <vcpusched vcpus='0' scheduler='fifo' priority='1'/><iothreadsched iothreads='1' scheduler='fifo' priority='P'/>
+    <emulatorsched scheduler='fifo' priority='P'/></cputune> (libvirt's element order)"""
+    emu = format_cpuset(plan.emulator_cpus) if plan.emulator_cpus else None
+    ids = range(1, plan.iothreads + 1)
+    prio = plan.emulator_priority
     return E.cputune(
         *(E.vcpupin(vcpu=p.vcpu, cpuset=format_cpuset(p.cpus)) for p in plan.pins),
-        *([E.emulatorpin(cpuset=format_cpuset(plan.emulator_cpus))] if plan.emulator_cpus else []),
+        *([E.emulatorpin(cpuset=emu)] if emu else []),
+        *([E.iothreadpin(iothread=str(i), cpuset=emu) for i in ids] if emu else []),
         *(
             [E.vcpusched(vcpus=format_cpuset(plan.fifo_vcpus), scheduler="fifo",
                          priority=plan.config.realtime.priority)]
             if plan.fifo_vcpus
             else []
         ),
+        *([E.iothreadsched(iothreads=format_cpuset(frozenset(ids)), scheduler="fifo", priority=str(prio))]
+          if prio and plan.iothreads else []),
+        *([E.emulatorsched(scheduler="fifo", priority=str(prio))] if prio else []),
     )
 
 
@@ -140,7 +153,8 @@ def disk(plan: Plan) -> list[etree._Element]:
         return []
     return [
         E.disk(
-            E.driver(name="qemu", type=plan.disk_format, cache="none", io="native"),
+            E.driver(name="qemu", type=plan.disk_format, cache="none", io="native",
+                     **({"iothread": "1"} if plan.iothreads else {})),
             E.source(file=plan.disk_path),
             E.target(dev="vda", bus="virtio"),
             type="file",
@@ -286,6 +300,7 @@ def domain(plan: Plan) -> etree._Element:
         *memtune(plan),
         *memoryBacking(plan),
         vcpu(plan),
+        *iothreads(plan),
         cputune(plan),
         os_(plan),
         features(plan),

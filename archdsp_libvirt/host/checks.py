@@ -68,6 +68,7 @@ CHECK_IDS: tuple[str, ...] = (
     "domains.cores",
     "domains.hugepages",
     "domains.netjack",
+    "audio.threads",
 )
 
 # The kernel parameter that turns the IOMMU on, per /proc/cpuinfo vendor_id.
@@ -712,6 +713,8 @@ def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool |
     libvirt facts). ``libvirt_reachable`` is the caller's verdict (it opens the connection; None:
     not asked), ``libvirt_detail`` what it saw (the URI, or libvirt's error).
     """
+    from .audiothreads import check_audio_threads  # it uses Finding, defined here
+
     model = host if isinstance(host, HostModel) else local_model(host)
     return [
         *check_kvm(cfg, model),
@@ -724,6 +727,7 @@ def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool |
         *check_realtime(cfg, model),
         *check_passthrough(cfg, model),
         *check_domains(cfg, model),
+        *check_audio_threads(cfg, model),
     ]
 
 
