@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from archdsp_libvirt.errors import HostError
-from archdsp_libvirt.host.critical import ssh_interfaces, storage_devices
+from archdsp_libvirt.host.critical import critical_devices, ssh_interfaces, storage_devices
 from archdsp_libvirt.host.vfio import bind
 from test_hostcheck import FakeHost, check
 
@@ -139,7 +139,7 @@ def test_a_nic_with_an_ssh_session_and_no_default_route_is_critical(fake):
               "   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 100 1\n"  # listening
               "   1: 0500000A:0016 0200000A:D431 01 00000000:00000000 02:0009E1A8 00000000 0 0 101 4\n")
     assert ssh_interfaces(fake.host) == ["eth1"]
-    assert fake.host.critical_devices()[NIC2] == "NIC carrying an SSH session (eth1)"
+    assert critical_devices(fake.host)[NIC2] == "NIC carrying an SSH session (eth1)"
     with pytest.raises(HostError, match="it is the NIC carrying an SSH session"):
         bind(fake.host, NIC2)
 
@@ -160,7 +160,7 @@ def test_no_ssh_session_leaves_the_second_nic_free(fake):
     second_nic(fake)
     fake.file("/proc/net/tcp", TCP_HEAD +
               "   0: 0500000A:1F90 0200000A:D431 01 00000000:00000000 00:00000000 00000000 0 0 101 4\n")  # port 8080
-    assert NIC2 not in fake.host.critical_devices()
+    assert NIC2 not in critical_devices(fake.host)
 
 
 def test_the_check_refuses_a_group_holding_the_boot_controller(fake):

@@ -22,6 +22,7 @@ from archdsp_libvirt.host.checks import (
     preflight,
     run_checks,
 )
+from archdsp_libvirt.host.critical import root_storage_devices
 from archdsp_libvirt.host.files import Host, split_cmdline
 
 GOOD_CMDLINE = ("BOOT_IMAGE=/vmlinuz root=/dev/nvme0n1p2 ro amd_iommu=on iommu=pt isolcpus=2-3 "
@@ -559,7 +560,7 @@ def test_root_on_device_mapper_finds_the_disk_below(fake):
     fake.link("/sys/class/block/dm-0", "/sys/devices/virtual/block/dm-0")
     fake.link("/sys/devices/virtual/block/dm-0/slaves/nvme0n1p2",
               fake.dev("0000:01:00.0") + "/nvme/nvme0/nvme0n1/nvme0n1p2")
-    assert set(fake.host.root_storage_devices()) == {"0000:01:00.0"}
+    assert set(root_storage_devices(fake.host)) == {"0000:01:00.0"}
 
 
 def test_group_member_in_use_by_the_host_makes_the_group_unviable(fake):

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from archdsp_libvirt.cli import cli
 from archdsp_libvirt.errors import HostError, UsageError
 from archdsp_libvirt.host.vfio import LOCK_FILE, STATE_FILE, SysfsWrite, bind, show, unbind
+from archdsp_libvirt.virt.hostfacts import domains_holding
 from test_hostcheck import FakeHost
 
 AUDIO = "0000:00:1b.0"
@@ -115,7 +116,7 @@ def test_unbind_restores_the_remembered_driver(fake, test_uri):
     ]
     assert unbind(fake.host, AUDIO, dry_run=True) == expected
     assert fake.path(STATE_FILE).exists()
-    assert unbind(fake.host, AUDIO, uri=test_uri) == expected
+    assert unbind(fake.host, AUDIO, uri=test_uri, in_use=domains_holding) == expected
     assert text(fake, f"{DEV}/driver_override") == "\n"
     assert text(fake, "/sys/bus/pci/drivers/snd_hda_intel/bind") == AUDIO
     assert not fake.path(STATE_FILE).exists()
@@ -130,7 +131,7 @@ def test_unbind_of_a_device_that_had_no_driver_leaves_it_without(fake, test_uri)
     fake.set_driver(AUDIO, None)
     bind(fake.host, AUDIO)
     fake.set_driver(AUDIO, "vfio-pci")
-    assert [w.path for w in unbind(fake.host, AUDIO, uri=test_uri)] == [
+    assert [w.path for w in unbind(fake.host, AUDIO, uri=test_uri, in_use=domains_holding)] == [
         f"{DEV}/driver_override", "/sys/bus/pci/drivers/vfio-pci/unbind"]
 
 
@@ -260,11 +261,11 @@ def test_unbind_refuses_while_a_running_domain_has_the_device(fake, unique_name)
     try:
         dom.create()
         with pytest.raises(HostError, match=f"the running domain {unique_name} has it"):
-            unbind(fake.host, AUDIO, uri=SHARED)
+            unbind(fake.host, AUDIO, uri=SHARED, in_use=domains_holding)
         assert text(fake, f"{DEV}/driver_override") == "vfio-pci"
         assert json.loads(text(fake, STATE_FILE)) == {AUDIO: "snd_hda_intel"}
         dom.destroy()  # shut off: the device is free
-        assert unbind(fake.host, AUDIO, uri=SHARED)[-1].path == "/sys/bus/pci/drivers/snd_hda_intel/bind"
+        assert unbind(fake.host, AUDIO, uri=SHARED, in_use=domains_holding)[-1].path == "/sys/bus/pci/drivers/snd_hda_intel/bind"
     finally:
         if dom.isActive():
             dom.destroy()
@@ -277,10 +278,10 @@ def test_unbind_refuses_when_libvirt_cannot_be_asked_unless_forced(fake, tmp_pat
     fake.set_driver(AUDIO, "vfio-pci")
     nowhere = f"qemu+unix:///system?socket={tmp_path}/none.sock"
     with pytest.raises(HostError, match="cannot ask libvirt .*refusing.*--force"):
-        unbind(fake.host, AUDIO, uri=nowhere)
+        unbind(fake.host, AUDIO, uri=nowhere, in_use=domains_holding)
     assert text(fake, f"{DEV}/driver_override") == "vfio-pci"
     said = []
-    assert unbind(fake.host, AUDIO, uri=nowhere, force=True, say=said.append)
+    assert unbind(fake.host, AUDIO, uri=nowhere, force=True, in_use=domains_holding, say=said.append)
     assert said and said[0].startswith("warning: cannot ask libvirt")
     assert text(fake, f"{DEV}/driver_override") == "\n"
 

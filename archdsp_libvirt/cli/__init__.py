@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import ArchdspError
-from .options import Finite, config_argument, json_option, nperiods_option
+from .options import Finite, config_argument, json_option
 
 
 class Failure(click.ClickException):
@@ -26,11 +26,12 @@ class Failure(click.ClickException):
 
 
 class Group(click.Group):
-    """The top-level group: our errors become one line, and the host commands
-    (``check``, ``host``, ``vfio``) are imported only when one of them runs
-    or help lists them."""
+    """The top-level group: our errors become one line, and the commands of the other rooms
+    (``check``, ``host``, ``vfio`` in cli/host.py; ``netjack``, ``latency`` in cli/audio.py;
+    ``rt-test``, ``tune`` in cli/rt.py) are imported only when one of them runs or help lists them."""
 
-    lazy = {"check": "host", "host": "host", "vfio": "host", "rt-test": "rt", "tune": "rt"}
+    lazy = {"check": "host", "host": "host", "vfio": "host", "netjack": "audio", "latency": "audio",
+            "rt-test": "rt", "tune": "rt"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -222,186 +223,6 @@ def console(obj: Ctx, config: Path, force: bool, pattern: str | None, timeout: f
 
     console_command(config, obj.uri, force=force, pattern=pattern, timeout=timeout,
                     echo=lambda t: click.echo(t, nl=False), send=send)
-
-
-@cli.group()
-def netjack() -> None:
-    """The host side of the NETJACK2 link (dsp-netjack-bridge)."""
-
-
-jack_server_option = click.option("--jack-server", metavar="NAME",
-                                  help="JACK server to join (default: $JACK_DEFAULT_SERVER, else 'default').")
-server_option = click.option("--server", "start_server", type=click.Choice(["dummy", "alsa"]),
-                             help="Start a jackd with this backend at the config's rate and period if none runs.")
-wait_option = click.option("--wait", type=Finite(0, 3600), default=0.0, show_default=True,
-                           help="Wait this many seconds for the VM to join; exit 1 if it does not.")
-
-
-audio_server_option = click.option(
-    "--audio-server", type=click.Choice(["auto", "pipewire", "jack"]), default="auto", show_default=True,
-    help="Host audio server: auto takes the user's PipeWire when one answers (and no JACK option is given), "
-    "else JACK.")
-pipewire_user_option = click.option("--pipewire-user", metavar="USER",
-                                    help="Join USER's PipeWire (default: sudo's user, else $XDG_RUNTIME_DIR).")
-any_address_option = click.option(
-    "--allow-any-address", is_flag=True,
-    help="PipeWire: start its NETJACK2 manager although it listens on every address, behind an nftables "
-    "rule that keeps the port to master_ip's interface (refused without this flag).")
-
-
-@netjack.command("start")
-@config_argument
-@audio_server_option
-@pipewire_user_option
-@any_address_option
-@jack_server_option
-@server_option
-@click.option("--device", default="hw:0", show_default=True, help="ALSA device for --server alsa.")
-@nperiods_option
-@wait_option
-def netjack_start(config: Path, audio_server: str, pipewire_user: str | None, allow_any_address: bool,
-                  jack_server: str | None, start_server: str | None, device: str, nperiods: int,
-                  wait: float) -> None:
-    """Join the host's audio server (PipeWire or JACK) and start the NETJACK master for CONFIG's VM."""
-    from ..config import load_config
-    from ..audio.servers import start
-
-    start(load_config(config), audio_server=audio_server, pipewire_user=pipewire_user,
-          allow_any_address=allow_any_address, server=jack_server, start_server=start_server, device=device,
-          nperiods=nperiods, wait=wait, say=click.echo)
-
-
-@netjack.command("stop")
-@config_argument
-def netjack_stop(config: Path) -> None:
-    """Stop the bridge: its supervisor, the NETJACK master, and a jackd it started."""
-    from ..config import load_config
-    from ..audio.servers import stop
-
-    stop(load_config(config).name, say=click.echo)
-
-
-@netjack.command("restart")
-@config_argument
-@audio_server_option
-@pipewire_user_option
-@any_address_option
-@jack_server_option
-@server_option
-@wait_option
-def netjack_restart(config: Path, audio_server: str, pipewire_user: str | None, allow_any_address: bool,
-                    jack_server: str | None, start_server: str | None, wait: float) -> None:
-    """Stop and start the bridge again (dsp-netjack-restart)."""
-    from ..config import load_config
-    from ..audio.servers import restart
-
-    restart(load_config(config), wait=wait, say=click.echo, audio_server=audio_server,
-            pipewire_user=pipewire_user, allow_any_address=allow_any_address, server=jack_server,
-            start_server=start_server)
-
-
-@netjack.command("status")
-@config_argument
-@json_option()
-def netjack_status(config: Path, as_json: bool) -> None:
-    """Server, link up/down, the VM's ports and xruns since start."""
-    import json
-
-    from ..config import load_config
-    from ..audio.servers import format_status, status
-
-    info = status(load_config(config).name)
-    click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else "\n".join(format_status(info)))
-
-
-@netjack.command("unit")
-@config_argument
-@click.option("--audio-server", type=click.Choice(["jack", "pipewire"]), default="jack", show_default=True,
-              help="The host audio server the unit's bridge joins.")
-@pipewire_user_option
-@jack_server_option
-@server_option
-def netjack_unit(config: Path, audio_server: str, pipewire_user: str | None, jack_server: str | None,
-                 start_server: str | None) -> None:
-    """Print a systemd unit that runs the bridge at boot."""
-    from ..config import load_config
-    from ..audio.bridge import Link, systemd_unit
-
-    cfg = load_config(config)
-    Link.of(cfg)
-    if audio_server == "pipewire":
-        from ..audio.pwbridge import systemd_unit as pw_unit
-
-        click.echo(pw_unit(cfg, config, pipewire_user), nl=False)
-        return
-    click.echo(systemd_unit(cfg, config, start_server, jack_server), nl=False)
-
-
-@netjack.command("dropin")
-@config_argument
-@click.option("--nixos", is_flag=True, help="Print it as NixOS configuration (services.pipewire.extraConfig).")
-@any_address_option
-def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool) -> None:
-    """Print the PipeWire drop-in that loads the NETJACK2 manager at login (~/.config/pipewire/pipewire.conf.d/)."""
-    from ..config import load_config
-    from ..audio import pipewire as pw
-    from ..audio.bridge import Link
-    from ..errors import BridgeError
-
-    cfg = load_config(config)
-    link = Link.of(cfg)
-    if not allow_any_address:
-        raise BridgeError(f"PipeWire's netjack2 manager listens on 0.0.0.0:{link.port}/udp, not only on "
-                          f"{link.master_ip}: pass --allow-any-address to print the drop-in anyway (and keep the "
-                          "port to the VM's bridge with a firewall; the NixOS form opens it there only)")
-    args = pw.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
-    latency = cfg.netjack.network_latency
-    if nixos:
-        click.echo(pw.nixos(link.domain, args, latency, pw.interface_of(link.master_ip) or "virbr0"), nl=False)
-    else:
-        note(f"install as ~/.config/pipewire/pipewire.conf.d/{pw.dropin_name(link.domain)} "
-             "(then: systemctl --user restart pipewire)")
-        click.echo(pw.dropin(link.domain, args, latency), nl=False)
-
-
-@cli.command()
-@config_argument
-@click.option("--measure", is_flag=True, help="Measure the round trip through the VM with jack_iodelay.")
-@click.option("--seconds", type=Finite(2, 86400), default=6.0, show_default=True,
-              help="How long --measure listens (a soak: xruns per minute and the round trip over time).")
-@click.option("--target-ms", type=Finite(0, 1000), help="Say whether this round trip can be met.")
-@click.option("--host-backend", type=click.Choice(["dummy", "alsa"]), default="dummy", show_default=True,
-              help="The host JACK backend: alsa adds its periods of buffering.")
-@nperiods_option
-@click.option("--audio-server", type=click.Choice(["auto", "pipewire", "jack"]), default="auto", show_default=True,
-              help="Whose model: auto follows the running bridge (JACK when none runs).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --measure: draw the round trip and xruns over time into this PNG.")
-@json_option("Print JSON (measured_frames, predicted_frames, xruns, ...).")
-def latency(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
-            nperiods: int, audio_server: str, as_json: bool, plot_path: Path | None) -> None:
-    """The latency budget of CONFIG's link, and with --measure the real round trip."""
-    import json
-
-    from ..config import load_config
-    from ..audio.latency import budget, format_report, measure as do_measure, report
-
-    cfg = load_config(config)
-    if plot_path and not measure:
-        raise click.UsageError("--plot draws a measurement: add --measure")
-    if audio_server == "auto":
-        from ..audio.servers import status
-
-        audio_server = status(cfg.name).get("audio_server", "jack") if cfg.netjack.enable else "jack"
-    b = budget(cfg, host_backend=host_backend, host_nperiods=nperiods, target_ms=target_ms, audio_server=audio_server)
-    rep = report(cfg, b, do_measure(cfg, seconds=seconds) if measure else None)
-    if plot_path:
-        from ..audio.soak import plot
-
-        rep["plot"] = str(plot(rep, plot_path))
-    click.echo(json.dumps(rep, indent=2, sort_keys=True) if as_json else format_report(rep, b), nl=as_json)
-    if plot_path and not as_json:
-        click.echo(f"plot: {plot_path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import click
 
-from ..host.files import Host
 from ..host.kernelparams import FORMATS
 from .options import config_argument, host_root_option, json_option
 
@@ -50,9 +49,9 @@ def host() -> None:
 @host_root_option
 def kernel_params(config: Path, fmt: str, diff: bool, cpu_vendor: str | None, host_root: Path) -> None:
     """Print the kernel command line CONFIG needs."""
-    from ..host.kernelparams import kernel_params_command
+    from ..service import kernel_params as params
 
-    text, differs = kernel_params_command(config, Host(host_root), fmt=fmt, diff=diff, cpu_vendor=cpu_vendor)
+    text, differs = params(config, host_root, fmt=fmt, diff=diff, cpu_vendor=cpu_vendor)
     click.echo(text, nl=False)
     if differs:
         raise click.exceptions.Exit(1)
@@ -68,9 +67,9 @@ def vfio() -> None:
 @host_root_option
 def vfio_show(pci: str, host_root: Path) -> None:
     """Driver, vendor:device, class and IOMMU group (with every member) of PCI."""
-    from ..host.vfio import show
+    from ..service import vfio_show as show
 
-    click.echo(show(Host(host_root), pci).format(), nl=False)
+    click.echo(show(pci, host_root), nl=False)
 
 
 def _print_writes(writes, dry_run: bool, nothing: str) -> None:
@@ -89,9 +88,9 @@ def _print_writes(writes, dry_run: bool, nothing: str) -> None:
 @host_root_option
 def vfio_bind(pci: str, dry_run: bool, host_root: Path) -> None:
     """Bind PCI to vfio-pci, remembering its driver for unbind."""
-    from ..host.vfio import bind
+    from ..service import vfio_bind as bind
 
-    _print_writes(bind(Host(host_root), pci, dry_run=dry_run), dry_run, f"{pci}: already bound to vfio-pci")
+    _print_writes(bind(pci, host_root, dry_run=dry_run), dry_run, f"{pci}: already bound to vfio-pci")
 
 
 @vfio.command("unbind")
@@ -102,8 +101,8 @@ def vfio_bind(pci: str, dry_run: bool, host_root: Path) -> None:
 @click.pass_obj
 def vfio_unbind(obj, pci: str, dry_run: bool, force: bool, host_root: Path) -> None:
     """Give PCI back to the driver it had before vfio bind (refused while a running VM has it)."""
-    from ..host.vfio import unbind
+    from ..service import vfio_unbind as unbind
 
-    writes = unbind(Host(host_root), pci, dry_run=dry_run, uri=getattr(obj, "uri", None), force=force,
+    writes = unbind(pci, host_root, dry_run=dry_run, uri=getattr(obj, "uri", None), force=force,
                     say=lambda m: click.echo(m, err=True))
     _print_writes(writes, dry_run, f"{pci}: not bound to vfio-pci")

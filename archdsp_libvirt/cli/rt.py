@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
 
-config_argument = click.argument("config", type=click.Path(dir_okay=True, path_type=Path))
+from .options import Finite, config_argument, json_option
+
 plot_option = click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
                            help="Draw the result into this PNG (matplotlib).")
 
 
 def _ints(text: str, what: str, lo: int, hi: int) -> list[int]:
     try:
-        vals = sorted({int(v) for v in text.split(",") if v.strip()})
+        parts = [v.strip() for v in text.split(",") if v.strip()]
+        if any(not re.fullmatch(r"[0-9]{1,6}", v) for v in parts):  # int() also takes other scripts' digits
+            raise ValueError(text)
+        vals = sorted({int(v) for v in parts})
     except ValueError:
         raise click.BadParameter(f"{text!r}: a comma-separated list of whole numbers is expected", param_hint=what)
     if not vals or any(not lo <= v <= hi for v in vals):
@@ -24,9 +29,9 @@ def _ints(text: str, what: str, lo: int, hi: int) -> list[int]:
 
 @click.command("rt-test")
 @config_argument
-@click.option("--seconds", type=click.FloatRange(1, 3600), default=10.0, show_default=True,
+@click.option("--seconds", type=Finite(1, 3600), default=10.0, show_default=True,
               help="How long cyclictest runs in the guest.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (samples, min_us, avg_us, max_us, histogram, ...).")
+@json_option("Print JSON (samples, min_us, avg_us, max_us, histogram, ...).")
 @plot_option
 @click.option("--force", is_flag=True, help="Take over a console another session holds.")
 @click.pass_obj
@@ -44,12 +49,12 @@ def rt_test(obj, config: Path, seconds: float, as_json: bool, plot_path: Path | 
 @click.option("--latencies", default="0,1,2", show_default=True, help="NETJACK network latencies to try.")
 @click.option("--sync", "sync_modes", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
               help="Slave modes to try.")
-@click.option("--seconds", type=click.FloatRange(5, 3600), default=20.0, show_default=True,
+@click.option("--seconds", type=Finite(5, 3600), default=20.0, show_default=True,
               help="Soak per step: a step holds when it has zero xruns for this long.")
 @click.option("--all", "every", is_flag=True, help="Run every step, not only up to the first that holds.")
 @click.option("--apply", "do_apply", is_flag=True,
               help="Write the chosen values into CONFIG (comments kept); it says what it changed.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (steps, best).")
+@json_option("Print JSON (steps, best).")
 @plot_option
 @click.pass_obj
 def tune(obj, config: Path, buffer_sizes: str, latencies: str, sync_modes: str, seconds: float, every: bool,

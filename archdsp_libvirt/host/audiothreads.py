@@ -2,11 +2,60 @@
 
 from __future__ import annotations
 
-from ..audio.placement import describe, server_threads
+from msgspec import Struct
+
 from ..config import DspConfig
-from ..cpuset import format_cpuset
-from .checks import Finding
+from ..cpuset import CpuSet, format_cpuset, parse_cpuset
+from .findings import Finding
 from .model import HostModel
+
+SERVER_COMMS = ("jackd", "jackdbus", "pipewire")
+
+
+class ServerThread(Struct, frozen=True):
+    pid: int
+    tid: int
+    comm: str  # the process's name
+    allowed: CpuSet
+
+
+def server_threads(files, comms: tuple[str, ...] = SERVER_COMMS) -> list[ServerThread]:
+    """Every thread of every running audio server process, with the cores it may run on.
+
+    ``files`` is the host's file tree (host.files.Host); a process that goes away meanwhile is skipped.
+    """
+    out = []
+    for entry in files.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        comm = (files.read(f"/proc/{entry}/comm") or "").strip()
+        if comm not in comms:
+            continue
+        for tid in files.listdir(f"/proc/{entry}/task"):
+            status = files.read(f"/proc/{entry}/task/{tid}/status") or ""
+            line = next((ln for ln in status.splitlines() if ln.startswith("Cpus_allowed_list:")), None)
+            if line is None:
+                continue
+            try:
+                allowed = parse_cpuset(line.split(":", 1)[1].strip())
+            except ValueError:
+                continue
+            out.append(ServerThread(int(entry), int(tid), comm, allowed))
+    return out
+
+
+def describe(threads: list[ServerThread], cores: CpuSet) -> str:
+    """``jackd 1234: 3 of 7 threads may run on 1`` for the threads that reach ``cores``."""
+    by_pid: dict[int, list[ServerThread]] = {}
+    for t in threads:
+        by_pid.setdefault(t.pid, []).append(t)
+    parts = []
+    for pid, ts in sorted(by_pid.items()):
+        bad = [t for t in ts if t.allowed & cores]
+        if bad:
+            reach = frozenset().union(*(t.allowed & cores for t in bad))
+            parts.append(f"{ts[0].comm} {pid}: {len(bad)} of {len(ts)} threads may run on {format_cpuset(reach)}")
+    return "; ".join(parts)
 
 
 def check_audio_threads(cfg: DspConfig, model: HostModel) -> list[Finding]:

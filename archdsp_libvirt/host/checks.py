@@ -24,19 +24,19 @@ import re
 import resource
 import stat
 from collections.abc import Iterable
-from typing import Literal
 
-from msgspec import Struct, structs
+from msgspec import structs
 
 from ..config import PAGE_SIZES_KIB, DspConfig
 from ..cpuset import CpuSet, format_cpuset, parse_cpuset
 from ..errors import UsageError
+from .audiothreads import check_audio_threads
+from .critical import critical_devices
 from .files import Host, cmdline_cpus, cmdline_values, page_size_kib
+from .findings import STATUSES, Finding, Status
 from .model import HostModel
 from .sources import local_model
 
-Status = Literal["ok", "warn", "fail", "skip"]
-STATUSES: tuple[Status, ...] = ("ok", "warn", "fail", "skip")
 
 # Every id run_checks can produce, in the order it produces them.
 CHECK_IDS: tuple[str, ...] = (
@@ -90,20 +90,6 @@ QEMU_CGROUP_LINE = 'cgroup_controllers = [ "cpuset", "memory", "devices", "blkio
 QEMU_CONF_FIX = f"set {QEMU_CGROUP_LINE} in /etc/libvirt/qemu.conf and restart libvirtd (or set realtime.enable = false)"
 MEMLOCK_FIX = ("set realtime.mlock = false, or run libvirtd with CAP_SYS_RESOURCE / "
                "raise the hard memlock limit")
-
-
-class Finding(Struct, frozen=True):
-    """One host condition: ``fix`` is the exact command or kernel parameter ("" when ok)."""
-
-    id: str
-    status: Status
-    observed: str
-    expected: str
-    fix: str = ""
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
 
 
 
@@ -612,7 +598,7 @@ def check_passthrough(cfg: DspConfig, model: HostModel) -> list[Finding]:
                                + " (or pass them through too)"))
         else:
             out.append(Finding("vfio.group", "ok", listing, expectations["vfio.group"]))
-        critical = host.critical_devices() if host is not None else {}
+        critical = critical_devices(host) if host is not None else {}
         bad = [f"{m.address} (PCI bridge)" for m in members if m.is_bridge]
         bad += [f"{m.address} ({critical[m.address]})" for m in members if m.address in critical]
         if not bad and host is None:
@@ -713,7 +699,6 @@ def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool |
     libvirt facts). ``libvirt_reachable`` is the caller's verdict (it opens the connection; None:
     not asked), ``libvirt_detail`` what it saw (the URI, or libvirt's error).
     """
-    from .audiothreads import check_audio_threads  # it uses Finding, defined here
 
     model = host if isinstance(host, HostModel) else local_model(host)
     return [

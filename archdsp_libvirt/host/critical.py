@@ -250,3 +250,15 @@ def ssh_interfaces(host: Host, port: int = SSH_PORT) -> list[str]:
 def ssh_nics(host: Host) -> dict[str, str]:
     """PCI address -> why, for the NICs (below bridges and bonds too) carrying an SSH session."""
     return {a: f"NIC carrying an SSH session ({i})" for i in ssh_interfaces(host) for a in host._nic_pci(i)}
+
+
+def root_storage_devices(host: Host) -> dict[str, str]:
+    """PCI address -> why, for the controller(s) holding the root filesystem."""
+    return {a: why for a, why in storage_devices(host).items() if "the root filesystem" in why}
+
+
+def critical_devices(host: Host) -> dict[str, str]:
+    """PCI devices the host cannot lose (bridges are refused by class): the storage of /, /boot,
+    /usr, /var, swap and the libvirt image store, the default route's NICs and NICs carrying an
+    SSH session."""
+    return {**ssh_nics(host), **host.default_route_nics(), **storage_devices(host)}

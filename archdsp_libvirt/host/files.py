@@ -287,12 +287,6 @@ class Host:
     def iommu_group_members(self, group: str) -> list[str]:
         return self.listdir(f"/sys/kernel/iommu_groups/{group}/devices")
 
-    def root_storage_devices(self) -> dict[str, str]:
-        """PCI address -> why, for the controller(s) holding the root filesystem."""
-        from .critical import storage_devices
-
-        return {a: why for a, why in storage_devices(self).items() if "the root filesystem" in why}
-
     def default_route_interfaces(self) -> list[str]:
         ifaces: list[str] = []
         for line in (self.read("/proc/net/route") or "").splitlines()[1:]:
@@ -318,14 +312,6 @@ class Host:
     def default_route_nics(self) -> dict[str, str]:
         """PCI address -> why, for the NIC(s) carrying the default route."""
         return {a: f"NIC of the default route ({i})" for i in self.default_route_interfaces() for a in self._nic_pci(i)}
-
-    def critical_devices(self) -> dict[str, str]:
-        """PCI devices the host cannot lose (bridges are refused by class): the storage of /, /boot,
-        /usr, /var, swap and the libvirt image store, the default route's NICs and NICs carrying an
-        SSH session (see :mod:`.critical`)."""
-        from .critical import ssh_nics, storage_devices
-
-        return {**ssh_nics(self), **self.default_route_nics(), **storage_devices(self)}
 
 
 def _limit_value(text: str) -> int | None:

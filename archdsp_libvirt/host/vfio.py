@@ -28,7 +28,8 @@ from contextlib import contextmanager
 
 from msgspec import Struct
 
-from ..errors import ArchdspError, HostError
+from ..errors import HostError
+from .critical import critical_devices
 from .files import Host, PciDevice, normalize_pci
 
 STATE_FILE = "/run/archdsp-libvirt/vfio.json"
@@ -183,7 +184,7 @@ def bind(host: Host, pci: str, dry_run: bool = False) -> list[SysfsWrite]:
     dev = _device(host, pci)
     if dev.driver == VFIO_DRIVER:
         return []
-    critical = host.critical_devices()
+    critical = critical_devices(host)
     if dev.address in critical or dev.is_bridge:
         why = critical.get(dev.address, "a PCI bridge")
         raise HostError(f"refusing to bind {dev.address} to vfio-pci: it is the {why}")
@@ -226,54 +227,13 @@ def bind(host: Host, pci: str, dry_run: bool = False) -> list[SysfsWrite]:
 InUse = Callable[[str, "str | None"], list[str]]
 
 
-def running_domains_with(address: str, uri: str | None) -> list[str]:
-    """Names of the running libvirt domains with a PCI ``<hostdev>`` at ``address``.
-
-    Raises :class:`HostError` when libvirt cannot be asked."""
-    from lxml import etree
-
-    import libvirt
-
-    from ..virt.connection import call, open_connection, resolve_uri
-
-    target = resolve_uri(uri)
-    try:
-        conn = open_connection(target, readonly=True, retry=False)
-    except ArchdspError as err:
-        raise HostError(f"cannot ask libvirt ({target}) whether a running domain holds {address}: {err}") from None
-    try:
-        doms = call(target, "listing running domains", conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        users = []
-        for dom in doms:
-            try:
-                root = etree.fromstring(dom.XMLDesc(0).encode())
-            except libvirt.libvirtError:
-                continue  # it stopped meanwhile
-            for a in root.iterfind("devices/hostdev[@type='pci']/source/address"):
-                try:
-                    addr = (f"{int(a.get('domain', '0'), 0):04x}:{int(a.get('bus'), 0):02x}:"
-                            f"{int(a.get('slot'), 0):02x}.{int(a.get('function'), 0):x}")
-                except (TypeError, ValueError):
-                    continue
-                if addr == address:
-                    users.append(dom.name())
-                    break
-        return users
-    except ArchdspError as err:
-        raise HostError(f"cannot ask libvirt ({target}) whether a running domain holds {address}: {err}") from None
-    finally:
-        try:
-            conn.close()
-        except libvirt.libvirtError:
-            pass
-
-
 def unbind(host: Host, pci: str, dry_run: bool = False, uri: str | None = None, force: bool = False,
-           in_use: InUse = running_domains_with, say: Callable[[str], None] = lambda _m: None) -> list[SysfsWrite]:
+           in_use: InUse | None = None, say: Callable[[str], None] = lambda _m: None) -> list[SysfsWrite]:
     """Give ``pci`` back to the driver it had before ``bind`` (or to whatever the kernel probes).
 
-    Refuses while a running libvirt domain (on ``uri``) has the device; when libvirt cannot be
-    asked, refuses unless ``force``.
+    Refuses while a running libvirt domain (on ``uri``) has the device, as ``in_use(address, uri)``
+    says (the libvirt side's :func:`archdsp_libvirt.virt.hostfacts.domains_holding`); when it cannot
+    say (or is not given), refuses unless ``force``.
     """
     dev = _device(host, pci)
     state = _load_state(host)
@@ -292,6 +252,8 @@ def unbind(host: Host, pci: str, dry_run: bool = False, uri: str | None = None, 
     if dry_run:
         return writes
     try:
+        if in_use is None:
+            raise HostError(f"nothing was given to ask libvirt whether a running domain holds {dev.address}")
         users = in_use(dev.address, uri)
     except HostError as err:
         if not force:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..cpuset import CpuSet, parse_cpuset
-from ..errors import ArchdspError
+from ..errors import ArchdspError, HostError
 from ..host.files import Host, PciDevice
 from ..host.model import METADATA_NS, DspDomain, HostModel, HugePool
 from ..host.sources import file_facts
@@ -174,3 +174,45 @@ def gather(session: Session | None, *, files: Host | None = None, passt: bool | 
         facts["online_cpus"] = online_cpus
         source = "given"
     return HostModel(uri=uri, source=source, passt=bool(passt), files=files if local else None, **facts)
+
+
+def domains_holding(address: str, uri: str | None) -> list[str]:
+    """Names of the running libvirt domains with a PCI ``<hostdev>`` at ``address``.
+
+    Raises :class:`HostError` when libvirt cannot be asked."""
+    from lxml import etree
+
+    import libvirt
+
+    from .connection import call, open_connection, resolve_uri
+
+    target = resolve_uri(uri)
+    try:
+        conn = open_connection(target, readonly=True, retry=False)
+    except ArchdspError as err:
+        raise HostError(f"cannot ask libvirt ({target}) whether a running domain holds {address}: {err}") from None
+    try:
+        doms = call(target, "listing running domains", conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        users = []
+        for dom in doms:
+            try:
+                root = etree.fromstring(dom.XMLDesc(0).encode())
+            except libvirt.libvirtError:
+                continue  # it stopped meanwhile
+            for a in root.iterfind("devices/hostdev[@type='pci']/source/address"):
+                try:
+                    addr = (f"{int(a.get('domain', '0'), 0):04x}:{int(a.get('bus'), 0):02x}:"
+                            f"{int(a.get('slot'), 0):02x}.{int(a.get('function'), 0):x}")
+                except (TypeError, ValueError):
+                    continue
+                if addr == address:
+                    users.append(dom.name())
+                    break
+        return users
+    except ArchdspError as err:
+        raise HostError(f"cannot ask libvirt ({target}) whether a running domain holds {address}: {err}") from None
+    finally:
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass

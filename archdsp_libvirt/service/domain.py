@@ -1,4 +1,4 @@
-"""What the commands do, as library functions the CLI calls one at a time."""
+"""The domain's commands: the host model, xml, up, down, status, console and check."""
 
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ from pathlib import Path
 
 import msgspec
 
-from .domain.build import Rendered, render_domain
-from .config import ConfigError, DspConfig, load_config
-from .cpuset import parse_cpuset
-from .errors import ArchdspError, HostError, RenderError, UsageError
-from .domain.policy import forced_passt
-from .host.model import HostModel
+from ..domain.build import Rendered, render_domain
+from ..config import ConfigError, DspConfig, load_config
+from ..cpuset import parse_cpuset
+from ..errors import ArchdspError, HostError, RenderError, UsageError
+from ..domain.policy import forced_passt
+from ..host.model import HostModel
 
 if TYPE_CHECKING:
-    from .virt.connection import Session
+    from ..virt.connection import Session
 
 
 def host_model(cfg: DspConfig, session: Session | None, host_cpus: str | None = None,
                notes: list[str] | None = None, host_root: str = "/", reachable: bool = True) -> HostModel:
     """The one host model of a command: this machine's files and libvirt when ``session`` reaches this
     machine, libvirt alone when it names another host; ``host_cpus`` renders for a host given by hand."""
-    from .host.files import Host
+    from ..host.files import Host
 
     cpus = None
     if host_cpus is not None:
@@ -34,12 +34,12 @@ def host_model(cfg: DspConfig, session: Session | None, host_cpus: str | None = 
         if not cpus:
             raise UsageError("--host-cpus: empty CPU list; expected a CPU list such as 0-7")
     if session is not None and not reachable:
-        from .virt.uri import is_local_uri
+        from ..virt.uri import is_local_uri
 
         if not is_local_uri(session.uri):  # a remote host we cannot reach: nothing is known of it
             return HostModel(uri=session.uri, source="libvirt")
         session = None
-    from .virt.hostfacts import gather
+    from ..virt.hostfacts import gather
 
     return gather(session, files=Host(host_root), passt=forced_passt(cfg), online_cpus=cpus, notes=notes)
 
@@ -62,14 +62,14 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
     if port_forwards:
         cfg = msgspec.structs.replace(cfg, network=msgspec.structs.replace(cfg.network, port_forward_backend=port_forwards))
     notes: list[str] = []
-    from .virt.uri import is_local_uri
+    from ..virt.uri import is_local_uri
 
     # libvirt is asked only for what this machine's files cannot say: the facts of a remote host, or
     # whether it has passt. Read-only and without retries: rendering must not wait on a daemon that is down.
     if (is_local_uri(uri) or host_cpus is not None) and forced_passt(cfg) is not None:
         model = host_model(cfg, None, host_cpus=host_cpus, notes=notes)
     else:
-        from .virt.connection import Session
+        from ..virt.connection import Session
 
         with Session(uri, readonly=True, attempts=1) as session:
             model = host_model(cfg, session, host_cpus=host_cpus, notes=notes)
@@ -86,9 +86,9 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
 def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, skip: set[str],
                preflight: bool, say) -> None:
     """``archdsp-virt up``: preflight, define, start, verify."""
-    from .virt.lifecycle import up
+    from ..virt.lifecycle import up
 
-    from .virt.connection import Session
+    from ..virt.connection import Session
 
     cfg = load_config(config)
     with Session(uri) as session:
@@ -107,7 +107,7 @@ def _fresh_master(cfg: DspConfig, say) -> None:
     slave stale, so the aliases follow the new one (JACK's master keeps a dead slave for a minute)."""
     if not cfg.netjack.enable:
         return
-    from .audio.servers import forget_slave, status as bridge_status
+    from ..audio.servers import forget_slave, status as bridge_status
 
     if bridge_status(cfg.name).get("running"):
         forget_slave(cfg.name, say=say)
@@ -115,7 +115,7 @@ def _fresh_master(cfg: DspConfig, say) -> None:
 
 def run_preflight(cfg: DspConfig, session: Session, model: HostModel, skip: set[str], say) -> None:
     """Refuse to go on when a host check fails (unless skipped, which is said)."""
-    from .host.checks import failures, preflight
+    from ..host.checks import failures, preflight
 
     try:  # through the session: a daemon that is restarting gets its bounded retries
         version = session.run("connecting", lambda conn: conn.getLibVersion())
@@ -140,8 +140,8 @@ def run_preflight(cfg: DspConfig, session: Session, model: HostModel, skip: set[
 
 def down_command(config: Path, uri: str | None, timeout: float, force: bool, undefine: bool, say) -> None:
     """``archdsp-virt down``: ACPI shutdown, destroy after ``timeout``; optionally undefine."""
-    from .virt.connection import Session
-    from .virt.lifecycle import down
+    from ..virt.connection import Session
+    from ..virt.lifecycle import down
 
     cfg = load_config(config)
     with Session(uri) as session:
@@ -151,15 +151,15 @@ def down_command(config: Path, uri: str | None, timeout: float, force: bool, und
 def status_command(config: Path, uri: str | None, as_json: bool) -> str:
     import json
 
-    from .virt.connection import Session
-    from .virt.status import format_status, status
+    from ..virt.connection import Session
+    from ..virt.status import format_status, status
 
     cfg = load_config(config)
     with Session(uri) as session:
         model = host_model(cfg, session)
         info = status(cfg, session, model=model)
     if cfg.netjack.enable and model.is_local:
-        from .audio.servers import format_status as format_bridge, status as bridge_status
+        from ..audio.servers import format_status as format_bridge, status as bridge_status
 
         info["bridge"] = bridge_status(cfg.name)
         info["sections"] = [format_bridge(info["bridge"])]
@@ -175,8 +175,8 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
 
 def console_command(config: Path, uri: str | None, force: bool, pattern: str | None, timeout: float, echo,
                     send: str | None = None) -> None:
-    from .virt.connection import Session
-    from .virt.console import ensure_event_loop, expect, interactive
+    from ..virt.connection import Session
+    from ..virt.console import ensure_event_loop, expect, interactive
 
     cfg = load_config(config)
     ensure_event_loop()
@@ -197,7 +197,7 @@ def console_command(config: Path, uri: str | None, force: bool, pattern: str | N
 
 def probe_libvirt(uri: str | None) -> tuple[bool, str]:
     """Whether a read-only libvirt connection to ``uri`` opens now (no retries), and what was seen."""
-    from .virt.connection import open_connection, resolve_uri
+    from ..virt.connection import open_connection, resolve_uri
 
     target = resolve_uri(uri)
     try:
@@ -216,8 +216,8 @@ def check_command(config: Path, uri: str | None, host_root: str = "/", as_json: 
     """
     import json
 
-    from .host.checks import failures, findings_json, format_findings, run_checks
-    from .virt.connection import Session
+    from ..host.checks import failures, findings_json, format_findings, run_checks
+    from ..virt.connection import Session
 
     cfg = load_config(config)
     reachable, detail = probe_libvirt(uri)
@@ -226,51 +226,3 @@ def check_command(config: Path, uri: str | None, host_root: str = "/", as_json: 
     findings = run_checks(cfg, model, reachable, libvirt_detail=detail)
     text = json.dumps(findings_json(findings), indent=2) + "\n" if as_json else format_findings(findings)
     return text, bool(failures(findings))
-
-
-def rt_test_command(config: Path, uri: str | None, seconds: float, force: bool = False,
-                    plot_path: Path | None = None) -> tuple[dict, str]:
-    """cyclictest in CONFIG's running guest: (the result as data, the text report)."""
-    from .virt.connection import Session
-    from .virt.console import ensure_event_loop
-    from .virt.rttest import format_result, plot, run
-
-    cfg = load_config(config)
-    if not cfg.netjack.enable:
-        raise ConfigError(f"{config}: archibaldos.netjack.enable: rt-test sets the guest's latency against the "
-                          "link's period; set enable = true")
-    ensure_event_loop()
-    with Session(uri) as session:
-        r = run(cfg, session, seconds, force=force)
-    out = r.as_dict()
-    text = format_result(r)
-    if plot_path:
-        out["plot"] = plot(r, plot_path)
-        text += f"plot: {plot_path}\n"
-    return out, text
-
-
-def tune_command(config: Path, uri: str | None, sizes, latencies, syncs, seconds: float, every: bool = False,
-                 do_apply: bool = False, plot_path: Path | None = None, say=print) -> tuple[dict, str]:
-    """Sweep the link's settings on the running VM (audio/tune.py); with ``do_apply`` write the best."""
-    from .audio.tune import apply, format_tune, plot, tune
-    from .virt.connection import Session
-    from .virt.console import ensure_event_loop
-
-    cfg = load_config(config)
-    if not cfg.netjack.enable:
-        raise ConfigError(f"{config}: archibaldos.netjack.enable: tune sweeps the NETJACK link; set enable = true")
-    ensure_event_loop()
-    with Session(uri) as session:
-        rep = tune(cfg, session, sizes, latencies, syncs, seconds, every=every, say=say)
-    text = format_tune(rep)
-    rep["applied"] = None  # the config is written only with --apply
-    if plot_path and rep["steps"]:
-        rep["plot"] = plot(rep, plot_path)
-        text += f"plot: {plot_path}\n"
-    if rep["best"] and do_apply:
-        rep["applied"] = apply(config, rep["best"], say=say)
-        load_config(config)  # what was written still loads
-    elif rep["best"]:
-        text += "the config was not changed (--apply writes these values into it)\n"
-    return rep, text

@@ -1,0 +1,139 @@
+"""The audio commands: the NETJACK bridge on JACK2 or PipeWire, the latency budget and soak,
+rt-test (cyclictest in the guest) and tune."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ConfigError, load_config
+from ..errors import BridgeError
+
+
+def netjack_start(config: Path, say, **options) -> None:
+    """``netjack start``: join the host's audio server and start the NETJACK master for CONFIG's VM."""
+    from ..audio.servers import start
+
+    start(load_config(config), say=say, **options)
+
+
+def netjack_stop(config: Path, say) -> None:
+    from ..audio.servers import stop
+
+    stop(load_config(config).name, say=say)
+
+
+def netjack_restart(config: Path, say, wait: float = 0.0, **options) -> None:
+    from ..audio.servers import restart
+
+    restart(load_config(config), wait=wait, say=say, **options)
+
+
+def netjack_status(config: Path, as_json: bool) -> str:
+    from ..audio.servers import format_status, status
+
+    info = status(load_config(config).name)
+    return json.dumps(info, indent=2, sort_keys=True) + "\n" if as_json else "\n".join(format_status(info)) + "\n"
+
+
+def netjack_unit(config: Path, audio_server: str, pipewire_user: str | None, jack_server: str | None,
+                 start_server: str | None) -> str:
+    """A systemd unit that runs the bridge at boot (JACK2 or PipeWire)."""
+    from ..audio.bridge import Link, systemd_unit
+
+    cfg = load_config(config)
+    Link.of(cfg)
+    if audio_server == "pipewire":
+        from ..audio.pwbridge import systemd_unit as pw_unit
+
+        return pw_unit(cfg, config, pipewire_user)
+    return systemd_unit(cfg, config, start_server, jack_server)
+
+
+def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool, note) -> str:
+    """The PipeWire drop-in (or its NixOS form) that loads the NETJACK2 manager with the config's link."""
+    from ..audio import pipewire as pw
+    from ..audio.bridge import Link
+
+    cfg = load_config(config)
+    link = Link.of(cfg)
+    if not allow_any_address:
+        raise BridgeError(f"PipeWire's netjack2 manager listens on 0.0.0.0:{link.port}/udp, not only on "
+                          f"{link.master_ip}: pass --allow-any-address to print the drop-in anyway (and keep the "
+                          "port to the VM's bridge with a firewall; the NixOS form opens it there only)")
+    args = pw.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
+    latency = cfg.netjack.network_latency
+    if nixos:
+        return pw.nixos(link.domain, args, latency, pw.interface_of(link.master_ip) or "virbr0")
+    note(f"install as ~/.config/pipewire/pipewire.conf.d/{pw.dropin_name(link.domain)} "
+         "(then: systemctl --user restart pipewire)")
+    return pw.dropin(link.domain, args, latency)
+
+
+def latency_command(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
+                    nperiods: int, audio_server: str, as_json: bool, plot_path: Path | None) -> str:
+    """``latency``: the budget, and with ``measure`` the real round trip (a soak), optionally plotted."""
+    from ..audio.latency import budget, format_report, measure as do_measure, report
+
+    cfg = load_config(config)
+    if audio_server == "auto":
+        from ..audio.servers import status
+
+        audio_server = status(cfg.name).get("audio_server", "jack") if cfg.netjack.enable else "jack"
+    b = budget(cfg, host_backend=host_backend, host_nperiods=nperiods, target_ms=target_ms, audio_server=audio_server)
+    rep = report(cfg, b, do_measure(cfg, seconds=seconds) if measure else None)
+    if plot_path:
+        from ..audio.soak import plot
+
+        rep["plot"] = str(plot(rep, plot_path))
+    if as_json:
+        return json.dumps(rep, indent=2, sort_keys=True) + "\n"
+    return format_report(rep, b) + (f"plot: {plot_path}\n" if plot_path else "")
+
+
+def rt_test_command(config: Path, uri: str | None, seconds: float, force: bool = False,
+                    plot_path: Path | None = None) -> tuple[dict, str]:
+    """cyclictest in CONFIG's running guest: (the result as data, the text report)."""
+    from ..virt.connection import Session
+    from ..virt.console import ensure_event_loop
+    from ..virt.rttest import format_result, plot, run
+
+    cfg = load_config(config)
+    if not cfg.netjack.enable:
+        raise ConfigError(f"{config}: archibaldos.netjack.enable: rt-test sets the guest's latency against the "
+                          "link's period; set enable = true")
+    ensure_event_loop()
+    with Session(uri) as session:
+        r = run(cfg, session, seconds, force=force)
+    out = r.as_dict()
+    text = format_result(r)
+    if plot_path:
+        out["plot"] = plot(r, plot_path)
+        text += f"plot: {plot_path}\n"
+    return out, text
+
+
+def tune_command(config: Path, uri: str | None, sizes, latencies, syncs, seconds: float, every: bool = False,
+                 do_apply: bool = False, plot_path: Path | None = None, say=print) -> tuple[dict, str]:
+    """Sweep the link's settings on the running VM (audio/tune.py); with ``do_apply`` write the best."""
+    from ..audio.tune import apply, format_tune, plot, tune
+    from ..virt.connection import Session
+    from ..virt.console import ensure_event_loop
+
+    cfg = load_config(config)
+    if not cfg.netjack.enable:
+        raise ConfigError(f"{config}: archibaldos.netjack.enable: tune sweeps the NETJACK link; set enable = true")
+    ensure_event_loop()
+    with Session(uri) as session:
+        rep = tune(cfg, session, sizes, latencies, syncs, seconds, every=every, say=say)
+    text = format_tune(rep)
+    rep["applied"] = None  # the config is written only with --apply
+    if plot_path and rep["steps"]:
+        rep["plot"] = plot(rep, plot_path)
+        text += f"plot: {plot_path}\n"
+    if rep["best"] and do_apply:
+        rep["applied"] = apply(config, rep["best"], say=say)
+        load_config(config)  # what was written still loads
+    elif rep["best"]:
+        text += "the config was not changed (--apply writes these values into it)\n"
+    return rep, text
