@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -178,3 +179,49 @@ def test_link_aliases_and_recovery_after_the_host_server_dies(loopback):
     r = archdsp("netjack", "restart", "--wait", "60", str(cfg))
     assert r.returncode == 0, r.stdout + r.stderr
     assert status(cfg)["link"] == "up"
+
+
+@pytest.mark.real
+@pytest.mark.jack
+def test_concurrent_starts_make_one_bridge_and_a_dead_supervisor_keeps_its_jackd_on_record(loopback):
+    cfg, _start_slave = loopback
+    args = [sys.executable, "-m", "archdsp_libvirt", "netjack", "start", "--jack-server", "archdsp-test-lb",
+            "--server", "dummy", str(cfg)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    said = "".join(o for o, _e in outs)
+    assert said.count("bridge supervisor pid") == 1 and "already running" in said, said
+    state = json.loads((RUN / "netjack-archdsp-test-lb.json").read_text())
+    sup, srv = Owned(**state["supervisor"]), Owned(**state["server_process"])
+    assert sup.alive() and srv.alive()
+
+    sup.stop()  # the supervisor dies; the jackd the bridge started lives on
+    again = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
+    assert again.returncode == 0, again.stderr
+    assert f"pid {srv.pid}) it started is kept" in again.stdout
+    assert json.loads((RUN / "netjack-archdsp-test-lb.json").read_text())["server_process"]["pid"] == srv.pid
+    assert archdsp("netjack", "stop", str(cfg)).returncode == 0
+    assert not srv.alive()  # stop stopped it
+
+
+def test_the_bridge_log_is_rotated_when_it_grows(tmp_path):
+    from archdsp_libvirt.audio.bridge import rotate_log
+
+    log = tmp_path / "netjack-x.log"
+    log.write_bytes(b"x" * 100)
+    rotate_log(log, max_bytes=1000)
+    assert log.exists() and not (tmp_path / "netjack-x.log.1").exists()  # small: kept
+    log.write_bytes(b"y" * 2000)
+    (tmp_path / "netjack-x.log.1").write_bytes(b"old")
+    rotate_log(log, max_bytes=1000)
+    assert not log.exists() and (tmp_path / "netjack-x.log.1").read_bytes() == b"y" * 2000
+    rotate_log(tmp_path / "missing.log")  # nothing to rotate is fine
+
+
+def test_the_supervisor_survives_a_status_file_it_cannot_write(tmp_path, capsys):
+    from archdsp_libvirt.audio.supervisor import _report
+
+    (tmp_path / "a-file").write_text("")
+    _report(tmp_path / "a-file" / "status.json", {"link": "up"})  # an OSError, as ENOSPC would be
+    assert "bridge supervisor: cannot write" in capsys.readouterr().err

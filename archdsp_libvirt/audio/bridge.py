@@ -21,6 +21,7 @@ the default route out of the machine.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import os
 import shutil
 import socket
@@ -178,21 +179,88 @@ def _load_master(server: str, master_ip: str, port: int) -> str:
     raise BridgeError(f"cannot load the NETJACK master on {master_ip}:{port}: {out}")
 
 
+@contextmanager
+def _start_lock(domain: str, timeout: float = 60.0):
+    """One ``netjack start`` (or stop) of a domain at a time: a second waits, then finds the first's bridge."""
+    import fcntl
+
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RUN_DIR / f"netjack-{domain}.lock", "w") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BridgeError(f"another 'netjack start' or 'stop' of {domain} still runs "
+                                      f"(lock {RUN_DIR}/netjack-{domain}.lock)") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def start(cfg: DspConfig, server: str | None = None, start_server: str | None = None, device: str = "hw:0",
           nperiods: int = 2, wait: float = 0.0, say=print) -> dict:
     """Bring the host side of the link up (idempotent); wait up to ``wait`` s for the VM to join."""
     link = Link.of(cfg)
+    with _start_lock(link.domain):
+        state = _start(link, server, start_server, device, nperiods, say)
+    if wait and state.get("_fresh"):
+        wait_for_link(link.domain, wait)
+        say(f"link up: slave '{link.slave}' joined")
+    elif wait:
+        wait_for_link(link.domain, wait)
+    state.pop("_fresh", None)
+    return state
+
+
+LOG_MAX_BYTES = 1024 * 1024
+
+
+def rotate_log(log: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+    """Keep the bridge's log under /run (a tmpfs in memory) bounded: at each start, one larger than
+    ``max_bytes`` becomes ``LOG.1`` (replacing the one before)."""
+    try:
+        if log.stat().st_size > max_bytes:
+            log.replace(log.with_name(log.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
+def _start(link: Link, server: str | None, start_server: str | None, device: str, nperiods: int, say) -> dict:
     state_file, status_file, log = _paths(link.domain)
+    rotate_log(log)
     state = _read_json(state_file)
     if state and (sup := _owned(state.get("supervisor"))) and sup.alive():
         say(f"bridge for {link.domain} already running on JACK server '{state['server']}'")
-        if wait:
-            wait_for_link(link.domain, wait)
         return state
     server = server or (state or {}).get("server") or default_server()
     _check_local_address(link.master_ip)
     placement.confine_self(link.vcpu_cores)  # what this starts (jackd, the supervisor) stays off the VM's cores
-    owned_server = None
+    # A jackd an earlier start made is still ours when its supervisor died: keep it on the record, so that
+    # stop stops it.
+    earlier = _owned((state or {}).get("server_process"))
+    owned_server = earlier if earlier is not None and earlier.alive() else None
+    if owned_server is not None:
+        say(f"the bridge's supervisor had died; jackd '{server}' (pid {owned_server.pid}) it started is kept")
+    started: list[Owned] = [owned_server] if owned_server is not None else []
+    try:
+        return _start_owned(link, server, start_server, device, nperiods, say, owned_server, log, status_file,
+                            state_file, started)
+    except BaseException:
+        # Whatever stopped us before the state was written (a JACK error, Ctrl-C, a full /run): leave no
+        # jackd with a master and no supervisor behind.
+        for proc in reversed(started):
+            proc.stop()
+        raise
+
+
+def _start_owned(link: Link, server: str, start_server: str | None, device: str, nperiods: int, say,
+                 owned_server: Owned | None, log: Path, status_file: Path, state_file: Path,
+                 started: list[Owned]) -> dict:
     try:
         probe = open_client(server, "archdsp-probe")
     except BridgeError:
@@ -200,6 +268,7 @@ def start(cfg: DspConfig, server: str | None = None, start_server: str | None = 
             raise BridgeError(f"no JACK server '{server}' is running: start yours (jackd, or PipeWire's JACK), "
                               "or pass --server dummy (or --server alsa) to start one") from None
         owned_server = _start_server(link, server, start_server, device, nperiods, log, say)
+        started.append(owned_server)
         probe = open_client(server, "archdsp-probe")
     try:
         if probe.samplerate != link.rate:
@@ -231,6 +300,7 @@ def start(cfg: DspConfig, server: str | None = None, start_server: str | None = 
          "--stale", str(_exclude_path(link.domain))],
         log, env=jack_env(server),
     )
+    started.append(sup)
     state = {
         "domain": link.domain, "server": server, "server_process": owned_server.as_dict() if owned_server else None,
         "server_kind": start_server, "device": device, "nperiods": nperiods,
@@ -238,12 +308,10 @@ def start(cfg: DspConfig, server: str | None = None, start_server: str | None = 
         "channels": link.channels, "started": time.time(),
     }
     _write_json(state_file, state)
+    started.clear()  # on the record now: stop stops them
     say(f"bridge supervisor pid {sup.pid}: VM ports as {ALIAS_CLIENT}:capture_N (host -> VM) and "
         f"{ALIAS_CLIENT}:playback_N (VM -> host)")
-    if wait:
-        wait_for_link(link.domain, wait)
-        say(f"link up: slave '{link.slave}' joined")
-    return state
+    return {**state, "_fresh": True}
 
 
 def wait_for_link(domain: str, timeout: float) -> dict:
@@ -268,6 +336,11 @@ def wait_for_link(domain: str, timeout: float) -> dict:
 
 def stop(domain: str, say=print) -> bool:
     """Stop what ``start`` started (by PID): supervisor, NETJACK master, our jackd. Idempotent."""
+    with _start_lock(domain):
+        return _stop(domain, say)
+
+
+def _stop(domain: str, say) -> bool:
     state_file, status_file, _log = _paths(domain)
     state = _read_json(state_file)
     if not state:

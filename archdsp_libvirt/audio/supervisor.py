@@ -21,6 +21,15 @@ from ..errors import ArchdspError
 from .bridge import ALIAS_CLIENT, STATUS_PERIOD, SUPERVISOR_CLIENT, _read_json, _write_json, open_client
 
 
+def _report(path: Path, data: dict) -> None:
+    """Write the status file; a full or read-only /run (ENOSPC, EROFS) skips one report, it does not end the
+    supervisor (the aliases matter more than the screen)."""
+    try:
+        _write_json(path, data)
+    except OSError as exc:
+        print(f"bridge supervisor: cannot write {path}: {exc.strerror}", file=sys.stderr)
+
+
 _SLAVE_PORT = re.compile(r"^(?P<client>[^:]+):(?P<dir>to|from)_slave_(?P<n>\d+)$")
 
 
@@ -61,7 +70,7 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
     try:
         while not stop_flag.is_set():
             if gone.is_set():
-                _write_json(status_file, {"server": "gone", "link": "down", "xruns": xruns, "updated": time.time(),
+                _report(status_file, {"server": "gone", "link": "down", "xruns": xruns, "updated": time.time(),
                                           "since": started, "link_changed": time.time(), "ports": {}})
                 return 3
             names = [p.name for p in client.get_ports()]
@@ -91,7 +100,7 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
             now_up = "up" if current and len(ports) == 2 * channels else "down"
             if now_up != link:
                 link, changed = now_up, time.time()
-            _write_json(status_file, {"server": "running", "link": link, "slave": current, "ports": ports,
+            _report(status_file, {"server": "running", "link": link, "slave": current, "ports": ports,
                                       "clients": sorted(clients) + sorted(stale & set(_slave_clients(names, slave))),
                                       "xruns": xruns, "updated": time.time(), "since": started,
                                       "link_changed": changed})
