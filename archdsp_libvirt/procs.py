@@ -120,3 +120,19 @@ def spawn_detached(argv: list[str], log: Path, env: dict[str, str] | None = None
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True, env=env, cwd="/")
     return Owned.of(proc.pid)
+
+
+def flock_within(fd, seconds: float, poll: float = 0.05) -> bool:
+    """Take an exclusive flock on ``fd`` (a file or descriptor), waiting at most ``seconds``; False when
+    another holder kept it that long (the caller says what to do)."""
+    import fcntl
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll)

@@ -36,7 +36,7 @@ from . import placement
 from ..config import DspConfig
 from ..cpuset import format_cpuset
 from ..errors import BridgeError, ConfigError
-from ..procs import Owned, spawn_detached
+from ..procs import Owned, flock_within, spawn_detached
 
 RUN_DIR = Path(os.environ.get("ARCHDSP_RUN_DIR", "/run/archdsp-libvirt"))
 ALIAS_CLIENT = "netjack"
@@ -186,16 +186,9 @@ def _start_lock(domain: str, timeout: float = 60.0):
 
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     with open(RUN_DIR / f"netjack-{domain}.lock", "w") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise BridgeError(f"another 'netjack start' or 'stop' of {domain} still runs "
-                                      f"(lock {RUN_DIR}/netjack-{domain}.lock)") from None
-                time.sleep(0.1)
+        if not flock_within(fh, timeout):
+            raise BridgeError(f"another 'netjack start' or 'stop' of {domain} still runs "
+                              f"(lock {RUN_DIR}/netjack-{domain}.lock)")
         try:
             yield
         finally:

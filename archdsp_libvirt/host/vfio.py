@@ -18,17 +18,16 @@ Everything goes through a :class:`~archdsp_libvirt.hostcheck.Host` root.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from msgspec import Struct
 
 from ..errors import HostError
+from ..procs import flock_within
 from .critical import critical_devices
 from .files import Host, PciDevice, normalize_pci
 
@@ -122,16 +121,9 @@ def _locked(host: Host) -> Iterator[None]:
     except OSError as exc:
         raise HostError(f"cannot open {LOCK_FILE}: {exc.strerror} (run as root)") from None
     try:
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise HostError(f"another vfio bind or unbind holds {LOCK_FILE} for more than "
-                                    f"{LOCK_WAIT:g} s; try again when it has finished") from None
-                time.sleep(0.05)
+        if not flock_within(fd, LOCK_WAIT):
+            raise HostError(f"another vfio bind or unbind holds {LOCK_FILE} for more than "
+                            f"{LOCK_WAIT:g} s; try again when it has finished")
         yield
     finally:
         os.close(fd)
