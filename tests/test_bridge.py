@@ -19,20 +19,59 @@ import pytest
 
 from archdsp_libvirt import parse_config
 from archdsp_libvirt.audio.bridge import systemd_unit
-from archdsp_libvirt.audio.supervisor import _newest, _slave_clients
+from archdsp_libvirt.audio.supervisor import _slave_clients, choose_slave
 from archdsp_libvirt.procs import Owned, spawn_detached
 from conftest import archdsp
 
 RUN = Path("/run/archdsp-libvirt")
 
 
-def test_slave_clients_prefer_the_newest():
+def test_slave_clients_are_the_name_or_jacks_renamed_copies():
     names = ["system:capture_1", "dsp:to_slave_1", "dsp:from_slave_1", "dsp-01:to_slave_1", "dspx:to_slave_1",
-             "other:to_slave_1"]
-    clients = _slave_clients(names, "dsp")
-    assert set(clients) == {"dsp", "dsp-01"}
-    assert _newest(list(clients), "dsp") == "dsp-01"
-    assert _newest(["dsp"], "dsp") == "dsp"
+             "other:to_slave_1", "dsp-7:to_slave_1", "dsp-01x:to_slave_1"]
+    assert set(_slave_clients(names, "dsp")) == {"dsp", "dsp-01"}
+
+
+@pytest.mark.parametrize(("present", "stale", "current", "chosen", "ignored"), [
+    # the VM's own slave, alone
+    ({"dsp"}, set(), None, "dsp", []),
+    # defect: a second guest joining as dsp-99 (or renamed to dsp-01) beside the live dsp gets nothing
+    ({"dsp", "dsp-99"}, set(), "dsp", "dsp", ["dsp-99"]),
+    ({"dsp", "dsp-01"}, set(), None, "dsp", ["dsp-01"]),
+    # the VM restarted (up --restart marked the old slave stale): its new slave, renamed by JACK, takes over
+    ({"dsp", "dsp-01"}, {"dsp"}, "dsp", "dsp-01", []),
+    ({"dsp", "dsp-01", "dsp-02"}, {"dsp"}, None, "dsp-01", ["dsp-02"]),
+    # ... and keeps the link after the stale one left, also when a newcomer then takes the free exact name
+    ({"dsp-01"}, set(), "dsp-01", "dsp-01", []),
+    ({"dsp", "dsp-01"}, set(), "dsp-01", "dsp-01", ["dsp"]),
+    # restarted twice: dsp and dsp-01 stale, dsp-02 is the VM
+    ({"dsp", "dsp-01", "dsp-02"}, {"dsp", "dsp-01"}, "dsp-01", "dsp-02", []),
+    # a restart outside the tool (no stale mark): the renamed slave waits until JACK drops the old one
+    ({"dsp", "dsp-01"}, set(), "dsp", "dsp", ["dsp-01"]),
+    ({"dsp-01"}, set(), "dsp", "dsp-01", []),
+    # nothing live
+    ({"dsp"}, {"dsp"}, "dsp", None, []),
+    (set(), set(), "dsp", None, []),
+])
+def test_choose_slave(present, stale, current, chosen, ignored):
+    assert choose_slave(present, "dsp", stale, current) == (chosen, ignored)
+
+
+def test_status_names_ignored_slaves(tmp_path, monkeypatch):
+    from archdsp_libvirt.audio import bridge
+
+    monkeypatch.setattr(bridge, "RUN_DIR", tmp_path)
+    me = Owned.of(os.getpid())
+    state_file, status_file, _log = bridge._paths("dsp1")
+    bridge._write_json(state_file, {"server": "s", "server_process": None, "supervisor": me.as_dict(),
+                                    "master_ip": "192.168.122.1", "port": 19000, "slave": "dsp", "started": 0})
+    bridge._write_json(status_file, {"server": "running", "link": "up", "slave": "dsp", "ignored": ["dsp-99"],
+                                     "ports": {}, "xruns": 0, "updated": time.time()})
+    info = bridge.status("dsp1")
+    assert info["ignored"] == ["dsp-99"]
+    assert "'dsp-99' ignored: the link follows 'dsp'" in info["problem"]
+    assert "archibaldos.netjack.client_name" in info["problem"]
+    assert any(line.startswith("  problem: NETJACK slave 'dsp-99' ignored") for line in bridge.format_status(info))
 
 
 def _netjack_cfg(name="dsp1"):
@@ -118,11 +157,11 @@ network_latency = 0
 """)
     slaves: list[Owned] = []
 
-    def start_slave():
+    def start_slave(name="lbslave"):
         env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1", "JACK_NO_START_SERVER": "1"}
-        proc = spawn_detached(["jackd", "-n", "archdsp-test-lbslave", "-d", "net", "-a", "127.0.0.1", "-p", str(port),
-                               "-n", "lbslave", "-l", "0", "-C", "2", "-P", "2", "-i", "0", "-o", "0"],
-                              tmp_path / "slave.log", env=env)
+        proc = spawn_detached(["jackd", "-n", f"archdsp-test-{name}", "-d", "net", "-a", "127.0.0.1", "-p", str(port),
+                               "-n", name, "-l", "0", "-C", "2", "-P", "2", "-i", "0", "-o", "0"],
+                              tmp_path / f"{name}.log", env=env)
         slaves.append(proc)
         return proc
 
@@ -179,6 +218,39 @@ def test_link_aliases_and_recovery_after_the_host_server_dies(loopback):
     r = archdsp("netjack", "restart", "--wait", "60", str(cfg))
     assert r.returncode == 0, r.stdout + r.stderr
     assert status(cfg)["link"] == "up"
+
+
+@pytest.mark.real
+@pytest.mark.jack
+def test_a_second_guest_joining_under_the_slave_name_gets_no_host_audio(loopback):
+    cfg, start_slave = loopback
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
+    assert r.returncode == 0, r.stderr
+    start_slave()
+    assert archdsp("netjack", "start", "--wait", "30", str(cfg)).returncode == 0
+    start_slave("lbslave-99")  # what the highest-number rule once handed the aliases to
+    deadline = time.monotonic() + 30
+    while "lbslave-99" not in status(cfg).get("ignored", []) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    st = status(cfg)
+    assert st["ignored"] == ["lbslave-99"], st
+    assert st["link"] == "up" and st["slave"] == "lbslave"
+    assert st["ports"]["netjack:capture_1"] == "lbslave:to_slave_1"
+    assert "'lbslave-99' ignored: the link follows 'lbslave'" in st["problem"]
+    env = {**os.environ, "JACK_NO_START_SERVER": "1"}
+    lsp = subprocess.run(["jack_lsp", "-s", "archdsp-test-lb", "-A"], capture_output=True, text=True, timeout=30,
+                         env=env).stdout
+    aliases: dict[str, list[str]] = {}
+    for line in lsp.splitlines():
+        if line[:1].isspace():
+            aliases[port].append(line.strip())
+        else:
+            port = line
+            aliases[port] = []
+    second = {p: a for p, a in aliases.items() if p.startswith("lbslave-99:")}
+    assert second, lsp  # the second slave did join the master ...
+    assert not any(a for a in second.values()), second  # ... and carries no alias
+    assert aliases["lbslave:to_slave_1"] == ["netjack:capture_1"]
 
 
 @pytest.mark.real

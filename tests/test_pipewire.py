@@ -183,6 +183,18 @@ def test_only_our_managers_nodes_count():
     assert pw.netjack_nodes(_dump(4242, 2), 777) == []
 
 
+def test_only_the_vms_own_slave_makes_the_link_up():
+    from archdsp_libvirt.audio.pwbridge import link_state
+
+    own = pw.netjack_nodes(_dump(4242, 1, "dsp"), 4242)
+    other = pw.netjack_nodes(_dump(4242, 1, "dsp-99"), 4242)
+    assert link_state(own, "dsp") == ("up", "dsp", [])
+    assert link_state(other, "dsp") == ("down", None, ["dsp-99"])  # a second guest alone is not the VM
+    both = own + [{**n, "id": n["id"] + 10} for n in other]
+    assert link_state(both, "dsp") == ("down", "dsp", ["dsp-99"])  # two pairs: down until the manager is alone
+    assert link_state([], "dsp") == ("down", None, [])
+
+
 def test_logical_port_names():
     ports = pw.logical_ports(["netjack-capture:send_AUX0", "netjack-capture:send_AUX1",
                               "netjack-playback:receive_AUX0", "netjack-playback:receive_AUX1",

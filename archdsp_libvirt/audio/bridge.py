@@ -405,6 +405,7 @@ def status(domain: str) -> dict:
         "server_alive": seen.get("server") == "running" if srv is None else srv.alive(),
         "master": f"{state['master_ip']}:{state['port']}/udp",
         "slave": seen.get("slave"),
+        "ignored": seen.get("ignored", []),
         "link": seen.get("link", "down"),
         "ports": seen.get("ports", {}),
         "xruns": seen.get("xruns", 0),
@@ -418,7 +419,17 @@ def status(domain: str) -> dict:
                            if seen.get("server") == "gone" else "the bridge supervisor is not running")
     elif seen and time.time() - seen.get("updated", 0) > 5 * STATUS_PERIOD + 5:
         info["problem"] = "the bridge supervisor stopped reporting"
+    elif info["ignored"]:
+        info["problem"] = ignored_problem(info["ignored"], info["slave"], state["slave"], state["master_ip"])
     return info
+
+
+def ignored_problem(ignored: list[str], following: str | None, slave: str, master_ip: str) -> str:
+    """Status words for slaves the link does not follow (a second guest on master_ip's network)."""
+    who = f"the link follows '{following}'" if following else f"the link waits for '{slave}' itself"
+    return (f"NETJACK slave {', '.join(repr(c) for c in ignored)} ignored: {who}; another guest on "
+            f"{master_ip}'s network joined under this VM's slave name (stop it, or give the VM's slave a name of "
+            "its own: archibaldos.netjack.client_name)")
 
 
 def format_status(info: dict) -> list[str]:

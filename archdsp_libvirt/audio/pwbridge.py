@@ -27,7 +27,8 @@ from pathlib import Path
 from ..errors import BridgeError
 from ..procs import Owned, spawn_detached
 from . import pipewire as pw
-from .bridge import STATUS_PERIOD, Link, _check_local_address, _owned, _paths, _read_json, _write_json
+from .bridge import (STATUS_PERIOD, Link, _check_local_address, _owned, _paths, _read_json, _write_json,
+                     ignored_problem)
 
 POLL = 1.0
 # A slave that joins a manager which was listening before it came leaves packets queued in the manager's
@@ -90,7 +91,7 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     _restart_request(link.domain).unlink(missing_ok=True)
     argv = [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pwbridge", "--domain", link.domain,
             "--conf", str(conf), "--status", str(status_file), "--log", str(log),
-            "--restart-file", str(_restart_request(link.domain))]
+            "--restart-file", str(_restart_request(link.domain)), "--slave", link.slave]
     if shutil.which("pw-jack"):
         argv = ["pw-jack", *argv]
     sup = spawn_detached(argv, log, env=pw.pw_env(target))
@@ -181,7 +182,8 @@ def status(domain: str) -> dict:
         "master": f"{state.get('master_ip')}:{state.get('port')}/udp",
         "listening": f"0.0.0.0:{state.get('port')}/udp, nftables: only {state.get('interface')} to "
                      f"{state.get('master_ip')}",
-        "slave": seen.get("slave"), "link": seen.get("link", "down"), "ports": seen.get("ports", {}),
+        "slave": seen.get("slave"), "ignored": seen.get("ignored", []), "link": seen.get("link", "down"),
+        "ports": seen.get("ports", {}),
         "pairs": seen.get("pairs", 0), "nodes": seen.get("nodes", []), "manager_restarts": seen.get("restarts", 0),
         "manager_pid": (seen.get("manager") or {}).get("pid"),
         "xruns": seen.get("xruns", 0), "since": state.get("started"), "link_changed": seen.get("link_changed"),
@@ -192,6 +194,9 @@ def status(domain: str) -> dict:
         info["problem"] = seen.get("problem") or "the bridge supervisor is not running"
     elif seen and time.time() - seen.get("updated", 0) > 5 * STATUS_PERIOD + 10:
         info["problem"] = "the bridge supervisor stopped reporting"
+    elif info["ignored"]:
+        info["problem"] = ignored_problem(info["ignored"], info["slave"], state.get("slave", "?"),
+                                          state.get("master_ip", "?"))
     return info
 
 
@@ -243,6 +248,19 @@ def systemd_unit(cfg, config_path: Path, user: str | None) -> str:
     )
 
 
+def link_state(nodes: list[dict], slave: str | None) -> tuple[str, str | None, list[str]]:
+    """(link up/down, the slave, slaves ignored) from our manager's nodes.
+
+    PipeWire gives every slave's pair the same node names, so only the VM's own slave name makes the
+    link up: a second guest's pair (another name) is reported, never taken for the VM's.
+    """
+    names = sorted({x["slave"] for x in nodes if x.get("slave")})
+    ignored = [x for x in names if slave is not None and x != slave]
+    now = next((x for x in names if x not in ignored), None)
+    up = pw.pairs(nodes) == 1 and len(nodes) == 2 and now is not None
+    return ("up" if up else "down"), now, ignored
+
+
 # --- the supervisor process ---------------------------------------------------------------------
 
 def _jack_client():
@@ -257,7 +275,7 @@ def _jack_client():
         return None
 
 
-def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_file: Path) -> int:
+def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_file: Path, slave: str | None = None) -> int:
     target = pw.find_target()
     stop_flag = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.set())
@@ -273,6 +291,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
     mgr: Owned | None = None
     restarts, quick_deaths, started, mgr_started, last_settle = 0, 0, time.time(), time.time(), 0.0
     multi_since: float | None = None
+    expected = slave
     link, changed, slave = "down", time.time(), None
 
     def launch() -> Owned:
@@ -311,11 +330,11 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                     ports = pw.logical_ports([p.name for p in client.get_ports()])
                 except Exception:  # noqa: BLE001 - a port went away while listing
                     ports = {}
-            now_slave = next((x["slave"] for x in nodes if x.get("slave")), None)
-            now_up = "up" if n == 1 and len(nodes) == 2 else "down"
+            now_up, now_slave, ignored = link_state(nodes, expected)
             if now_up != link or now_slave != slave:
                 link, slave, changed = now_up, now_slave, time.time()
-            _write_json(status_file, {"server": "running", "link": link, "slave": slave, "ports": ports,
+            _write_json(status_file, {"server": "running", "link": link, "slave": slave, "ignored": ignored,
+                                      "ports": ports,
                                       "pairs": n, "nodes": nodes, "manager": mgr.as_dict(), "restarts": restarts,
                                       "xruns": xruns if client is not None else None, "updated": time.time(),
                                       "since": started, "link_changed": changed})
@@ -341,9 +360,10 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--status", type=Path, required=True)
     ap.add_argument("--log", type=Path, required=True)
     ap.add_argument("--restart-file", type=Path, required=True)
+    ap.add_argument("--slave")
     a = ap.parse_args(argv)
     os.environ.setdefault("JACK_NO_START_SERVER", "1")
-    return supervise(a.domain, a.conf, a.status, a.log, a.restart_file)
+    return supervise(a.domain, a.conf, a.status, a.log, a.restart_file, a.slave)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import ArchdspError
@@ -34,17 +35,39 @@ _SLAVE_PORT = re.compile(r"^(?P<client>[^:]+):(?P<dir>to|from)_slave_(?P<n>\d+)$
 
 
 def _slave_clients(port_names: list[str], slave: str) -> dict[str, set[str]]:
-    """Clients that are the slave (``dsp``, or ``dsp-01`` when a stale one still holds the name)."""
+    """Clients that may be the slave: ``dsp``, or ``dsp-01`` as JACK renames a second ``dsp``."""
     out: dict[str, set[str]] = {}
     for name in port_names:
         m = _SLAVE_PORT.match(name)
-        if m and re.fullmatch(re.escape(slave) + r"(-\d+)?", m["client"]):
+        if m and re.fullmatch(re.escape(slave) + r"(-\d{2,})?", m["client"]):
             out.setdefault(m["client"], set()).add(name)
     return out
 
 
-def _newest(clients: list[str], slave: str) -> str:
-    return max(clients, key=lambda c: int(c[len(slave) + 1:]) if c != slave else -1)
+def _suffix(client: str, slave: str) -> int:
+    return -1 if client == slave else int(client[len(slave) + 1:])
+
+
+def choose_slave(present: Iterable[str], slave: str, stale: set[str], current: str | None) -> tuple[str | None, list[str]]:
+    """The client the aliases follow, and the ones they ignore.
+
+    JACK gives no source address for a slave, so the choice rests on names and on what the bridge
+    was told. The one followed keeps the aliases while it is there and not marked stale. Else the
+    exact name. A renamed ``NAME-NN`` is taken only when the exact name is free or held by a slave
+    marked stale (the VM restarted while JACK still held its old ports); never beside a live
+    ``NAME``, so a second guest joining as ``dsp-99`` gets no host audio.
+    """
+    present = set(present)
+    live = sorted((c for c in present if c not in stale), key=lambda c: _suffix(c, slave))
+    if current in live:
+        chosen: str | None = current
+    elif slave in live:
+        chosen = slave
+    elif slave not in present or slave in stale:
+        chosen = live[0] if live else None
+    else:
+        chosen = None
+    return chosen, [c for c in live if c != chosen]
 
 
 def supervise(server: str, slave: str, channels: int, status_file: Path, exclude_file: Path) -> int:
@@ -65,6 +88,7 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
     signal.signal(signal.SIGINT, lambda *_: stop_flag.set())
     client.activate()
     link = "down"
+    current: str | None = None
     changed = time.time()
     started = time.time()
     try:
@@ -79,13 +103,13 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
             if stale and not stale & set(clients):
                 exclude_file.unlink(missing_ok=True)  # the stale slaves are gone
                 stale = set()
-            for gone_client in stale & set(clients):
-                for real in clients.pop(gone_client):
-                    _drop_aliases(client, real)
+            current, ignored = choose_slave(clients, slave, stale, current)
+            for other, reals in clients.items():
+                if other != current:
+                    for real in reals:
+                        _drop_aliases(client, real)
             ports: dict[str, str] = {}
-            current = None
-            if clients:
-                current = _newest(list(clients), slave)
+            if current is not None:
                 for i in range(1, channels + 1):
                     for direction, alias in (("to", "capture"), ("from", "playback")):
                         real = f"{current}:{direction}_slave_{i}"
@@ -93,15 +117,11 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
                         if real in clients[current]:
                             ports[want] = real
                             _ensure_alias(client, real, want)
-                for other in clients:
-                    if other != current:
-                        for real in clients[other]:
-                            _drop_aliases(client, real)
             now_up = "up" if current and len(ports) == 2 * channels else "down"
             if now_up != link:
                 link, changed = now_up, time.time()
             _report(status_file, {"server": "running", "link": link, "slave": current, "ports": ports,
-                                      "clients": sorted(clients) + sorted(stale & set(_slave_clients(names, slave))),
+                                      "clients": sorted(clients), "ignored": ignored,
                                       "xruns": xruns, "updated": time.time(), "since": started,
                                       "link_changed": changed})
             stop_flag.wait(STATUS_PERIOD if link == "up" else 0.25)
