@@ -20,6 +20,7 @@ import pytest
 from archdsp_libvirt import parse_config
 from archdsp_libvirt.audio.bridge import systemd_unit
 from archdsp_libvirt.audio.supervisor import _slave_clients, choose_slave
+from archdsp_libvirt.errors import BridgeError
 from archdsp_libvirt.procs import Owned, spawn_detached
 from conftest import archdsp
 
@@ -132,6 +133,40 @@ def test_master_ip_must_be_ours(tmp_path):
                    "master_ip = \"192.0.2.1\"\n")
     r = archdsp("netjack", "start", "--server", "dummy", str(cfg))
     assert r.returncode == 1 and "not an address of this host" in r.stderr
+
+
+def _lan_address() -> str | None:
+    """An IPv4 address of this host on the interface of its default route, if it has one."""
+    from archdsp_libvirt.host.files import Host
+
+    host = Host()
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
+    for link in json.loads(out or "[]"):
+        if link.get("ifname") in host.default_route_interfaces():
+            for a in link.get("addr_info", []):
+                if host.lan_exposure(a["local"]):
+                    return a["local"]
+    return None
+
+
+def test_a_master_the_lan_reaches_is_refused_unless_allowed(tmp_path):
+    from archdsp_libvirt.audio.bridge import check_master_address
+
+    ip = _lan_address()
+    if ip is None:
+        pytest.skip("this host has no IPv4 address on a default-route interface to try")
+    cfg = tmp_path / "lan.toml"
+    cfg.write_text(f"name = \"archdsp-test-lan\"\nisolated_cores = [1]\nmemory_mb = 256\n"
+                   f"[archibaldos.netjack]\nenable = true\nmaster_ip = \"{ip}\"\n")
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lan", "--server", "dummy", str(cfg))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"archibaldos.netjack.master_ip: {ip} is on " in r.stderr and "allow_lan = true" in r.stderr
+    assert "Traceback" not in r.stderr and "started jackd" not in r.stdout
+    assert not json.loads(archdsp("netjack", "status", "--json", str(cfg)).stdout).get("running")
+    # allow_lan turns the refusal into the words a start prints (no socket is opened beyond a bind test)
+    assert "which carries the default route" in check_master_address(ip, allow_lan=True)
+    with pytest.raises(BridgeError):
+        check_master_address(ip, allow_lan=False)
 
 
 @pytest.fixture

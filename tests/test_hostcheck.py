@@ -71,7 +71,8 @@ class FakeHost:
         self.file("/proc/net/route",
                   "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
                   "eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
-                  "eth0\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n")
+                  "eth0\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n"
+                  "virbr0\t007AA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")
         # Devices: root bridge ports, the NVMe with /, the NIC with the default route, two audio controllers.
         self.pci("0000:00:01.0", cls=0x060400, vd="1022:14ee", driver="pcieport", group="1")
         self.pci("0000:01:00.0", cls=0x010802, vd="144d:a808", driver="nvme", group="2", parent="0000:00:01.0")
@@ -697,3 +698,52 @@ def test_audio_threads_on_housekeeping_cores_are_ok(fake):
     _audio_server(fake, 99, "pipewire", {99: "0", 100: "0"})
     f = check(fake)["audio.threads"]
     assert f.status == "ok" and "pipewire 99" in f.observed
+
+
+# --- the NETJACK master's address ---------------------------------------------------------------
+
+ROUTES = ("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+          "eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\n"
+          "eth0\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\n"
+          "virbr0\t007AA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n"
+          "br1\t000AA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n"
+          "br1\t800AA8C0\t00000000\t0001\t0\t0\t0\t80FFFFFF\n"
+          "virbr9\t800AA8C0\t00000000\t0001\t0\t0\t0\tC0FFFFFF\n")
+
+
+def _master(ip, **nj):
+    return cfg(archibaldos={"netjack": {"enable": True, "master_ip": ip, **nj}})
+
+
+def _with_lan_bridge(fake):
+    fake.file("/proc/net/route", ROUTES)
+    fake.pci("0000:00:1c.0", cls=0x020000, vd="8086:15b8", driver="e1000e", group="11")
+    fake.net("eth1", "0000:00:1c.0/net/eth1")
+    fake.path("/sys/devices/virtual/net/br1/brif/eth1").mkdir(parents=True)
+    fake.link("/sys/class/net/br1", "/sys/devices/virtual/net/br1")
+
+
+@pytest.mark.parametrize(("ip", "nj", "status", "words"), [
+    ("192.168.122.1", {}, "ok", "192.168.122.1 on virbr0"),
+    ("127.0.0.1", {}, "ok", "127.0.0.1 on lo"),
+    ("192.168.2.10", {}, "fail", "192.168.2.10 is on eth0, which carries the default route"),
+    ("192.168.10.5", {}, "fail", "192.168.10.5 is on br1, a LAN interface (NIC 0000:00:1c.0)"),
+    ("192.168.10.130", {}, "ok", "on virbr9"),  # the longest prefix wins: a /26 on a bridge of VMs alone
+    ("192.168.10.200", {}, "fail", "on br1"),
+    ("192.168.2.10", {"allow_lan": True}, "warn", "default route (allow_lan = true)"),
+    ("10.9.8.7", {}, "warn", "10.9.8.7 is on no interface of this host now"),
+])
+def test_master_ip_must_be_on_a_network_only_vms_reach(fake, ip, nj, status, words):
+    _with_lan_bridge(fake)
+    f = check(fake, _master(ip, **nj))["netjack.master"]
+    assert f.status == status and words in f.observed, f
+    if status == "fail":
+        assert "archibaldos.netjack.master_ip" in f.fix and "allow_lan = true" in f.fix
+
+
+def test_master_ip_check_is_skipped_without_netjack_and_on_a_remote_host(fake):
+    from archdsp_libvirt.host.model import HostModel
+
+    assert check(fake, cfg(archibaldos={"netjack": {"enable": False}}))["netjack.master"].status == "skip"
+    remote = by_id(run_checks(cfg(), HostModel(source="libvirt", uri="qemu+ssh://far/system"), True))
+    assert remote["netjack.master"].status == "skip" and "192.168.122.1" in remote["netjack.master"].observed

@@ -36,6 +36,7 @@ from . import placement
 from ..config import DspConfig
 from ..cpuset import format_cpuset
 from ..errors import BridgeError, ConfigError
+from ..host.files import Host
 from ..procs import Owned, flock_within, spawn_detached
 
 RUN_DIR = Path(os.environ.get("ARCHDSP_RUN_DIR", "/run/archdsp-libvirt"))
@@ -103,6 +104,7 @@ class Link(Struct, frozen=True):
     period: int
     channels: int
     vcpu_cores: tuple[int, ...] = ()
+    allow_lan: bool = False
 
     @classmethod
     def of(cls, cfg: DspConfig) -> Link:
@@ -110,10 +112,13 @@ class Link(Struct, frozen=True):
         if not nj.enable:
             raise ConfigError("archibaldos.netjack.enable: the bridge is for the NETJACK link; set enable = true")
         return cls(cfg.name, nj.client_name, nj.master_ip, nj.source_port, nj.sample_rate, nj.buffer_size,
-                   nj.channels, tuple(cfg.isolated_cores))
+                   nj.channels, tuple(cfg.isolated_cores), nj.allow_lan)
 
 
-def _check_local_address(ip: str) -> None:
+def check_master_address(ip: str, allow_lan: bool = False, host: Host | None = None) -> str | None:
+    """Refuse a master address that is not this host's, or that other machines reach (unless
+    ``allow_lan``): NETJACK has no authentication, and JACK names no slave's source address, so any
+    machine that reaches the port can join the link. Returns the exposure allowed by ``allow_lan``."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.bind((ip, 0))
@@ -122,6 +127,20 @@ def _check_local_address(ip: str) -> None:
                 f"archibaldos.netjack.master_ip {ip} is not an address of this host: start the VM's network "
                 "(virsh net-start default) or set master_ip to the host's address on the VM's bridge"
             ) from None
+    exposed = (host or Host()).lan_exposure(ip)
+    if exposed and not allow_lan:
+        raise BridgeError(
+            f"archibaldos.netjack.master_ip: {exposed}; any machine there could join the link and take host "
+            "audio: set master_ip to the host's address on the VM's bridge (192.168.122.1 on libvirt's default "
+            "network), or allow_lan = true to accept that"
+        )
+    return exposed
+
+
+def guard_master(link: Link, say) -> None:
+    """:func:`check_master_address` for a bridge start, saying so when the LAN may join."""
+    if exposed := check_master_address(link.master_ip, link.allow_lan):
+        say(f"warning: {exposed}; the LAN can join the link (archibaldos.netjack.allow_lan = true)")
 
 
 def _start_server(link: Link, server: str, kind: str, device: str, nperiods: int, log: Path, say) -> Owned:
@@ -231,7 +250,7 @@ def _start(link: Link, server: str | None, start_server: str | None, device: str
         say(f"bridge for {link.domain} already running on JACK server '{state['server']}'")
         return state
     server = server or (state or {}).get("server") or default_server()
-    _check_local_address(link.master_ip)
+    guard_master(link, say)
     placement.confine_self(link.vcpu_cores)  # what this starts (jackd, the supervisor) stays off the VM's cores
     # A jackd an earlier start made is still ours when its supervisor died: keep it on the record, so that
     # stop stops it.

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import BridgeError
 from ..procs import Owned, spawn_detached
 from . import pipewire as pw
-from .bridge import (STATUS_PERIOD, Link, _check_local_address, _owned, _paths, _read_json, _write_json,
+from .bridge import (STATUS_PERIOD, Link, guard_master, _owned, _paths, _read_json, _write_json,
                      ignored_problem)
 
 POLL = 1.0
@@ -71,7 +71,7 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
         if wait:
             wait_for_link(link.domain, wait)
         return state
-    _check_local_address(link.master_ip)
+    guard_master(link, say)
     if not pw.module_installed():
         raise BridgeError(f"this PipeWire has no {pw.MODULE} (PipeWire >= 1.2 has it; on Debian 12 run "
                           "scripts/install-test-deps, which takes PipeWire from bookworm-backports)")

@@ -102,6 +102,7 @@ class NetjackConfig(_Section, kw_only=True):
     sync: bool = False
     dsp_client: bool = True
     master_ip: str = "192.168.122.1"
+    allow_lan: bool = False  # the master may listen on an address other machines reach
     guest_ip: str | None = None
     client_name: str = "netjack"
 

@@ -68,6 +68,7 @@ CHECK_IDS: tuple[str, ...] = (
     "domains.cores",
     "domains.hugepages",
     "domains.netjack",
+    "netjack.master",
     "audio.threads",
 )
 
@@ -691,6 +692,30 @@ def check_domains(cfg: DspConfig, model: HostModel) -> list[Finding]:
     return out
 
 
+def check_netjack_master(cfg: DspConfig, model: HostModel) -> list[Finding]:
+    """The master's address: this host's, on a network only VMs reach (NETJACK has no authentication)."""
+    nj = cfg.netjack
+    expected = "master_ip on this host's VM-only network (a libvirt bridge, not a LAN NIC or the default route)"
+    if not nj.enable:
+        return [Finding("netjack.master", "skip", "archibaldos.netjack.enable = false", expected)]
+    host = model.files
+    if host is None:
+        return [Finding("netjack.master", "skip", model.unknown(f"the interface of {nj.master_ip}"), expected)]
+    iface = host.interface_of(nj.master_ip)
+    if iface is None:
+        return [Finding("netjack.master", "warn", f"{nj.master_ip} is on no interface of this host now", expected,
+                        "start the VM's network (virsh net-start default), or set archibaldos.netjack.master_ip "
+                        "to the host's address on the VM's bridge")]
+    exposed = host.lan_exposure(nj.master_ip)
+    if exposed and not nj.allow_lan:
+        return [Finding("netjack.master", "fail", exposed + ": other machines can join the link", expected,
+                        "set archibaldos.netjack.master_ip to the host's address on the VM's bridge "
+                        "(192.168.122.1 on libvirt's default network), or allow_lan = true to accept that")]
+    if exposed:
+        return [Finding("netjack.master", "warn", exposed + " (allow_lan = true)", expected)]
+    return [Finding("netjack.master", "ok", f"{nj.master_ip} on {iface}", expected)]
+
+
 def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool | None = None, *,
                libvirt_detail: str = "") -> list[Finding]:
     """Every host condition ``cfg`` needs, in :data:`CHECK_IDS` order.
@@ -712,6 +737,7 @@ def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool |
         *check_realtime(cfg, model),
         *check_passthrough(cfg, model),
         *check_domains(cfg, model),
+        *check_netjack_master(cfg, model),
         *check_audio_threads(cfg, model),
     ]
 

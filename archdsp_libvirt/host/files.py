@@ -309,6 +309,43 @@ class Host:
         lower += [n[len("lower_"):] for n in self.listdir(f"/sys/class/net/{iface}") if n.startswith("lower_")]
         return [a for n in lower for a in self._nic_pci(n, depth + 1)]
 
+    def interface_of(self, ip: str) -> str | None:
+        """The interface holding the local IPv4 address ``ip``: the one whose connected route (no gateway)
+        holds it, the longest prefix winning; ``lo`` for 127/8."""
+        import ipaddress
+
+        addr = ipaddress.IPv4Address(ip)
+        if addr.is_loopback:
+            return "lo"
+        best: tuple[int, str] | None = None
+        for line in (self.read("/proc/net/route") or "").splitlines()[1:]:
+            f = line.split()
+            if len(f) < 8 or f[2] != "00000000" or f[1] == "00000000":
+                continue
+            try:
+                dest = ipaddress.IPv4Address(int(f[1], 16).to_bytes(4, "little"))
+                mask = ipaddress.IPv4Address(int(f[7], 16).to_bytes(4, "little"))
+                net = ipaddress.IPv4Network(f"{dest}/{mask}", strict=False)
+            except ValueError:
+                continue
+            if addr in net and (best is None or net.prefixlen > best[0]):
+                best = (net.prefixlen, f[0])
+        return best[1] if best else None
+
+    def lan_exposure(self, ip: str) -> str | None:
+        """Why other machines can reach ``ip`` (a NETJACK master's address), or None when it sits on a
+        virtual network only (libvirt's bridge, loopback, a veth): the interface carries the default route,
+        or a physical NIC is (under) it."""
+        iface = self.interface_of(ip)
+        if iface is None or iface == "lo":
+            return None
+        if iface in self.default_route_interfaces():
+            return f"{ip} is on {iface}, which carries the default route"
+        nics = self._nic_pci(iface)
+        if nics:
+            return f"{ip} is on {iface}, a LAN interface (NIC {', '.join(sorted(set(nics)))})"
+        return None
+
     def default_route_nics(self) -> dict[str, str]:
         """PCI address -> why, for the NIC(s) carrying the default route."""
         return {a: f"NIC of the default route ({i})" for i in self.default_route_interfaces() for a in self._nic_pci(i)}
