@@ -210,6 +210,16 @@ def status(cfg):
     return json.loads(archdsp("netjack", "status", "--json", str(cfg)).stdout)
 
 
+def linked(loopback):
+    """The bridge on its own jackd, and the slave joined."""
+    cfg, start_slave = loopback
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
+    assert r.returncode == 0, r.stderr
+    start_slave()
+    assert archdsp("netjack", "start", "--wait", "30", str(cfg)).returncode == 0
+    return cfg, start_slave
+
+
 @pytest.mark.real
 @pytest.mark.jack
 def test_guest_side_missing_is_reported_within_the_timeout(loopback):
@@ -227,11 +237,7 @@ def test_guest_side_missing_is_reported_within_the_timeout(loopback):
 @pytest.mark.real
 @pytest.mark.jack
 def test_link_aliases_and_recovery_after_the_host_server_dies(loopback):
-    cfg, start_slave = loopback
-    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
-    assert r.returncode == 0, r.stderr
-    start_slave()
-    assert archdsp("netjack", "start", "--wait", "30", str(cfg)).returncode == 0
+    cfg, _start_slave = linked(loopback)
     st = status(cfg)
     assert st["link"] == "up" and st["slave"] == "lbslave"
     assert st["ports"]["netjack:capture_1"] == "lbslave:to_slave_1"
@@ -258,11 +264,7 @@ def test_link_aliases_and_recovery_after_the_host_server_dies(loopback):
 @pytest.mark.real
 @pytest.mark.jack
 def test_a_second_guest_joining_under_the_slave_name_gets_no_host_audio(loopback):
-    cfg, start_slave = loopback
-    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
-    assert r.returncode == 0, r.stderr
-    start_slave()
-    assert archdsp("netjack", "start", "--wait", "30", str(cfg)).returncode == 0
+    cfg, start_slave = linked(loopback)
     start_slave("lbslave-99")  # what the highest-number rule once handed the aliases to
     deadline = time.monotonic() + 30
     while "lbslave-99" not in status(cfg).get("ignored", []) and time.monotonic() < deadline:

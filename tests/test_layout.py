@@ -21,7 +21,7 @@ ALLOWED = {
     "service": {"config", "host", "domain", "virt", "audio"},
     "cli": {"service", "config", "host"},
 }
-BASE = {"errors", "cpuset", "procs"}
+BASE = {"errors", "cpuset", "procs", "lazy"}
 
 
 def _room(module: str) -> str | None:

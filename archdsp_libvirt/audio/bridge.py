@@ -457,11 +457,15 @@ def format_status(info: dict) -> list[str]:
         return lines + [f"  {info.get('problem')}"]
     owner = f"started by the bridge, pid {info['server_pid']}" if info["server_started_by_bridge"] else "external"
     lines.append(f"  server: JACK '{info['server']}' ({owner})   master: {info['master']}")
+    return lines + link_lines(info)
+
+
+def link_lines(info: dict, extra: str = "") -> list[str]:
+    """The status screen's link, port and problem lines (both audio servers)."""
     link = info["link"]
-    lines.append(f"  link: {link}" + (f" (slave '{info['slave']}')" if link == "up" and info.get("slave") else "")
-                 + f"   xruns since start: {info['xruns']}")
-    for alias, real in sorted(info.get("ports", {}).items()):
-        lines.append(f"  {alias} = {real}")
+    lines = [f"  link: {link}" + (f" (slave '{info['slave']}')" if link == "up" and info.get("slave") else "")
+             + f"   xruns since start: {info['xruns']}" + extra]
+    lines += [f"  {logical} = {real}" for logical, real in sorted(info.get("ports", {}).items())]
     if info.get("problem"):
         lines.append(f"  problem: {info['problem']}")
     return lines

@@ -164,7 +164,8 @@ def manager_args(master_ip: str, port: int, rate: int, period: int, channels: in
     }
 
 
-def _spa(value, indent: str) -> str:
+def _value(value, indent: str, nix: bool = False) -> str:
+    """``value`` in PipeWire's SPA-JSON config syntax, or (``nix``) as a Nix expression."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -172,28 +173,15 @@ def _spa(value, indent: str) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):
-        return "[ " + " ".join(_spa(v, indent) for v in value) + " ]"
-    inner = indent + "    "
-    body = "".join(f"{inner}{k} = {_spa(v, inner)}\n" for k, v in value.items())
-    return "{\n" + body + indent + "}"
-
-
-def _nix(value, indent: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[ " + " ".join(_nix(v, indent) for v in value) + " ]"
-    inner = indent + "  "
-    body = "".join(f"{inner}{json.dumps(k)} = {_nix(v, inner)};\n" for k, v in value.items())
+        return "[ " + " ".join(_value(v, indent, nix) for v in value) + " ]"
+    inner = indent + ("  " if nix else "    ")
+    body = "".join(f"{inner}{json.dumps(k)} = {_value(v, inner, nix)};\n" if nix
+                   else f"{inner}{k} = {_value(v, inner)}\n" for k, v in value.items())
     return "{\n" + body + indent + "}"
 
 
 def _module_entry(args: dict, indent: str) -> str:
-    return f"{indent}{{ name = {MODULE}\n{indent}    args = {_spa(args, indent + '    ')}\n{indent}}}\n"
+    return f"{indent}{{ name = {MODULE}\n{indent}    args = {_value(args, indent + '    ')}\n{indent}}}\n"
 
 
 def client_conf(args: dict) -> str:
@@ -238,7 +226,7 @@ def nixos(domain: str, args: dict, latency: int, ifname: str = "virbr0") -> str:
     """The same drop-in as NixOS configuration (services.pipewire.extraConfig.pipewire), with NixOS's
     firewall (on by default, dropping every port not allowed) opening the port on the VM's bridge only."""
     comment = "".join(f"  {line}\n" for line in _warning(domain, args["net.ip"], args["net.port"], latency).splitlines())
-    entry = _nix({"name": MODULE, "args": args}, "    ")
+    entry = _value({"name": MODULE, "args": args}, "    ", nix=True)
     key = json.dumps(dropin_name(domain).removesuffix(".conf"))
     return (
         "{\n" + comment

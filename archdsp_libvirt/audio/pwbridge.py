@@ -28,7 +28,7 @@ from ..errors import BridgeError
 from ..procs import Owned, spawn_detached
 from . import pipewire as pw
 from .bridge import (STATUS_PERIOD, Link, guard_master, _owned, _paths, _read_json, _write_json,
-                     ignored_problem)
+                     ignored_problem, link_lines)
 
 POLL = 1.0
 # A slave that joins a manager which was listening before it came leaves packets queued in the manager's
@@ -205,15 +205,8 @@ def format_status(info: dict) -> list[str]:
     lines = ["=== NETJACK Bridge ===",
              f"  server: {info['server']} (user {p.get('user')}, {p.get('remote')}, found by {p.get('how')})",
              f"  master: {info['master']}   listening: {info['listening']}"]
-    link = info["link"]
-    lines.append(f"  link: {link}" + (f" (slave '{info['slave']}')" if link == "up" and info.get("slave") else "")
-                 + f"   xruns since start: {info['xruns']}   node pairs: {info['pairs']}"
-                 + f"   manager pid {info.get('manager_pid')}, restarted {info['manager_restarts']}x")
-    for logical, real in sorted(info.get("ports", {}).items()):
-        lines.append(f"  {logical} = {real}")
-    if info.get("problem"):
-        lines.append(f"  problem: {info['problem']}")
-    return lines
+    return lines + link_lines(info, f"   node pairs: {info['pairs']}   manager pid {info.get('manager_pid')}, "
+                                    f"restarted {info['manager_restarts']}x")
 
 
 def systemd_unit(cfg, config_path: Path, user: str | None) -> str:

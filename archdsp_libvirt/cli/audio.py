@@ -38,13 +38,17 @@ any_address_option = click.option(
     "rule that keeps the port to master_ip's interface (refused without this flag).")
 
 
+def server_options(f):
+    """The options choosing (and starting) the host's audio server, shared by start and restart."""
+    for option in reversed((audio_server_option, pipewire_user_option, any_address_option, jack_server_option,
+                            server_option)):
+        f = option(f)
+    return f
+
+
 @netjack.command("start")
 @config_argument
-@audio_server_option
-@pipewire_user_option
-@any_address_option
-@jack_server_option
-@server_option
+@server_options
 @click.option("--device", default="hw:0", show_default=True, help="ALSA device for --server alsa.")
 @nperiods_option
 @wait_option
@@ -70,11 +74,7 @@ def netjack_stop(config: Path) -> None:
 
 @netjack.command("restart")
 @config_argument
-@audio_server_option
-@pipewire_user_option
-@any_address_option
-@jack_server_option
-@server_option
+@server_options
 @wait_option
 def netjack_restart(config: Path, audio_server: str, pipewire_user: str | None, allow_any_address: bool,
                     jack_server: str | None, start_server: str | None, wait: float) -> None:
