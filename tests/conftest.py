@@ -247,6 +247,8 @@ def demo_domain(dsp_guest_files, tmp_path_factory):
     yield path, name, server
     remove_domain(name)
     archdsp("netjack", "stop", str(path))
+    for leftover in Path("/run/archdsp-libvirt").glob(f"netjack-{name}.*"):  # the log and lock of this session's name
+        leftover.unlink(missing_ok=True)
 
 
 @pytest.fixture
