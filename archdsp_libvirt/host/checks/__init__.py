@@ -1,0 +1,153 @@
+"""Host preflight: can this host run the DSP VM as configured, and if not, what to do.
+
+Every check returns a :class:`Finding` with a stable id (``kvm.device``,
+``cpu.isolated``, ``hugepages.free``, ``rt.cgroup``, ``vfio.group``...),
+a status (ok, warn, fail, skip), what was observed, what is expected and
+the exact fix: a command, a kernel parameter or a config change.
+
+A *fail* is a condition under which the VM does not start or does not do
+what the config asks (no /dev/kvm access, too few free hugepages, locked
+memory that cannot be granted, SCHED_FIFO refused, an unsafe VFIO group).
+A *warn* is a condition under which it runs, with worse latency (cores not
+isolated by the kernel, no nohz_full, a powersave governor, SMT siblings
+busy with host work). *skip* means the check does not apply to this
+config (or was skipped on request by :func:`preflight`).
+
+Every read of sysfs, procfs, /dev and /etc goes through :class:`Host`,
+whose one root directory tests point at a fake host tree.
+
+One module a group: platform (KVM, libvirt, IOMMU), boot, cpus, memory, realtime,
+passthrough, neighbours (other DSP VMs, the NETJACK master's network); audio threads in
+:mod:`..audiothreads`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from msgspec import structs
+
+from ...config import DspConfig
+from ...errors import UsageError
+from ..audiothreads import check_audio_threads
+from ..files import Host
+from ..findings import STATUSES, Finding
+from ..model import HostModel
+from ..sources import local_model
+from .boot import check_boot_files
+from .cpus import check_cpus
+from .memory import MEMLOCK_FIX, check_hugepages, check_memlock
+from .neighbours import check_domains, check_netjack_master
+from .passthrough import check_passthrough
+from .platform import IOMMU_PARAMS, check_iommu, check_kvm, check_libvirt
+from .realtime import QEMU_CGROUP_LINE, check_realtime, rt_cgroup
+
+__all__ = [
+    "CHECK_IDS", "IOMMU_PARAMS", "MEMLOCK_FIX", "QEMU_CGROUP_LINE", "Finding", "check_boot_files", "failures",
+    "findings_json", "format_findings", "preflight", "rt_cgroup", "run_checks",
+]
+
+# Every id run_checks can produce, in the order it produces them.
+CHECK_IDS: tuple[str, ...] = (
+    "kvm.device",
+    "libvirt.reachable",
+    "boot.files",
+    "iommu.param",
+    "iommu.pt",
+    "iommu.groups",
+    "cpu.online",
+    "cpu.housekeeping",
+    "cpu.isolated",
+    "cpu.nohz_full",
+    "cpu.rcu_nocbs",
+    "cpu.threadirqs",
+    "cpu.smt",
+    "cpu.governor",
+    "hugepages.free",
+    "hugepages.mount",
+    "memlock.limit",
+    "rt.cgroup",
+    "rt.rtprio",
+    "vfio.device",
+    "vfio.vendor",
+    "vfio.group",
+    "vfio.critical",
+    "vfio.driver",
+    "vfio.host-audio",
+    "domains.cores",
+    "domains.hugepages",
+    "domains.netjack",
+    "netjack.master",
+    "audio.threads",
+)
+
+
+def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool | None = None, *,
+               libvirt_detail: str = "") -> list[Finding]:
+    """Every host condition ``cfg`` needs, in :data:`CHECK_IDS` order.
+
+    ``host`` is the host model (a bare :class:`Host` file tree is taken as a local host with no
+    libvirt facts). ``libvirt_reachable`` is the caller's verdict (it opens the connection; None:
+    not asked), ``libvirt_detail`` what it saw (the URI, or libvirt's error).
+    """
+
+    model = host if isinstance(host, HostModel) else local_model(host)
+    return [
+        *check_kvm(cfg, model),
+        *check_libvirt(libvirt_reachable, libvirt_detail),
+        *check_boot_files(cfg, model),
+        *check_iommu(cfg, model),
+        *check_cpus(cfg, model),
+        *check_hugepages(cfg, model),
+        *check_memlock(cfg, model),
+        *check_realtime(cfg, model),
+        *check_passthrough(cfg, model),
+        *check_domains(cfg, model),
+        *check_netjack_master(cfg, model),
+        *check_audio_threads(cfg, model),
+    ]
+
+
+def preflight(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool | None, skip: Iterable[str] = (), *,
+              libvirt_detail: str = "") -> list[Finding]:
+    """:func:`run_checks`, with the ids in ``skip`` turned into status skip (and saying so).
+
+    ``skip`` holds ids (``vfio.host-audio``) or groups (``cpu`` for every ``cpu.*``);
+    an unknown one is a :class:`UsageError`.
+    """
+    skip = set(skip)
+    groups = {i.partition(".")[0] for i in CHECK_IDS}
+    unknown = sorted(s for s in skip if s not in CHECK_IDS and s not in groups)
+    if unknown:
+        raise UsageError(f"--skip-check {unknown[0]}: no such check; known: {', '.join(CHECK_IDS)}")
+    out = []
+    for f in run_checks(cfg, host, libvirt_reachable, libvirt_detail=libvirt_detail):
+        if (f.id in skip or f.id.partition(".")[0] in skip) and f.status != "skip":
+            f = Finding(f.id, "skip", f"skipped on request (was {f.status}: {f.observed})", f.expected, f.fix)
+        out.append(f)
+    return out
+
+
+def failures(findings: Iterable[Finding]) -> list[Finding]:
+    return [f for f in findings if f.status == "fail"]
+
+
+def findings_json(findings: Iterable[Finding]) -> list[dict[str, str]]:
+    """The JSON form: one dict per finding (id, status, observed, expected, fix)."""
+    return [structs.asdict(f) for f in findings]
+
+
+def format_findings(findings: Iterable[Finding]) -> str:
+    """A table: status and id, then what was observed; expected and the fix indented below."""
+    findings = list(findings)
+    width = max([len(f.id) for f in findings] + [len("ID")])
+    lines = [f"{'STATUS':<6}  {'ID':<{width}}  OBSERVED / EXPECTED / FIX"]
+    pad = " " * (6 + 2 + width + 2)
+    for f in findings:
+        lines.append(f"{f.status:<6}  {f.id:<{width}}  {f.observed}")
+        lines.append(f"{pad}expected: {f.expected}")
+        if f.fix:
+            lines.append(f"{pad}fix: {f.fix}")
+    counts = {s: sum(f.status == s for f in findings) for s in STATUSES}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines) + "\n"
