@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import archdsp
 
 from archdsp_libvirt import parse_config
 from archdsp_libvirt.audio.bridge import systemd_unit
 from archdsp_libvirt.audio.supervisor import _slave_clients, choose_slave
 from archdsp_libvirt.errors import BridgeError
 from archdsp_libvirt.procs import Owned, spawn_detached
-from conftest import archdsp
 
 RUN = Path("/run/archdsp-libvirt")
 
@@ -59,14 +59,14 @@ def test_choose_slave(present, stale, current, chosen, ignored):
 
 
 def test_status_names_ignored_slaves(tmp_path, monkeypatch):
-    from archdsp_libvirt.audio import bridge
+    from archdsp_libvirt.audio import bridge, link
 
-    monkeypatch.setattr(bridge, "RUN_DIR", tmp_path)
+    monkeypatch.setattr(link, "RUN_DIR", tmp_path)
     me = Owned.of(os.getpid())
-    state_file, status_file, _log = bridge._paths("dsp1")
-    bridge._write_json(state_file, {"server": "s", "server_process": None, "supervisor": me.as_dict(),
+    state_file, status_file, _log = link.state_paths("dsp1")
+    link.write_json(state_file, {"server": "s", "server_process": None, "supervisor": me.as_dict(),
                                     "master_ip": "192.168.122.1", "port": 19000, "slave": "dsp", "started": 0})
-    bridge._write_json(status_file, {"server": "running", "link": "up", "slave": "dsp", "ignored": ["dsp-99"],
+    link.write_json(status_file, {"server": "running", "link": "up", "slave": "dsp", "ignored": ["dsp-99"],
                                      "ports": {}, "xruns": 0, "updated": time.time()})
     info = bridge.status("dsp1")
     assert info["ignored"] == ["dsp-99"]
@@ -150,7 +150,7 @@ def _lan_address() -> str | None:
 
 
 def test_a_master_the_lan_reaches_is_refused_unless_allowed(tmp_path):
-    from archdsp_libvirt.audio.bridge import check_master_address
+    from archdsp_libvirt.audio.link import check_master_address
 
     ip = _lan_address()
     if ip is None:
@@ -278,6 +278,7 @@ def test_a_second_guest_joining_under_the_slave_name_gets_no_host_audio(loopback
     lsp = subprocess.run(["jack_lsp", "-s", "archdsp-test-lb", "-A"], capture_output=True, text=True, timeout=30,
                          env=env).stdout
     aliases: dict[str, list[str]] = {}
+    port = ""
     for line in lsp.splitlines():
         if line[:1].isspace():
             aliases[port].append(line.strip())

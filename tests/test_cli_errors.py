@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import archdsp_libvirt.audio.bridge as bridge
+import archdsp_libvirt.audio.link as link
 import archdsp_libvirt.config  # noqa: F401  (imported before any euid switch)
 from archdsp_libvirt.cli import cli, describe_os_error, unexpected
 
@@ -38,7 +39,7 @@ def run_dir(monkeypatch):
     """A bridge state folder (world-readable, root-owned) with a minimal config beside it."""
     d = Path(tempfile.mkdtemp(prefix="archdsp-test-run-", dir="/tmp"))
     d.chmod(0o755)
-    monkeypatch.setattr(bridge, "RUN_DIR", d)
+    monkeypatch.setattr(link, "RUN_DIR", d)
     config = d / "cfg.toml"
     config.write_text('name = "archdsp-test-err"\nisolated_cores = [1]\nmemory_mb = 256\n')
     config.chmod(0o644)

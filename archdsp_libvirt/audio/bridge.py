@@ -20,29 +20,34 @@ the default route out of the machine.
 
 from __future__ import annotations
 
-import json
-from contextlib import contextmanager
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from msgspec import Struct
-
-from . import placement
 from ..config import DspConfig
 from ..cpuset import format_cpuset
-from ..errors import BridgeError, ConfigError
-from ..host.files import Host
+from ..errors import BridgeError
 from ..procs import Owned, flock_within, spawn_detached
+from . import placement
+from .link import (
+    STATUS_PERIOD,
+    Link,
+    guard_master,
+    ignored_problem,
+    link_lines,
+    owned,
+    read_json,
+    run_file,
+    state_paths,
+    write_json,
+)
 
-RUN_DIR = Path(os.environ.get("ARCHDSP_RUN_DIR", "/run/archdsp-libvirt"))
 ALIAS_CLIENT = "netjack"
 SUPERVISOR_CLIENT = "archdsp-bridge"
-STATUS_PERIOD = 1.0
 
 
 def default_server() -> str:
@@ -53,29 +58,6 @@ def jack_env(server: str) -> dict[str, str]:
     """Environment for JACK tools: this server, never auto-started, no D-Bus device reservation."""
     return {**os.environ, "JACK_DEFAULT_SERVER": server, "JACK_NO_START_SERVER": "1",
             "JACK_NO_AUDIO_RESERVATION": "1"}
-
-
-def _paths(name: str) -> tuple[Path, Path, Path]:
-    return (RUN_DIR / f"netjack-{name}.json", RUN_DIR / f"netjack-{name}.status.json",
-            RUN_DIR / f"netjack-{name}.log")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _owned(entry: dict | None) -> Owned | None:
-    return Owned(entry["pid"], entry["start"]) if entry else None
 
 
 def open_client(server: str, name: str):
@@ -91,56 +73,6 @@ def open_client(server: str, name: str):
         return jack.Client(name, servername=server, no_start_server=True)
     except jack.JackOpenError:
         raise BridgeError(f"no JACK server '{server}' is running") from None
-
-
-class Link(Struct, frozen=True):
-    """What the bridge needs from the config."""
-
-    domain: str
-    slave: str
-    master_ip: str
-    port: int
-    rate: int
-    period: int
-    channels: int
-    vcpu_cores: tuple[int, ...] = ()
-    allow_lan: bool = False
-
-    @classmethod
-    def of(cls, cfg: DspConfig) -> Link:
-        nj = cfg.netjack
-        if not nj.enable:
-            raise ConfigError("archibaldos.netjack.enable: the bridge is for the NETJACK link; set enable = true")
-        return cls(cfg.name, nj.client_name, nj.master_ip, nj.source_port, nj.sample_rate, nj.buffer_size,
-                   nj.channels, tuple(cfg.isolated_cores), nj.allow_lan)
-
-
-def check_master_address(ip: str, allow_lan: bool = False, host: Host | None = None) -> str | None:
-    """Refuse a master address that is not this host's, or that other machines reach (unless
-    ``allow_lan``): NETJACK has no authentication, and JACK names no slave's source address, so any
-    machine that reaches the port can join the link. Returns the exposure allowed by ``allow_lan``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((ip, 0))
-        except OSError:
-            raise BridgeError(
-                f"archibaldos.netjack.master_ip {ip} is not an address of this host: start the VM's network "
-                "(virsh net-start default) or set master_ip to the host's address on the VM's bridge"
-            ) from None
-    exposed = (host or Host()).lan_exposure(ip)
-    if exposed and not allow_lan:
-        raise BridgeError(
-            f"archibaldos.netjack.master_ip: {exposed}; any machine there could join the link and take host "
-            "audio: set master_ip to the host's address on the VM's bridge (192.168.122.1 on libvirt's default "
-            "network), or allow_lan = true to accept that"
-        )
-    return exposed
-
-
-def guard_master(link: Link, say) -> None:
-    """:func:`check_master_address` for a bridge start, saying so when the LAN may join."""
-    if exposed := check_master_address(link.master_ip, link.allow_lan):
-        say(f"warning: {exposed}; the LAN can join the link (archibaldos.netjack.allow_lan = true)")
 
 
 def _start_server(link: Link, server: str, kind: str, device: str, nperiods: int, log: Path, say) -> Owned:
@@ -203,11 +135,12 @@ def _start_lock(domain: str, timeout: float = 60.0):
     """One ``netjack start`` (or stop) of a domain at a time: a second waits, then finds the first's bridge."""
     import fcntl
 
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    with open(RUN_DIR / f"netjack-{domain}.lock", "w") as fh:
+    lock = run_file(f"netjack-{domain}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
         if not flock_within(fh, timeout):
             raise BridgeError(f"another 'netjack start' or 'stop' of {domain} still runs "
-                              f"(lock {RUN_DIR}/netjack-{domain}.lock)")
+                              f"(lock {lock})")
         try:
             yield
         finally:
@@ -243,10 +176,10 @@ def rotate_log(log: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
 
 
 def _start(link: Link, server: str | None, start_server: str | None, device: str, nperiods: int, say) -> dict:
-    state_file, status_file, log = _paths(link.domain)
+    state_file, status_file, log = state_paths(link.domain)
     rotate_log(log)
-    state = _read_json(state_file)
-    if state and (sup := _owned(state.get("supervisor"))) and sup.alive():
+    state = read_json(state_file)
+    if state and (sup := owned(state.get("supervisor"))) and sup.alive():
         say(f"bridge for {link.domain} already running on JACK server '{state['server']}'")
         return state
     server = server or (state or {}).get("server") or default_server()
@@ -254,7 +187,7 @@ def _start(link: Link, server: str | None, start_server: str | None, device: str
     placement.confine_self(link.vcpu_cores)  # what this starts (jackd, the supervisor) stays off the VM's cores
     # A jackd an earlier start made is still ours when its supervisor died: keep it on the record, so that
     # stop stops it.
-    earlier = _owned((state or {}).get("server_process"))
+    earlier = owned((state or {}).get("server_process"))
     owned_server = earlier if earlier is not None and earlier.alive() else None
     if owned_server is not None:
         say(f"the bridge's supervisor had died; jackd '{server}' (pid {owned_server.pid}) it started is kept")
@@ -319,7 +252,7 @@ def _start_owned(link: Link, server: str, start_server: str | None, device: str,
         "supervisor": sup.as_dict(), "master_ip": link.master_ip, "port": link.port, "slave": link.slave,
         "channels": link.channels, "started": time.time(),
     }
-    _write_json(state_file, state)
+    write_json(state_file, state)
     started.clear()  # on the record now: stop stops them
     say(f"bridge supervisor pid {sup.pid}: VM ports as {ALIAS_CLIENT}:capture_N (host -> VM) and "
         f"{ALIAS_CLIENT}:playback_N (VM -> host)")
@@ -337,7 +270,7 @@ def wait_for_link(domain: str, timeout: float) -> dict:
         if not info.get("running"):
             break
         time.sleep(0.25)
-    state = _read_json(_paths(domain)[0]) or {}
+    state = read_json(state_paths(domain)[0]) or {}
     raise BridgeError(
         f"the guest side of the link is missing: no NETJACK slave '{state.get('slave', '?')}' joined "
         f"{state.get('master_ip', '?')}:{state.get('port', '?')} within {timeout:g} s "
@@ -353,16 +286,16 @@ def stop(domain: str, say=print) -> bool:
 
 
 def _stop(domain: str, say) -> bool:
-    state_file, status_file, _log = _paths(domain)
-    state = _read_json(state_file)
+    state_file, status_file, _log = state_paths(domain)
+    state = read_json(state_file)
     if not state:
         say(f"bridge for {domain} is not running")
         return False
-    sup = _owned(state.get("supervisor"))
+    sup = owned(state.get("supervisor"))
     if sup and sup.stop():
         say(f"stopped bridge supervisor (pid {sup.pid})")
     server = state["server"]
-    srv = _owned(state.get("server_process"))
+    srv = owned(state.get("server_process"))
     if srv is None:  # someone else's server: take our master out of it, leave the server alone
         try:
             r = _jack_tool(["jack_unload", "netmanager", server], server, timeout=20)
@@ -384,22 +317,22 @@ def forget_slave(domain: str, say=print) -> list[str]:
     ``NAME-01``. The supervisor then ignores the stale ones, and the aliases follow the new slave.
     (Unloading the master instead can deadlock JACK2 1.9.21 while a master is exiting.)
     """
-    _state_file, status_file, _log = _paths(domain)
-    seen = _read_json(status_file) or {}
+    _state_file, status_file, _log = state_paths(domain)
+    seen = read_json(status_file) or {}
     stale = sorted(seen.get("clients", []))
     if stale:
-        _write_json(_exclude_path(domain), {"stale": stale})
+        write_json(_exclude_path(domain), {"stale": stale})
         say(f"bridge: the old NETJACK slave {', '.join(stale)} is stale; the VM's new slave takes the aliases")
     return stale
 
 
 def _exclude_path(domain: str) -> Path:
-    return RUN_DIR / f"netjack-{domain}.stale.json"
+    return run_file(f"netjack-{domain}.stale.json")
 
 
 def restart(cfg: DspConfig, wait: float = 0.0, say=print, **overrides) -> dict:
     """Stop and start again with the options of the last start (``dsp-netjack-restart``)."""
-    state = _read_json(_paths(cfg.name)[0]) or {}
+    state = read_json(state_paths(cfg.name)[0]) or {}
     stop(cfg.name, say=say)
     opts = {"server": state.get("server"), "start_server": state.get("server_kind"),
             "device": state.get("device", "hw:0"), "nperiods": state.get("nperiods", 2)}
@@ -409,13 +342,13 @@ def restart(cfg: DspConfig, wait: float = 0.0, say=print, **overrides) -> dict:
 
 def status(domain: str) -> dict:
     """The bridge as data: server, link up/down, ports, xruns since start."""
-    state_file, status_file, log = _paths(domain)
-    state = _read_json(state_file)
+    state_file, status_file, log = state_paths(domain)
+    state = read_json(state_file)
     if not state:
         return {"running": False, "problem": "not started (archdsp-virt netjack start CONFIG)"}
-    sup = _owned(state.get("supervisor"))
-    srv = _owned(state.get("server_process"))
-    seen = _read_json(status_file) or {}
+    sup = owned(state.get("supervisor"))
+    srv = owned(state.get("server_process"))
+    seen = read_json(status_file) or {}
     info = {
         "running": bool(sup and sup.alive()),
         "server": state["server"],
@@ -443,14 +376,6 @@ def status(domain: str) -> dict:
     return info
 
 
-def ignored_problem(ignored: list[str], following: str | None, slave: str, master_ip: str) -> str:
-    """Status words for slaves the link does not follow (a second guest on master_ip's network)."""
-    who = f"the link follows '{following}'" if following else f"the link waits for '{slave}' itself"
-    return (f"NETJACK slave {', '.join(repr(c) for c in ignored)} ignored: {who}; another guest on "
-            f"{master_ip}'s network joined under this VM's slave name (stop it, or give the VM's slave a name of "
-            "its own: archibaldos.netjack.client_name)")
-
-
 def format_status(info: dict) -> list[str]:
     lines = ["=== NETJACK Bridge ==="]
     if not info.get("running") and "server" not in info:
@@ -458,17 +383,6 @@ def format_status(info: dict) -> list[str]:
     owner = f"started by the bridge, pid {info['server_pid']}" if info["server_started_by_bridge"] else "external"
     lines.append(f"  server: JACK '{info['server']}' ({owner})   master: {info['master']}")
     return lines + link_lines(info)
-
-
-def link_lines(info: dict, extra: str = "") -> list[str]:
-    """The status screen's link, port and problem lines (both audio servers)."""
-    link = info["link"]
-    lines = [f"  link: {link}" + (f" (slave '{info['slave']}')" if link == "up" and info.get("slave") else "")
-             + f"   xruns since start: {info['xruns']}" + extra]
-    lines += [f"  {logical} = {real}" for logical, real in sorted(info.get("ports", {}).items())]
-    if info.get("problem"):
-        lines.append(f"  problem: {info['problem']}")
-    return lines
 
 
 def systemd_unit(cfg: DspConfig, config_path: Path, server_kind: str | None, server: str | None) -> str:

@@ -181,9 +181,16 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
     import threading
     from collections import Counter
 
-    from .bridge import ALIAS_CLIENT, BridgeError, jack_env, open_client, status, wait_for_link
     from ..procs import Owned
     from . import servers
+    from .bridge import (
+        ALIAS_CLIENT,
+        BridgeError,
+        jack_env,
+        open_client,
+        status,
+        wait_for_link,
+    )
 
     if servers.status(cfg.name).get("audio_server") == "pipewire":
         from .pwmeasure import run

@@ -12,6 +12,7 @@ import os
 
 from ..cpuset import CpuSet
 
+
 def pin_process(pid: int, cores: CpuSet) -> list[int]:
     """Set the affinity of every thread of ``pid`` (threads made later inherit it); the TIDs pinned."""
     pinned = []

@@ -27,8 +27,17 @@ from pathlib import Path
 from ..errors import BridgeError
 from ..procs import Owned, spawn_detached
 from . import pipewire as pw
-from .bridge import (STATUS_PERIOD, Link, guard_master, _owned, _paths, _read_json, _write_json,
-                     ignored_problem, link_lines)
+from .link import (
+    STATUS_PERIOD,
+    Link,
+    guard_master,
+    ignored_problem,
+    link_lines,
+    owned,
+    read_json,
+    state_paths,
+    write_json,
+)
 
 POLL = 1.0
 # A slave that joins a manager which was listening before it came leaves packets queued in the manager's
@@ -41,11 +50,11 @@ SETTLE_HOLD = 60.0
 
 
 def _conf_path(domain: str) -> Path:
-    return _paths(domain)[0].with_suffix(".pipewire.conf")
+    return state_paths(domain)[0].with_suffix(".pipewire.conf")
 
 
 def _restart_request(domain: str) -> Path:
-    return _paths(domain)[0].with_suffix(".restart")
+    return state_paths(domain)[0].with_suffix(".restart")
 
 
 def resolve(user: str | None, remote: str | None = None) -> tuple[pw.Target, dict]:
@@ -64,9 +73,9 @@ def resolve(user: str | None, remote: str | None = None) -> tuple[pw.Target, dic
 def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: float = 0.0, say=print,
           remote: str | None = None) -> dict:
     link = Link.of(cfg)
-    state_file, status_file, log = _paths(link.domain)
-    state = _read_json(state_file)
-    if state and (sup := _owned(state.get("supervisor"))) and sup.alive():
+    state_file, status_file, log = state_paths(link.domain)
+    state = read_json(state_file)
+    if state and (sup := owned(state.get("supervisor"))) and sup.alive():
         say(f"bridge for {link.domain} already running on PipeWire ({state['pipewire']['remote']})")
         if wait:
             wait_for_link(link.domain, wait)
@@ -101,13 +110,13 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
              "supervisor": sup.as_dict(), "master_ip": link.master_ip, "port": link.port, "slave": link.slave,
              "channels": link.channels, "nft_table": pw.nft_table(link.domain), "interface": ifname,
              "allow_any_address": allow_any_address, "started": time.time()}
-    _write_json(state_file, state)
+    write_json(state_file, state)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (_read_json(status_file) or {}).get("manager"):
+    while time.monotonic() < deadline and not (read_json(status_file) or {}).get("manager"):
         if not sup.alive():
             break
         time.sleep(0.2)
-    seen = _read_json(status_file) or {}
+    seen = read_json(status_file) or {}
     if not seen.get("manager"):
         stop(link.domain, say=lambda _m: None)
         raise BridgeError(f"the NETJACK2 manager did not start in PipeWire; see {log}")
@@ -131,7 +140,7 @@ def wait_for_link(domain: str, timeout: float) -> dict:
         time.sleep(0.25)
     if info.get("link") == "up":
         return info
-    state = _read_json(_paths(domain)[0]) or {}
+    state = read_json(state_paths(domain)[0]) or {}
     raise BridgeError(
         f"the guest side of the link is missing: no NETJACK slave joined PipeWire's manager at "
         f"{state.get('master_ip', '?')}:{state.get('port', '?')} within {timeout:g} s "
@@ -140,16 +149,16 @@ def wait_for_link(domain: str, timeout: float) -> dict:
 
 
 def stop(domain: str, say=print) -> bool:
-    state_file, status_file, _log = _paths(domain)
-    state = _read_json(state_file)
+    state_file, status_file, _log = state_paths(domain)
+    state = read_json(state_file)
     if not state:
         say(f"bridge for {domain} is not running")
         return False
-    seen = _read_json(status_file) or {}
-    sup = _owned(state.get("supervisor"))
+    seen = read_json(status_file) or {}
+    sup = owned(state.get("supervisor"))
     if sup and sup.stop():
         say(f"stopped bridge supervisor (pid {sup.pid})")
-    mgr = _owned(seen.get("manager"))
+    mgr = owned(seen.get("manager"))
     if mgr and mgr.stop(timeout=5):
         say(f"stopped the NETJACK2 manager (pid {mgr.pid}); its nodes left PipeWire with it")
     if pw.drop_guard(domain):
@@ -161,7 +170,7 @@ def stop(domain: str, say=print) -> bool:
 
 def forget_slave(domain: str, say=print) -> list[str]:
     """The VM is about to (re)start: restart the manager, so its old slave's nodes go."""
-    seen = _read_json(_paths(domain)[1]) or {}
+    seen = read_json(state_paths(domain)[1]) or {}
     _restart_request(domain).write_text("restart\n")
     deadline = time.monotonic() + 10
     while _restart_request(domain).exists() and time.monotonic() < deadline:
@@ -171,10 +180,10 @@ def forget_slave(domain: str, say=print) -> list[str]:
 
 
 def status(domain: str) -> dict:
-    state_file, status_file, log = _paths(domain)
-    state = _read_json(state_file) or {}
-    sup = _owned(state.get("supervisor"))
-    seen = _read_json(status_file) or {}
+    state_file, status_file, log = state_paths(domain)
+    state = read_json(state_file) or {}
+    sup = owned(state.get("supervisor"))
+    seen = read_json(status_file) or {}
     info = {
         "running": bool(sup and sup.alive()), "audio_server": "pipewire", "server": state.get("server"),
         "pipewire": state.get("pipewire"), "server_pid": None, "server_started_by_bridge": False,
@@ -296,7 +305,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                 if mgr is not None:
                     quick_deaths = quick_deaths + 1 if time.time() - mgr_started < 5 else 0
                     if quick_deaths >= 3:
-                        _write_json(status_file, {"server": "running", "link": "down", "updated": time.time(),
+                        write_json(status_file, {"server": "running", "link": "down", "updated": time.time(),
                                                   "problem": f"the NETJACK2 manager keeps exiting (see {log})"})
                         return 1
                 mgr, mgr_started = launch(), time.time()
@@ -326,7 +335,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
             now_up, now_slave, ignored = link_state(nodes, expected)
             if now_up != link or now_slave != slave:
                 link, slave, changed = now_up, now_slave, time.time()
-            _write_json(status_file, {"server": "running", "link": link, "slave": slave, "ignored": ignored,
+            write_json(status_file, {"server": "running", "link": link, "slave": slave, "ignored": ignored,
                                       "ports": ports,
                                       "pairs": n, "nodes": nodes, "manager": mgr.as_dict(), "restarts": restarts,
                                       "xruns": xruns if client is not None else None, "updated": time.time(),

@@ -6,11 +6,13 @@ NETJACK2 manager). A running bridge's state file says which one it is; stop/stat
 
 from __future__ import annotations
 
-from . import bridge, pipewire as pw, pwbridge
+from . import bridge, pwbridge
+from . import pipewire as pw
+from .link import owned, read_json, state_paths
 
 
 def _kind(domain: str) -> str:
-    state = bridge._read_json(bridge._paths(domain)[0]) or {}
+    state = read_json(state_paths(domain)[0]) or {}
     return state.get("audio_server", "jack")
 
 
@@ -26,8 +28,8 @@ def pick(audio_server: str, pipewire_user: str | None, jack_options: bool) -> st
 def start(cfg, audio_server: str = "auto", pipewire_user: str | None = None, allow_any_address: bool = False,
           server: str | None = None, start_server: str | None = None, device: str = "hw:0", nperiods: int = 2,
           wait: float = 0.0, say=print) -> dict:
-    state = bridge._read_json(bridge._paths(cfg.name)[0]) or {}
-    running = state and (sup := bridge._owned(state.get("supervisor"))) and sup.alive()
+    state = read_json(state_paths(cfg.name)[0]) or {}
+    running = state and (sup := owned(state.get("supervisor"))) and sup.alive()
     kind = state.get("audio_server", "jack") if running and audio_server == "auto" else \
         pick(audio_server, pipewire_user, jack_options=bool(server or start_server))
     if kind == "pipewire":
@@ -42,7 +44,7 @@ def stop(domain: str, say=print) -> bool:
 
 
 def restart(cfg, wait: float = 0.0, say=print, audio_server: str = "auto", **overrides) -> dict:
-    state = bridge._read_json(bridge._paths(cfg.name)[0]) or {}
+    state = read_json(state_paths(cfg.name)[0]) or {}
     if audio_server == "auto" and not any(overrides.get(k) for k in ("server", "start_server")) and state:
         audio_server = state.get("audio_server", "jack")
     if state.get("audio_server") == "pipewire" or audio_server == "pipewire":

@@ -19,14 +19,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import ArchdspError
-from .bridge import ALIAS_CLIENT, STATUS_PERIOD, SUPERVISOR_CLIENT, _read_json, _write_json, open_client
+from .bridge import ALIAS_CLIENT, SUPERVISOR_CLIENT, open_client
+from .link import STATUS_PERIOD, read_json, write_json
 
 
 def _report(path: Path, data: dict) -> None:
     """Write the status file; a full or read-only /run (ENOSPC, EROFS) skips one report, it does not end the
     supervisor (the aliases matter more than the screen)."""
     try:
-        _write_json(path, data)
+        write_json(path, data)
     except OSError as exc:
         print(f"bridge supervisor: cannot write {path}: {exc.strerror}", file=sys.stderr)
 
@@ -99,7 +100,7 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
                 return 3
             names = [p.name for p in client.get_ports()]
             clients = _slave_clients(names, slave)
-            stale = set((_read_json(exclude_file) or {}).get("stale", []))
+            stale = set((read_json(exclude_file) or {}).get("stale", []))
             if stale and not stale & set(clients):
                 exclude_file.unlink(missing_ok=True)  # the stale slaves are gone
                 stale = set()

@@ -1,0 +1,117 @@
+"""What both bridge backends (JACK2: :mod:`.bridge`, PipeWire: :mod:`.pwbridge`) share: the link as the
+config gives it, the master's address rule, the bridge's state files under /run, and the status screen's
+link lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from msgspec import Struct
+
+from ..config import DspConfig
+from ..errors import BridgeError, ConfigError
+from ..host.files import Host
+from ..procs import Owned
+
+RUN_DIR = Path(os.environ.get("ARCHDSP_RUN_DIR", "/run/archdsp-libvirt"))
+STATUS_PERIOD = 1.0
+
+
+def run_file(name: str) -> Path:
+    """A file of the bridge's under /run (``$ARCHDSP_RUN_DIR``)."""
+    return RUN_DIR / name
+
+
+def state_paths(name: str) -> tuple[Path, Path, Path]:
+    return (RUN_DIR / f"netjack-{name}.json", RUN_DIR / f"netjack-{name}.status.json",
+            RUN_DIR / f"netjack-{name}.log")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def owned(entry: dict | None) -> Owned | None:
+    return Owned(entry["pid"], entry["start"]) if entry else None
+
+
+class Link(Struct, frozen=True):
+    """What the bridge needs from the config."""
+
+    domain: str
+    slave: str
+    master_ip: str
+    port: int
+    rate: int
+    period: int
+    channels: int
+    vcpu_cores: tuple[int, ...] = ()
+    allow_lan: bool = False
+
+    @classmethod
+    def of(cls, cfg: DspConfig) -> Link:
+        nj = cfg.netjack
+        if not nj.enable:
+            raise ConfigError("archibaldos.netjack.enable: the bridge is for the NETJACK link; set enable = true")
+        return cls(cfg.name, nj.client_name, nj.master_ip, nj.source_port, nj.sample_rate, nj.buffer_size,
+                   nj.channels, tuple(cfg.isolated_cores), nj.allow_lan)
+
+
+def check_master_address(ip: str, allow_lan: bool = False, host: Host | None = None) -> str | None:
+    """Refuse a master address that is not this host's, or that other machines reach (unless
+    ``allow_lan``): NETJACK has no authentication, and JACK names no slave's source address, so any
+    machine that reaches the port can join the link. Returns the exposure allowed by ``allow_lan``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((ip, 0))
+        except OSError:
+            raise BridgeError(
+                f"archibaldos.netjack.master_ip {ip} is not an address of this host: start the VM's network "
+                "(virsh net-start default) or set master_ip to the host's address on the VM's bridge"
+            ) from None
+    exposed = (host or Host()).lan_exposure(ip)
+    if exposed and not allow_lan:
+        raise BridgeError(
+            f"archibaldos.netjack.master_ip: {exposed}; any machine there could join the link and take host "
+            "audio: set master_ip to the host's address on the VM's bridge (192.168.122.1 on libvirt's default "
+            "network), or allow_lan = true to accept that"
+        )
+    return exposed
+
+
+def guard_master(link: Link, say) -> None:
+    """:func:`check_master_address` for a bridge start, saying so when the LAN may join."""
+    if exposed := check_master_address(link.master_ip, link.allow_lan):
+        say(f"warning: {exposed}; the LAN can join the link (archibaldos.netjack.allow_lan = true)")
+
+
+def ignored_problem(ignored: list[str], following: str | None, slave: str, master_ip: str) -> str:
+    """Status words for slaves the link does not follow (a second guest on master_ip's network)."""
+    who = f"the link follows '{following}'" if following else f"the link waits for '{slave}' itself"
+    return (f"NETJACK slave {', '.join(repr(c) for c in ignored)} ignored: {who}; another guest on "
+            f"{master_ip}'s network joined under this VM's slave name (stop it, or give the VM's slave a name of "
+            "its own: archibaldos.netjack.client_name)")
+
+
+def link_lines(info: dict, extra: str = "") -> list[str]:
+    """The status screen's link, port and problem lines (both audio servers)."""
+    link = info["link"]
+    lines = [f"  link: {link}" + (f" (slave '{info['slave']}')" if link == "up" and info.get("slave") else "")
+             + f"   xruns since start: {info['xruns']}" + extra]
+    lines += [f"  {logical} = {real}" for logical, real in sorted(info.get("ports", {}).items())]
+    if info.get("problem"):
+        lines.append(f"  problem: {info['problem']}")
+    return lines
