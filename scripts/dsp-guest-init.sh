@@ -309,6 +309,17 @@ ensure_loop() {
 	return 0
 }
 
+# tick: wait a second without starting a process (busybox read -t on a FIFO
+# nobody writes to; sleep 1 where that is not possible)
+TICK_FIFO=/run/archdsp-tick
+rm -f "$TICK_FIFO"
+if mkfifo "$TICK_FIFO" 2>/dev/null && [ -p "$TICK_FIFO" ]; then
+	exec 9<>"$TICK_FIFO"
+	tick() { read -r -t 1 tick_line <&9 || :; }
+else
+	tick() { sleep 1; }
+fi
+
 # RX: the NIC's received-packet count (a builtin read of sysfs, no process).
 # A live NETJACK master sends at least one packet a cycle (750 a second at
 # 96 kHz / 128 frames, ~47 at 48 kHz / 1024); fewer than RX_MIN in a second
@@ -398,7 +409,7 @@ while :; do
 	ticks=0
 	last_look=0
 	while [ $state != 2 ]; do
-		sleep 1
+		tick
 		ticks=$((ticks + 1))
 		if restart_requested; then
 			requested=1
