@@ -39,6 +39,11 @@
 # (default 1; the host drops its master for the old slave meanwhile), starts
 # jackd with the new settings (and the DSP client), then prints the marker again.
 #
+# While the loop runs, init opens no JACK client (jack_lsp, jack_connect):
+# it checks jackd and the DSP client by PID and the master by the NIC's
+# receive counter every second, and looks at the ports only when those say
+# something changed (or every 5 s while the loop is down).
+#
 # Console protocol (one line each, nothing periodic):
 #   ARCHDSP-READY name=NAME master=IP port=PORT   (the marker; again after a
 #                                                  lost master comes back)
@@ -304,6 +309,33 @@ ensure_loop() {
 	return 0
 }
 
+# tick: wait a second without starting a process (busybox read -t on a FIFO
+# nobody writes to; sleep 1 where that is not possible)
+TICK_FIFO=/run/archdsp-tick
+rm -f "$TICK_FIFO"
+if mkfifo "$TICK_FIFO" 2>/dev/null && [ -p "$TICK_FIFO" ]; then
+	exec 9<>"$TICK_FIFO"
+	tick() { read -r -t 1 tick_line <&9 || :; }
+else
+	tick() { sleep 1; }
+fi
+
+# RX: the NIC's received-packet count (a builtin read of sysfs, no process).
+# A live NETJACK master sends at least one packet a cycle (750 a second at
+# 96 kHz / 128 frames, ~47 at 48 kHz / 1024); fewer than RX_MIN in a second
+# means it stopped (what still comes then is ARP and ICMP, a few a second).
+RX_MIN=20
+rx_packets() {
+	RX=0
+	read -r RX <"/sys/class/net/$IFACE/statistics/rx_packets" 2>/dev/null
+	case "$RX" in '' | *[!0-9]*) RX=0 ;; esac
+}
+
+# dsp_client_gone: the loop wants a DSP client and its process is gone
+dsp_client_gone() {
+	[ "$DSP" = thru ] && [ "$CHANNELS" -ge 2 ] && ! alive "$THRU_PID"
+}
+
 ready_line() { echo "$MARKER name=$NAME master=$MASTER port=$PORT"; }
 
 trim_logs() {
@@ -363,30 +395,50 @@ while :; do
 	bring_up
 	rc=$?
 	state=$rc # 0 ready, 1 not ready (jackd running), 2 jackd gone
-	# Watch quietly every ~10 s: re-make a lost loop (the net driver drops
-	# and re-creates its ports when the master goes away and comes back),
-	# announce transitions only.
+	# Watch every second, quietly, announcing transitions only.  While the loop
+	# is healthy nothing here opens a JACK client (each one is a process start,
+	# a client open and a graph reorder in the slave, and cost a burst of
+	# xruns on a TCG guest every time): jackd and the DSP client are checked by
+	# PID, the master by the NIC's receive counter.  Only when those say
+	# something changed, or while the loop is down, are the ports looked at
+	# with jack_lsp and a lost loop re-made (the net driver drops and
+	# re-creates its ports when the master goes away and comes back).
 	requested=0
+	rx_packets
+	rx_last=$RX
+	ticks=0
+	last_look=0
 	while [ $state != 2 ]; do
-		i=0
-		while [ $i -lt 10 ]; do
-			sleep 1
-			i=$((i + 1))
-			if restart_requested; then requested=1; break; fi
-		done
-		if [ $requested = 1 ]; then
+		tick
+		ticks=$((ticks + 1))
+		if restart_requested; then
+			requested=1
 			kill "$JACKD_PID" 2>/dev/null
 			j=0
 			while alive "$JACKD_PID" && [ $j -lt 50 ]; do usleep 100000; j=$((j + 1)); done
 			alive "$JACKD_PID" && kill -9 "$JACKD_PID" 2>/dev/null
 			break
 		fi
-		trim_logs
 		if ! alive "$JACKD_PID"; then
 			fail_msg "jackd exited: $(tail -n 3 "$JACKD_LOG" 2>/dev/null | tr '\n' ' ')"
 			state=2
 			break
 		fi
+		[ $((ticks % 60)) = 0 ] && trim_logs
+		rx_packets
+		rx_new=$((RX - rx_last))
+		rx_last=$RX
+		since=$((ticks - last_look))
+		if [ $state = 0 ]; then
+			look=0
+			# fewer packets than a live master sends: look (at most every 3 s)
+			[ $rx_new -lt $RX_MIN ] && [ $since -ge 3 ] && look=1
+			dsp_client_gone && look=1
+			[ $look = 1 ] || continue
+		else
+			[ $since -ge 5 ] || continue
+		fi
+		last_look=$ticks
 		if master_ports; then
 			start_dsp_client >/dev/null 2>&1
 			if ensure_loop; then

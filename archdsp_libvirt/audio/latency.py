@@ -211,13 +211,15 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
     xruns = 0
     xrun_times: list[float] = []
     t0 = time.monotonic()
+    counting = True  # off once the soak's time is up: stopping jack_iodelay is no part of the soak
     lock = threading.Lock()
 
     def on_xrun(_delay):
         nonlocal xruns
         with lock:
-            xruns += 1
-            xrun_times.append(time.monotonic() - t0)
+            if counting:
+                xruns += 1
+                xrun_times.append(time.monotonic() - t0)
 
     client.set_xrun_callback(on_xrun)
     client.activate()
@@ -259,6 +261,8 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
             if proc.poll() is not None:
                 break
     finally:
+        with lock:
+            counting = False
         owned.stop()
         proc.wait(timeout=10)
         try:
