@@ -331,6 +331,39 @@ rx_packets() {
 	case "$RX" in '' | *[!0-9]*) RX=0 ;; esac
 }
 
+# EVENTS: JACK's own notices of what changed, from a jack_evmon of ours (a
+# client with no process callback, so no thread in the cycle) appending to a
+# file that the watch reads with the shell's read (no process).  A port that
+# goes away or a connection that breaks sets EVENT=1: the net driver drops
+# and re-creates its ports when the master restarts, also when that takes
+# less than a second (the receive counter misses that; PipeWire's manager
+# restarts that fast).
+EVMON_LOG=/run/archdsp-evmon.log
+EVMON_PID=
+start_events() {
+	EVENT=0
+	command -v jack_evmon >/dev/null 2>&1 || return 0
+	: >"$EVMON_LOG"
+	exec 8<"$EVMON_LOG"
+	jack_evmon >>"$EVMON_LOG" 2>&1 &
+	EVMON_PID=$!
+}
+stop_events() {
+	alive "$EVMON_PID" && kill "$EVMON_PID" 2>/dev/null
+	EVMON_PID=
+}
+# read_events: consume what jack_evmon wrote since the last call
+read_events() {
+	EVENT=0
+	[ -n "$EVMON_PID" ] || return 0
+	alive "$EVMON_PID" || { start_events; EVENT=1; return 0; }
+	while read -r ev <&8; do
+		case "$ev" in
+		"Port "*unregistered | *disconnected) EVENT=1 ;;
+		esac
+	done
+}
+
 # dsp_client_gone: the loop wants a DSP client and its process is gone
 dsp_client_gone() {
 	[ "$DSP" = thru ] && [ "$CHANNELS" -ge 2 ] && ! alive "$THRU_PID"
@@ -339,9 +372,11 @@ dsp_client_gone() {
 ready_line() { echo "$MARKER name=$NAME master=$MASTER port=$PORT"; }
 
 trim_logs() {
-	for f in "$JACKD_LOG" "$DSP_LOG"; do
+	for f in "$JACKD_LOG" "$DSP_LOG" "$EVMON_LOG"; do
 		[ -f "$f" ] && [ "$(stat -c %s "$f" 2>/dev/null || echo 0)" -gt 1048576 ] && : >"$f"
 	done
+	# read on from the start of a log that was cut
+	[ -n "$EVMON_PID" ] && [ ! -s "$EVMON_LOG" ] && exec 8<"$EVMON_LOG"
 }
 
 # bring_up: wait (bounded) for jackd and the master, start the DSP client,
@@ -399,11 +434,13 @@ while :; do
 	# is healthy nothing here opens a JACK client (each one is a process start,
 	# a client open and a graph reorder in the slave, and cost a burst of
 	# xruns on a TCG guest every time): jackd and the DSP client are checked by
-	# PID, the master by the NIC's receive counter.  Only when those say
+	# PID, the master by the NIC's receive counter, ports and connections by
+	# JACK's own notices (jack_evmon, see EVENTS).  Only when those say
 	# something changed, or while the loop is down, are the ports looked at
 	# with jack_lsp and a lost loop re-made (the net driver drops and
 	# re-creates its ports when the master goes away and comes back).
 	requested=0
+	start_events
 	rx_packets
 	rx_last=$RX
 	ticks=0
@@ -433,6 +470,8 @@ while :; do
 			look=0
 			# fewer packets than a live master sends: look (at most every 3 s)
 			[ $rx_new -lt $RX_MIN ] && [ $since -ge 3 ] && look=1
+			read_events
+			[ $EVENT = 1 ] && look=1
 			dsp_client_gone && look=1
 			[ $look = 1 ] || continue
 		else
@@ -444,6 +483,7 @@ while :; do
 			if ensure_loop; then
 				[ $state = 0 ] || ready_line
 				state=0
+				read_events # what our own look made (a client, connections)
 				continue
 			fi
 		fi
@@ -452,6 +492,7 @@ while :; do
 	done
 	alive "$THRU_PID" && kill "$THRU_PID" 2>/dev/null
 	THRU_PID=
+	stop_events
 	if [ $requested = 1 ]; then
 		# Let the master drop the old slave first: a stale master keeps sending it
 		# audio, and a new slave that binds the port meanwhile spins on those packets.
