@@ -226,7 +226,9 @@ def plot(rep: dict, path) -> str:
     ax.set_xlabel("buffer_size / network_latency / slave mode")
     ax.set_ylabel("round trip (ms)")
     ax.set_title(f"tune: {rep['seconds_per_step']:g} s soak per step at {rep['sample_rate']} Hz")
-    ax.legend()
+    top = max([s["predicted_ms"] for s in steps] + [s["measured_ms"] or 0 for s in steps] + [0.1])
+    ax.set_ylim(0, top * 1.35)  # room above the bars for the legend, clear of the xrun counts
+    ax.legend(loc="upper left", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
