@@ -8,13 +8,16 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from msgspec import Struct
 
 from ..config import DspConfig
 from ..errors import BridgeError, ConfigError
-from ..host.files import Host
 from ..procs import Owned
+
+if TYPE_CHECKING:
+    from ..host.files import Host
 
 RUN_DIR = Path(os.environ.get("ARCHDSP_RUN_DIR", "/run/archdsp-libvirt"))
 STATUS_PERIOD = 1.0
@@ -82,7 +85,11 @@ def check_master_address(ip: str, allow_lan: bool = False, host: Host | None = N
                 f"archibaldos.netjack.master_ip {ip} is not an address of this host: start the VM's network "
                 "(virsh net-start default) or set master_ip to the host's address on the VM's bridge"
             ) from None
-    exposed = (host or Host()).lan_exposure(ip)
+    if host is None:  # imported here: `netjack status` never needs the host's files
+        from ..host.files import Host
+
+        host = Host()
+    exposed = host.lan_exposure(ip)
     if exposed and not allow_lan:
         raise BridgeError(
             f"archibaldos.netjack.master_ip: {exposed}; any machine there could join the link and take host "

@@ -277,7 +277,8 @@ def _jack_client():
         return None
 
 
-def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_file: Path, slave: str | None = None) -> int:
+def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_file: Path,
+              vm_slave: str | None = None) -> int:
     target = pw.find_target()
     stop_flag = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.set())
@@ -293,7 +294,6 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
     mgr: Owned | None = None
     restarts, quick_deaths, started, mgr_started, last_settle = 0, 0, time.time(), time.time(), 0.0
     multi_since: float | None = None
-    expected = slave
     link, changed, slave = "down", time.time(), None
 
     def launch() -> Owned:
@@ -332,7 +332,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                     ports = pw.logical_ports([p.name for p in client.get_ports()])
                 except Exception:  # noqa: BLE001 - a port went away while listing
                     ports = {}
-            now_up, now_slave, ignored = link_state(nodes, expected)
+            now_up, now_slave, ignored = link_state(nodes, vm_slave)
             if now_up != link or now_slave != slave:
                 link, slave, changed = now_up, now_slave, time.time()
             write_json(status_file, {"server": "running", "link": link, "slave": slave, "ignored": ignored,
