@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from archdsp_libvirt.audio import pipewire as pw, pwheadless
+from archdsp_libvirt.audio import pipewire as pw, pwheadless, pwqueue
 from conftest import archdsp
 
 pytestmark = [pytest.mark.real,
@@ -71,12 +71,14 @@ def test_guest_round_trip_on_pipewire_is_in_the_budgets_range(on_pipewire):
     rep = json.loads(r.stdout)
     print(f"PipeWire, TCG guest with jack_thru, L=0: {rep['measured_frames']} frames, "
           f"readings {sorted(set(rep['readings']))}, xruns {rep['xruns']}")
-    assert (rep["predicted_frames"], rep["predicted_max_frames"]) == (256, 768)
+    assert (rep["predicted_frames"], rep["predicted_max_frames"]) == (256, 896)
     assert rep["graph_period"] == 128 and rep["graph_rate"] == 96000
-    # A real reading of the loop: whole periods, never below the floor of the model.
+    # A real reading of the loop: whole periods, never below the floor of the model, inside its range. The
+    # manager's socket to the guest is bounded (a tap: its packets cost less than on veth), so the TCG
+    # guest's stalls do not pile up in it (unbounded, they took the round trip to 37-47 periods).
     assert rep["measured_frames"] % 128 == 0 and rep["measured_frames"] >= rep["predicted_frames"], rep
-    # The report says truthfully whether the reading falls in the budget's range. Through the TCG guest the
-    # reading has been seen outside the range measured against a slave in a network namespace (1152 frames
-    # once): that range is not yet a prediction for every join (README, PipeWire, Round trip).
-    inside = rep["predicted_frames"] - 1 <= rep["measured_frames"] <= rep["predicted_max_frames"] + 1
-    assert rep["matches_prediction"] is inside, rep
+    assert rep["matches_prediction"], rep
+    info = json.loads(archdsp("netjack", "status", "--json", str(cfg), env=env).stdout)
+    q = info["queues"][0] if info["queues"] else {}
+    assert q.get("bound") == pwqueue.bound_for(128, 2, 0, pwqueue.TAP_PACKET) + q["raised"] * pwqueue.TAP_PACKET // 2, info
+    assert q["queued"] <= q["bound"] and q["raised"] <= 4, info

@@ -63,6 +63,7 @@ class Link(Struct, frozen=True):
     channels: int
     vcpu_cores: tuple[int, ...] = ()
     allow_lan: bool = False
+    network_latency: int = 0
 
     @classmethod
     def of(cls, cfg: DspConfig) -> Link:
@@ -70,7 +71,7 @@ class Link(Struct, frozen=True):
         if not nj.enable:
             raise ConfigError("archibaldos.netjack.enable: the bridge is for the NETJACK link; set enable = true")
         return cls(cfg.name, nj.client_name, nj.master_ip, nj.source_port, nj.sample_rate, nj.buffer_size,
-                   nj.channels, tuple(cfg.isolated_cores), nj.allow_lan)
+                   nj.channels, tuple(cfg.isolated_cores), nj.allow_lan, nj.network_latency)
 
 
 def check_master_address(ip: str, allow_lan: bool = False, host: Host | None = None) -> str | None:

@@ -7,6 +7,9 @@ PipeWire's NETJACK2 manager and leaves a supervisor running that
 - runs that manager process (a client of the user's daemon) and restarts it when more than one
   send/recv pair exists (a restarted VM joins beside its old pair, which PipeWire never frees) or
   when the VM is about to restart (:func:`forget_slave`);
+- bounds the receive queue of the manager's socket to the slave to a few cycles
+  (:mod:`.pwqueue`: the manager never drops a stale cycle, so without a bound every stall of the
+  guest adds a period to the round trip for good);
 - counts the graph's xruns through PipeWire's JACK and lists the real port names;
 - writes what it sees to the same status file the JACK2 bridge writes.
 
@@ -27,6 +30,7 @@ from pathlib import Path
 from ..errors import BridgeError
 from ..procs import Owned, spawn_detached
 from . import pipewire as pw
+from . import pwqueue
 from .link import (
     STATUS_PERIOD,
     Link,
@@ -40,14 +44,9 @@ from .link import (
 )
 
 POLL = 1.0
-# A slave that joins a manager which was listening before it came leaves packets queued in the manager's
-# receive socket: round trips of 8-13 periods, fixed for the life of the link. Restarting the manager once
-# the slave runs brings it back to 1-5 periods, mostly 1 (measured: README, "PipeWire"). Once per link, then not
-# again for SETTLE_HOLD s. Every restart waits SETTLE_AFTER s after the pair came: a slave whose master
-# vanishes in the middle of its join waits for it forever (JACK 1.9.21's net driver).
-SETTLE_AFTER = 2.0
-SETTLE_HOLD = 60.0
-
+# A restart of the manager waits until more than one pair stayed this long: a slave whose master vanishes
+# in the middle of its join waits for it forever (JACK 1.9.21's net driver).
+CROWDED_AFTER = 2.0
 
 def _conf_path(domain: str) -> Path:
     return state_paths(domain)[0].with_suffix(".pipewire.conf")
@@ -92,6 +91,7 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     say(f"nftables table inet {pw.nft_table(link.domain)}: port {link.port}/udp only on {ifname} to "
         f"{link.master_ip} (PipeWire's manager itself listens on 0.0.0.0:{link.port})")
     args = pw.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
+    cost = pwqueue.packet_cost(ifname)
     conf = _conf_path(link.domain)
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(pw.client_conf(args))
@@ -100,7 +100,10 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     _restart_request(link.domain).unlink(missing_ok=True)
     argv = [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pwbridge", "--domain", link.domain,
             "--conf", str(conf), "--status", str(status_file), "--log", str(log),
-            "--restart-file", str(_restart_request(link.domain)), "--slave", link.slave]
+            "--restart-file", str(_restart_request(link.domain)), "--slave", link.slave,
+            "--port", str(link.port), "--queue-bound",
+            str(pwqueue.bound_for(link.period, link.channels, link.network_latency, cost)),
+            "--queue-step", str(cost // 2), "--cycles-per-second", f"{link.rate / link.period:g}"]
     if shutil.which("pw-jack"):
         argv = ["pw-jack", *argv]
     sup = spawn_detached(argv, log, env=pw.pw_env(target))
@@ -194,7 +197,7 @@ def status(domain: str) -> dict:
         "slave": seen.get("slave"), "ignored": seen.get("ignored", []), "link": seen.get("link", "down"),
         "ports": seen.get("ports", {}),
         "pairs": seen.get("pairs", 0), "nodes": seen.get("nodes", []), "manager_restarts": seen.get("restarts", 0),
-        "manager_pid": (seen.get("manager") or {}).get("pid"),
+        "manager_pid": (seen.get("manager") or {}).get("pid"), "queues": seen.get("queues", []),
         "xruns": seen.get("xruns", 0), "since": state.get("started"), "link_changed": seen.get("link_changed"),
         "log": str(log),
     }
@@ -206,6 +209,8 @@ def status(domain: str) -> dict:
     elif info["ignored"]:
         info["problem"] = ignored_problem(info["ignored"], info["slave"], state.get("slave", "?"),
                                           state.get("master_ip", "?"))
+    elif seen.get("queue_problem"):
+        info["problem"] = seen["queue_problem"]
     return info
 
 
@@ -214,8 +219,11 @@ def format_status(info: dict) -> list[str]:
     lines = ["=== NETJACK Bridge ===",
              f"  server: {info['server']} (user {p.get('user')}, {p.get('remote')}, found by {p.get('how')})",
              f"  master: {info['master']}   listening: {info['listening']}"]
+    queues = "".join(f"   receive queue: {q['queued']} bytes" + (f" (bound {q['bound']})" if q.get("bound") else
+                                                                   " (unbounded)")
+                     for q in info.get("queues", []))
     return lines + link_lines(info, f"   node pairs: {info['pairs']}   manager pid {info.get('manager_pid')}, "
-                                    f"restarted {info['manager_restarts']}x")
+                                    f"restarted {info['manager_restarts']}x{queues}")
 
 
 def systemd_unit(cfg, config_path: Path, user: str | None) -> str:
@@ -278,7 +286,8 @@ def _jack_client():
 
 
 def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_file: Path,
-              vm_slave: str | None = None) -> int:
+              vm_slave: str | None = None, port: int | None = None, queue_bound: int | None = None,
+              queue_step: int = pwqueue.COPY_PACKET // 2, cycles_per_second: float = 750.0) -> int:
     target = pw.find_target()
     stop_flag = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.set())
@@ -292,8 +301,10 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
         client.set_xrun_callback(on_xrun)
         client.activate()
     mgr: Owned | None = None
-    restarts, quick_deaths, started, mgr_started, last_settle = 0, 0, time.time(), time.time(), 0.0
+    restarts, quick_deaths, started, mgr_started = 0, 0, time.time(), time.time()
     multi_since: float | None = None
+    bounds = pwqueue.Bounds(queue_bound or 0, queue_step, cycles_per_second,
+                            say=lambda m: print(f"bridge supervisor: {m}", flush=True))
     link, changed, slave = "down", time.time(), None
 
     def launch() -> Owned:
@@ -311,21 +322,17 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                 mgr, mgr_started = launch(), time.time()
             nodes = pw.netjack_nodes(pw.dump(target), mgr.pid) if target else []
             n = pw.pairs(nodes)
-            settle = (n == 1 and link == "up" and time.time() - changed > SETTLE_AFTER
-                      and time.time() - last_settle > SETTLE_HOLD)
             multi_since = (multi_since or time.time()) if n > 1 else None
-            crowded = multi_since is not None and time.time() - multi_since > SETTLE_AFTER
-            if crowded or restart_file.exists() or settle:
-                why = (f"{n} node pairs" if n > 1 else "the VM restarts" if restart_file.exists()
-                       else f"slave '{slave}' joined a cold manager (its start-up queue)")
-                if settle or n > 1:
-                    last_settle = time.time()
+            crowded = multi_since is not None and time.time() - multi_since > CROWDED_AFTER
+            if crowded or restart_file.exists():
+                why = f"{n} node pairs" if crowded else "the VM restarts"
                 print(f"bridge supervisor: {why}: restarting the NETJACK2 manager (pid {mgr.pid})", flush=True)
                 mgr.stop(timeout=5)
                 mgr, mgr_started = launch(), time.time()
                 restarts += 1
                 restart_file.unlink(missing_ok=True)
                 nodes, n, multi_since = [], 0, None
+            queues, queue_problem = bounds.poll(mgr.pid, port, time.time()) if port and queue_bound else ([], None)
             ports = {}
             if client is not None:
                 try:
@@ -338,6 +345,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
             write_json(status_file, {"server": "running", "link": link, "slave": slave, "ignored": ignored,
                                       "ports": ports,
                                       "pairs": n, "nodes": nodes, "manager": mgr.as_dict(), "restarts": restarts,
+                                      "queues": queues, "queue_problem": queue_problem,
                                       "xruns": xruns if client is not None else None, "updated": time.time(),
                                       "since": started, "link_changed": changed})
             stop_flag.wait(POLL)
@@ -363,9 +371,14 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", type=Path, required=True)
     ap.add_argument("--restart-file", type=Path, required=True)
     ap.add_argument("--slave")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--queue-bound", type=int)
+    ap.add_argument("--queue-step", type=int, default=pwqueue.COPY_PACKET // 2)
+    ap.add_argument("--cycles-per-second", type=float, default=750.0)
     a = ap.parse_args(argv)
     os.environ.setdefault("JACK_NO_START_SERVER", "1")
-    return supervise(a.domain, a.conf, a.status, a.log, a.restart_file, a.slave)
+    return supervise(a.domain, a.conf, a.status, a.log, a.restart_file, a.slave, a.port, a.queue_bound,
+                     a.queue_step, a.cycles_per_second)
 
 
 if __name__ == "__main__":

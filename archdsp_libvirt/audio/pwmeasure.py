@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 
-EVERY = 100  # periods between impulses: longer than any round trip seen (13 periods)
+EVERY = 100  # periods between impulses: longer than any round trip seen (47 periods, with no bound on the queue)
+POLL_STATUS = 1.2  # the bridge's supervisor reads the manager's socket once a second
 
 
 def measure(send_port: str, receive_port: str, seconds: float) -> dict:
@@ -28,11 +29,12 @@ def measure(send_port: str, receive_port: str, seconds: float) -> dict:
     rec = jack.Client("archdsp-rt-rec", no_start_server=True)
     out = gen.outports.register("out")
     inp = rec.inports.register("in")
-    sent: list[int] = []
+    sent: list[tuple[int, float]] = []  # (frame time, seconds since the start)
     got: list[int] = []
-    xruns = 0
+    xrun_times: list[float] = []
     lock = threading.Lock()
     count = 0
+    t0 = time.monotonic()
 
     @gen.set_process_callback
     def _gen(frames):
@@ -43,33 +45,48 @@ def measure(send_port: str, receive_port: str, seconds: float) -> dict:
         count += 1
         if count % EVERY == 0:
             buf[0] = 1.0
-            sent.append(gen.last_frame_time)
+            sent.append((gen.last_frame_time, time.monotonic() - t0))
+
+    prev: tuple[int, int] | None = None  # (frame time, offset) of the last cycle that held an impulse
+    stale = 0
 
     @rec.set_process_callback
     def _rec(frames):
+        nonlocal prev, stale
         buf = memoryview(inp.get_buffer()).cast("B").cast("f")
-        for i, v in enumerate(buf):
-            if v > 0.5:
-                got.append(rec.last_frame_time + i)
-                break
+        hit = next((i for i, v in enumerate(buf) if v > 0.5), None)
+        now = rec.last_frame_time
+        if hit is None:
+            prev = None
+            return
+        if prev is not None and prev == (now - frames, hit):
+            stale += 1  # the same buffer again: no cycle came from the slave, PipeWire replayed the last one
+        else:
+            got.append(now + hit)
+        prev = (now, hit)
 
     def on_xrun(_delay):
-        nonlocal xruns
         with lock:
-            xruns += 1
+            xrun_times.append(round(time.monotonic() - t0, 3))
 
     gen.set_xrun_callback(on_xrun)
     with gen, rec:
         gen.connect(out, send_port)
         rec.connect(receive_port, inp)
         period, rate = gen.blocksize, gen.samplerate
+        t0 = time.monotonic()
+        sent.clear()
         time.sleep(seconds)
-    readings = []
-    for t in sent:
-        later = [x - t for x in got if 0 <= x - t < EVERY * period]
+        with lock:
+            xruns = [t for t in xrun_times if 0 <= t <= seconds]
+    readings, times = [], []
+    for t, when in sent:
+        later = [x - t for x in got if 0 < x - t < EVERY * period]  # through a network: never the same frame
         if later:
             readings.append(min(later))
-    return {"readings": readings, "impulses": len(sent), "xruns": xruns, "period": period, "rate": rate}
+            times.append(round(when, 3))
+    return {"readings": readings, "reading_times": times, "impulses": len(sent), "xruns": len(xruns),
+            "xrun_times": xruns, "period": period, "rate": rate, "replayed_cycles": stale}
 
 
 def run(domain: str, seconds: float, channel: int = 1) -> dict:
@@ -85,12 +102,14 @@ def run(domain: str, seconds: float, channel: int = 1) -> dict:
     if not info.get("running"):
         raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
     wait_for_link(domain, 30)
-    deadline = time.monotonic() + 60  # past the supervisor's one restart of a freshly joined link
+    deadline = time.monotonic() + 30  # the join's backlog drains once the supervisor bounded the queue
     while time.monotonic() < deadline:
         info = status(domain)
-        if info.get("link") == "up" and time.time() - (info.get("link_changed") or 0) > 6:
+        if (info.get("link") == "up" and time.time() - (info.get("link_changed") or 0) > 3
+                and any(q.get("bound") for q in info.get("queues", []))):
             break
         time.sleep(0.5)
+    drops_before = sum(q.get("drops", 0) for q in info.get("queues", []))
     target = pw.find_target(env={"PIPEWIRE_REMOTE": info["pipewire"]["remote"]})
     send, receive = f"{pw.CAPTURE_NODE}:send_AUX{channel - 1}", f"{pw.PLAYBACK_NODE}:receive_AUX{channel - 1}"
     env = {**pw.pw_env(target), "JACK_NO_START_SERVER": "1"}
@@ -110,8 +129,15 @@ def run(domain: str, seconds: float, channel: int = 1) -> dict:
     if not readings:
         raise BridgeError(f"no impulse came back through {receive} in {seconds:g} s: is the DSP loop in the VM "
                           "connected? (archdsp-virt console)")
+    time.sleep(POLL_STATUS)  # the supervisor's next look at the manager's socket
+    after = status(domain)
+    dropped = (sum(q.get("drops", 0) for q in after.get("queues", [])) - drops_before
+               if after.get("manager_pid") == info.get("manager_pid") else None)
     settled = readings[len(readings) // 2:]
-    return {"measured_frames": Counter(settled).most_common(1)[0][0], "readings": readings, "xruns": out["xruns"],
+    return {"measured_frames": Counter(settled).most_common(1)[0][0], "readings": readings,
+            "reading_times": out["reading_times"], "xruns": out["xruns"], "xrun_times": out["xrun_times"],
+            "xruns_per_minute": round(out["xruns"] * 60.0 / seconds, 2), "dropped_packets": dropped,
+            "replayed_cycles": out["replayed_cycles"],
             "seconds": seconds, "server": info["server"], "method": "two JACK clients through pw-jack (impulse)",
             "graph_period": out["period"], "graph_rate": out["rate"]}
 

@@ -50,10 +50,15 @@ def windows(rep: dict, width: float | None = None) -> list[dict]:
 
 def format_soak(rep: dict) -> str:
     late = rep.get("late_cycles")
-    lines = [f"xruns per minute: {rep['xruns_per_minute']:g} ({rep['xruns']} in {rep['seconds']:g} s); "
-             + ("late or lost NETJACK cycles (master's log): "
+    if "dropped_packets" in rep:  # PipeWire: its manager logs nothing; the kernel counts what the queue dropped
+        dropped = rep["dropped_packets"]
+        seen = ("late NETJACK packets the manager's bounded receive queue dropped: "
+                + (f"{dropped}" if dropped is not None else "not counted (the manager restarted meanwhile)"))
+    else:
+        seen = ("late or lost NETJACK cycles (master's log): "
                 + (f"{late}, lost connections: {rep.get('link_lost')}" if late is not None
-                   else "not visible (the JACK server was not started by the bridge)"))]
+                   else "not visible (the JACK server was not started by the bridge)"))
+    lines = [f"xruns per minute: {rep['xruns_per_minute']:g} ({rep['xruns']} in {rep['seconds']:g} s); " + seen]
     if rep["seconds"] >= 20:
         lines.append("  window (s)     xruns  round trip frames (min/mode/max)")
         for w in windows(rep):
@@ -78,7 +83,8 @@ def plot(rep: dict, path: str | os.PathLike[str], title: str = "") -> Path:
     if rep.get("predicted_ms") is not None:
         ax1.axhline(rep["predicted_ms"], color="tab:green", linestyle="--", zorder=1,
                     label=f"predicted {rep['predicted_ms']:.3f} ms")
-    ax1.plot(times, ms, ".", markersize=4, color="tab:blue", zorder=2, label="jack_iodelay reading")
+    ax1.plot(times, ms, ".", markersize=4, color="tab:blue", zorder=2,
+             label="impulse reading (pw-jack)" if "dropped_packets" in rep else "jack_iodelay reading")
     top = max(ms + [rep.get("predicted_ms") or 0.0, 0.1])
     ax1.set_ylim(0, top * 1.25)
     ax1.set_ylabel("round trip (ms)")
