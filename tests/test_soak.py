@@ -44,3 +44,37 @@ def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install archdsp-libvirt[plot])")
     out = plot(rep(), tmp_path / "soak.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def pipewire_rep():
+    return {**rep(), "late_cycles": None, "link_lost": None, "dropped_packets": 15, "predicted_max_frames": 896}
+
+
+def test_format_soak_on_pipewire_counts_the_packets_the_bounded_queue_dropped():
+    text = format_soak(pipewire_rep())
+    assert "late NETJACK packets the manager's bounded receive queue dropped: 15" in text
+    assert "master's log" not in text
+    assert "not counted (the manager restarted meanwhile)" in format_soak({**pipewire_rep(), "dropped_packets": None})
+
+
+def test_plot_on_pipewire_draws_the_predicted_range(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install archdsp-libvirt[plot])")
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    real_close = plt.close
+
+    def keep(fig=None):  # look at the figure before it is closed
+        if fig is not None and hasattr(fig, "axes"):
+            ax = fig.axes[0]
+            seen["title"] = ax.get_title()
+            seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        real_close(fig)
+
+    plt.close = keep
+    try:
+        plot(pipewire_rep(), tmp_path / "pw.png")
+    finally:
+        plt.close = real_close
+    assert "predicted 2.667..9.333 ms" in seen["labels"] and "impulse reading (pw-jack)" in seen["labels"]
+    assert "15 late packets dropped" in seen["title"]

@@ -80,19 +80,25 @@ def plot(rep: dict, path: str | os.PathLike[str], title: str = "") -> Path:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[3, 2])
     times = rep.get("reading_times", [])
     ms = [v * 1000.0 / rate for v in rep["readings"]]
-    if rep.get("predicted_ms") is not None:
+    hi_ms = (rep["predicted_max_frames"] * 1000.0 / rate) if rep.get("predicted_max_frames") else None
+    if hi_ms is not None and rep.get("predicted_ms") is not None:  # PipeWire: a range
+        ax1.axhspan(rep["predicted_ms"], hi_ms, color="tab:green", alpha=0.15, zorder=1,
+                    label=f"predicted {rep['predicted_ms']:.3f}..{hi_ms:.3f} ms")
+    elif rep.get("predicted_ms") is not None:
         ax1.axhline(rep["predicted_ms"], color="tab:green", linestyle="--", zorder=1,
                     label=f"predicted {rep['predicted_ms']:.3f} ms")
     ax1.plot(times, ms, ".", markersize=4, color="tab:blue", zorder=2,
              label="impulse reading (pw-jack)" if "dropped_packets" in rep else "jack_iodelay reading")
-    top = max(ms + [rep.get("predicted_ms") or 0.0, 0.1])
+    top = max(ms + [rep.get("predicted_ms") or 0.0, hi_ms or 0.0, 0.1])
     ax1.set_ylim(0, top * 1.25)
     ax1.set_ylabel("round trip (ms)")
     ax1.grid(True, alpha=0.3)
     ax1.legend(loc="upper right", fontsize=8)
+    dropped = (f", {rep['dropped_packets']} late packets dropped" if rep.get("dropped_packets") is not None
+               else "")
     ax1.set_title(title or (f"{rep.get('buffer_size')} frames @ {rate} Hz, L={rep.get('network_latency')}, "
                             f"{'sync' if rep.get('sync_slave') else 'async'}: {rep['xruns']} xruns in "
-                            f"{rep['seconds']:g} s ({rep['xruns_per_minute']:g}/min)"))
+                            f"{rep['seconds']:g} s ({rep['xruns_per_minute']:g}/min){dropped}"))
     width = ws[0]["end_s"] - ws[0]["start_s"] if ws else 1.0
     ax2.bar([w["start_s"] for w in ws], [w["xruns"] for w in ws], width=width * 0.9, align="edge",
             color="tab:red")
