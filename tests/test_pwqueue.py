@@ -213,3 +213,16 @@ def test_bounds_say_when_the_socket_cannot_be_bounded(holder, monkeypatch):
     monkeypatch.setattr(pwqueue, "set_receive_buffer", refuse)
     queues, problem = pwqueue.Bounds(5000, 500, 750.0, say=lambda _m: None).poll(pid, sender.getsockname()[1], 1.0)
     assert queues[0]["bound"] is None and "not bounded (Operation not permitted)" in problem
+
+
+def test_bounds_forget_a_socket_that_is_gone(holder):
+    pid, _fd, sender = holder
+    port = sender.getsockname()[1]
+    bounds = pwqueue.Bounds(5000, 500, 750.0, say=lambda _m: None)
+    try:
+        bounds.poll(pid, port, 1.0)
+    except OSError as exc:  # pragma: no cover - depends on the kernel
+        pytest.skip(f"pidfd_getfd is not available here ({exc}): Linux >= 5.6 is needed")
+    assert len(bounds.sockets) == 1
+    assert bounds.poll(pid, port + 1, 2.0) == ([], None)  # no socket to that port any more
+    assert bounds.sockets == {}

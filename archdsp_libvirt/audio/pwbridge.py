@@ -48,6 +48,7 @@ POLL = 1.0
 # in the middle of its join waits for it forever (JACK 1.9.21's net driver).
 CROWDED_AFTER = 2.0
 
+
 def _conf_path(domain: str) -> Path:
     return state_paths(domain)[0].with_suffix(".pipewire.conf")
 

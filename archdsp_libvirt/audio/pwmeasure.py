@@ -133,6 +133,8 @@ def run(domain: str, seconds: float, channel: int = 1) -> dict:
     after = status(domain)
     dropped = (sum(q.get("drops", 0) for q in after.get("queues", [])) - drops_before
                if after.get("manager_pid") == info.get("manager_pid") else None)
+    if dropped is not None and dropped < 0:  # a pair came or went meanwhile: its counter is not comparable
+        dropped = None
     settled = readings[len(readings) // 2:]
     return {"measured_frames": Counter(settled).most_common(1)[0][0], "readings": readings,
             "reading_times": out["reading_times"], "xruns": out["xruns"], "xrun_times": out["xrun_times"],

@@ -180,7 +180,10 @@ class Bounds:
     def poll(self, pid: int, port: int, now: float) -> tuple[list[dict], str | None]:
         """Bound new sockets, raise the bound of one that drops steadily: the queues, and a problem."""
         queues, problem = [], None
-        for sock in data_sockets(pid, port):
+        socks = data_sockets(pid, port)
+        for gone in set(self.sockets) - {s.inode for s in socks}:  # a slave's pair the manager freed, or a
+            del self.sockets[gone]                                  # manager that was restarted
+        for sock in socks:
             seen = self.sockets.get(sock.inode)
             try:
                 if seen is None:
