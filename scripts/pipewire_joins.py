@@ -7,7 +7,7 @@ out), the round trip measured with `archdsp-virt latency --measure` (3 s), the s
 one line per join (frames, readings, cycles PipeWire replayed, late packets dropped, manager restarts,
 the receive queue and its bound) and the frames per L as JSON at the end. About three minutes.
 
-    sudo python3 scripts/pipewire_joins.py          # on the venv of scripts/install-test-deps
+    sudo /opt/archdsp-libvirt/venv/bin/python scripts/pipewire_joins.py  # the venv of scripts/install-test-deps
 
 The suite's tests/test_real_pipewire.py provides the namespace, the PipeWire and the slave.
 """
