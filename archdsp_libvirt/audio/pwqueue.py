@@ -145,7 +145,6 @@ def set_receive_buffer(pid: int, fd: int, size: int) -> int:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
 
-
 # A bound that cuts cycles the slave sent in time (a packet costs more than estimated) shows as loss in
 # look after look: packets dropped in every period or every other. A guest's stalls drop a few cycles now
 # and then. After STREAK looks in a row that each lost more than this share of the cycles, the bound is
@@ -174,9 +173,6 @@ class Bounds:
         self.bound, self.step, self.cycles_per_second, self.say = bound, step, cycles_per_second, say
         self.sockets: dict[int, dict] = {}
 
-    def _set(self, pid: int, sock: QueuedSocket, size: int) -> int:
-        return set_receive_buffer(pid, sock.fd, size)
-
     def poll(self, pid: int, port: int, now: float) -> tuple[list[dict], str | None]:
         """Bound new sockets, raise the bound of one that drops steadily: the queues, and a problem."""
         queues, problem = [], None
@@ -187,25 +183,24 @@ class Bounds:
             seen = self.sockets.get(sock.inode)
             try:
                 if seen is None:
-                    size = self._set(pid, sock, self.bound)
-                    self.say(f"receive buffer of the manager's socket to {sock.remote} bounded to {size} bytes "
-                             f"(it held {sock.queued})")
-                    seen = self.sockets[sock.inode] = {"bound": size, "drops": sock.drops, "t": now, "raised": 0,
+                    seen = self.sockets[sock.inode] = {"bound": 0, "drops": sock.drops, "t": now, "raised": 0,
                                                         "streak": 0}
+                    seen["bound"] = set_receive_buffer(pid, sock.fd, self.bound)
+                    self.say(f"receive buffer of the manager's socket to {sock.remote} bounded to {seen['bound']} "
+                             f"bytes (it held {sock.queued})")
                 elif seen["bound"]:
                     lost = lossy(sock.drops - seen["drops"], now - seen["t"], self.cycles_per_second)
                     seen["streak"] = seen["streak"] + 1 if lost else 0
                     want = raised(seen["bound"], seen["streak"], self.step)
                     if want != seen["bound"]:
-                        seen["bound"] = self._set(pid, sock, want)
+                        seen["bound"] = set_receive_buffer(pid, sock.fd, want)
                         seen["raised"] += 1
                         seen["streak"] = 0
                         self.say(f"the manager's socket to {sock.remote} dropped packets in {STREAK} looks in a "
                                  f"row: bound raised to {seen['bound']} bytes")
                     seen["drops"], seen["t"] = sock.drops, now
             except OSError as exc:
-                seen = self.sockets[sock.inode] = {"bound": 0, "drops": sock.drops, "t": now, "raised": 0,
-                                                   "streak": 0}
+                seen["bound"] = 0
                 problem = (f"the receive queue of PipeWire's manager is not bounded ({exc.strerror}): the round "
                            "trip grows with every stall of the guest (Linux >= 5.6 and root or the manager's "
                            "user needed)")
