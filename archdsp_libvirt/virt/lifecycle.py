@@ -46,6 +46,7 @@ SHUTOFF_REASONS = {
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed to start",
     libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "from snapshot",
 }
+RENICE_LOOKS = 5  # looks at QEMU's emulator threads until none is left at another nice
 
 
 def _quiet(_msg: str) -> None:
@@ -351,14 +352,23 @@ def tune_and_verify(cfg: DspConfig, rendered: Rendered, say: Say, timeout: float
         raise HostError(f"{cfg.name}: found {len(vcpus)} vCPU threads in QEMU (pid {pid}), expected {len(plan.pins)}")
 
     if cfg.realtime.enable:
-        emu = [t.tid for t in qthreads.emulator_threads(pid, proc)]
-        try:
-            qthreads.renice(emu, cfg.realtime.nice)
-        except OSError as exc:
-            raise HostError(
-                f"cannot set nice {cfg.realtime.nice} on QEMU's emulator threads: {exc.strerror} "
-                "(run as root, or set realtime.nice to 0)"
-            ) from None
+        # QEMU starts threads of its own while it boots, and one started by a thread not yet reniced keeps
+        # nice 0: look again until a look finds none left (a few looks, 0.1 s apart).
+        for _ in range(RENICE_LOOKS):
+            left = [t.tid for t in qthreads.emulator_threads(pid, proc) if t.nice != cfg.realtime.nice]
+            if not left:
+                break
+            try:
+                qthreads.renice(left, cfg.realtime.nice)
+            except ProcessLookupError:
+                pass  # a thread that ended meanwhile; the next look renices the rest
+            except OSError as exc:
+                raise HostError(
+                    f"cannot set nice {cfg.realtime.nice} on QEMU's emulator threads: {exc.strerror} "
+                    "(run as root, or set realtime.nice to 0)"
+                ) from None
+            time.sleep(0.1)
+        emu = qthreads.emulator_threads(pid, proc)
         say(f"emulator threads ({len(emu)}) at nice {cfg.realtime.nice}")
 
     problems = []
