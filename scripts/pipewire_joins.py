@@ -36,7 +36,7 @@ def test_round_trip_over_cold_joins(env):  # noqa: F811 - the fixture imported a
         out[lat] = []
         for j in range(JOINS):
             archdsp("netjack", "stop", str(cfg), env=env["env"], timeout=60)
-            r = archdsp("netjack", "start", "--allow-any-address", str(cfg), env=env["env"], timeout=60)
+            r = archdsp("netjack", "start", str(cfg), env=env["env"], timeout=60)
             assert r.returncode == 0, r.stderr
             slave = Slave(env["base"], latency=lat)
             try:

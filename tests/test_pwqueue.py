@@ -32,9 +32,9 @@ UDP6_SAMPLE = """\
 def test_parse_udp_table_reads_remote_queue_and_drops():
     rows = pwqueue.parse_udp_table(UDP_SAMPLE)
     # The manager's data socket in a run without a bound: 115,200 bytes queued (0x1C200), 79 drops.
-    assert rows[931201] == ("192.168.122.239", 19000, 115200, 79)
-    assert rows[931150] == ("0.0.0.0", 0, 0, 0)
-    assert pwqueue.parse_udp_table(UDP6_SAMPLE)[4242] == ("::1", 19000, 2560, 3)
+    assert rows[931201] == ("192.168.122.239", 19000, 115200, 79, "192.168.0.1:42919")
+    assert rows[931150] == ("0.0.0.0", 0, 0, 0, "0.0.0.0:19000")
+    assert pwqueue.parse_udp_table(UDP6_SAMPLE)[4242] == ("::1", 19000, 2560, 3, "[::1]:36142")
     assert pwqueue.parse_udp_table("header only\n  1: short row\n") == {}
 
 
@@ -159,6 +159,16 @@ def test_a_socket_of_another_port_is_not_taken(holder):
     pid, _fd, sender = holder
     assert pwqueue.data_sockets(pid, sender.getsockname()[1] + 1) == []
     assert pwqueue.data_sockets(2 ** 22 + 7, 19000) == []  # no such process
+
+
+def test_listening_names_the_address_a_process_bound():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("0.0.0.0", 0))
+        b.connect(a.getsockname())  # connected: not listening
+        port = a.getsockname()[1]
+        assert pwqueue.listening(os.getpid(), port) == [f"127.0.0.1:{port}"]
+        assert pwqueue.listening(os.getpid(), b.getsockname()[1]) == []
 
 
 def test_set_receive_buffer_says_why_it_cannot(holder):

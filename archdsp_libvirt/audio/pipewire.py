@@ -9,7 +9,8 @@ What PipeWire 1.4.2's manager does, found by experiment (README, "PipeWire"):
 
 - ``net.ip``: a multicast address is joined; a unicast address joins nothing, but the listening
   socket is bound to INADDR_ANY all the same (``ss -uln``: ``0.0.0.0:PORT``). No option binds it to
-  one address, so the bridge refuses to start unless told otherwise (:func:`address_guard`).
+  one address: the bridge's supervisor binds it to master_ip from outside (:mod:`.sockhook`), and
+  where that cannot run refuses to start unless told otherwise (:func:`address_guard`).
 - ``local.ifname``: the interface of the multicast join, and SO_BINDTODEVICE of each slave's data socket.
 - the slave's nodes are never removed when the slave stops; the supervisor restarts the manager
   process when more than one pair exists or the VM restarts.
@@ -325,13 +326,17 @@ def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
         raise BridgeError("nft did not answer within 15 s") from None
 
 
-def address_guard(domain: str, master_ip: str, port: int, allow_any: bool) -> str:
-    """Refuse (the default), or install the nftables table that keeps the port to master_ip's interface."""
+def address_guard(domain: str, master_ip: str, port: int, allow_any: bool, hook_missing: str | None) -> str | None:
+    """How the port stays on master_ip: None when the bind hook can bind it there (:mod:`.sockhook`);
+    else refuse (the default), or install the nftables table that keeps the port to master_ip's
+    interface and return the table's name."""
+    if hook_missing is None:
+        return None
     if not allow_any:
         raise BridgeError(
-            f"PipeWire's netjack2 manager cannot bind {master_ip}: it listens on 0.0.0.0:{port}/udp (every "
-            "address); pass --allow-any-address to start it behind an nftables rule that keeps the port to "
-            f"the VM's bridge, or use JACK (--audio-server jack)")
+            f"PipeWire's netjack2 manager cannot be bound to {master_ip} here ({hook_missing}): it would listen "
+            f"on 0.0.0.0:{port}/udp (every address); pass --allow-any-address to start it behind an nftables "
+            "rule that keeps the port to the VM's bridge, or use JACK (--audio-server jack)")
     ifname = interface_of(master_ip)
     if ifname is None:
         raise BridgeError(f"archibaldos.netjack.master_ip {master_ip} is on no interface of this host: start the "
@@ -343,7 +348,7 @@ def address_guard(domain: str, master_ip: str, port: int, allow_any: bool) -> st
     r = _nft(["-f", "-"], nft_rules(domain, ifname, master_ip, port))
     if r.returncode != 0:
         raise BridgeError(f"cannot install the nftables rule for port {port}/udp: {r.stderr.strip()[:200]}")
-    return ifname
+    return nft_table(domain)
 
 
 def drop_guard(domain: str) -> bool:

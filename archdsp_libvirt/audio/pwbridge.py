@@ -30,7 +30,7 @@ from pathlib import Path
 from ..errors import BridgeError
 from ..procs import Owned, spawn_detached
 from . import pipewire as pw
-from . import pwqueue
+from . import pwqueue, sockhook
 from .link import (
     STATUS_PERIOD,
     Link,
@@ -88,9 +88,16 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     version = core.get("version", "?")
     say(f"PipeWire {version} of user {core.get('user-name') or target.user or '?'} at {target.remote} "
         f"(found by {target.how})")
-    ifname = pw.address_guard(link.domain, link.master_ip, link.port, allow_any_address)
-    say(f"nftables table inet {pw.nft_table(link.domain)}: port {link.port}/udp only on {ifname} to "
-        f"{link.master_ip} (PipeWire's manager itself listens on 0.0.0.0:{link.port})")
+    ifname = pw.interface_of(link.master_ip)
+    if ifname is None:
+        raise BridgeError(f"archibaldos.netjack.master_ip {link.master_ip} is on no interface of this host: start "
+                          "the VM's network (virsh net-start default)")
+    table = pw.address_guard(link.domain, link.master_ip, link.port, allow_any_address, sockhook.available())
+    if table:
+        say(f"nftables table inet {table}: port {link.port}/udp only on {ifname} to "
+            f"{link.master_ip} (PipeWire's manager itself listens on 0.0.0.0:{link.port})")
+    elif allow_any_address:
+        say(f"--allow-any-address not needed: the manager's port is bound to {link.master_ip} only")
     args = pw.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
     cost = pwqueue.packet_cost(ifname)
     conf = _conf_path(link.domain)
@@ -102,6 +109,7 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     argv = [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pwbridge", "--domain", link.domain,
             "--conf", str(conf), "--status", str(status_file), "--log", str(log),
             "--restart-file", str(_restart_request(link.domain)), "--slave", link.slave,
+            *([] if table else ["--master-ip", link.master_ip]),
             "--port", str(link.port), "--queue-bound",
             str(pwqueue.bound_for(link.period, link.channels, link.network_latency, cost)),
             "--queue-step", str(cost // 2), "--cycles-per-second", f"{link.rate / link.period:g}"]
@@ -112,7 +120,7 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
              "pipewire": {"remote": target.remote, "user": core.get("user-name") or target.user, "how": target.how,
                           "version": version},
              "supervisor": sup.as_dict(), "master_ip": link.master_ip, "port": link.port, "slave": link.slave,
-             "channels": link.channels, "nft_table": pw.nft_table(link.domain), "interface": ifname,
+             "channels": link.channels, "nft_table": table, "interface": ifname,
              "allow_any_address": allow_any_address, "started": time.time()}
     write_json(state_file, state)
     deadline = time.monotonic() + 10
@@ -193,8 +201,7 @@ def status(domain: str) -> dict:
         "pipewire": state.get("pipewire"), "server_pid": None, "server_started_by_bridge": False,
         "server_alive": seen.get("server") == "running",
         "master": f"{state.get('master_ip')}:{state.get('port')}/udp",
-        "listening": f"0.0.0.0:{state.get('port')}/udp, nftables: only {state.get('interface')} to "
-                     f"{state.get('master_ip')}",
+        "listening": listening_text(state, seen.get("listening")),
         "slave": seen.get("slave"), "ignored": seen.get("ignored", []), "link": seen.get("link", "down"),
         "ports": seen.get("ports", {}),
         "pairs": seen.get("pairs", 0), "nodes": seen.get("nodes", []), "manager_restarts": seen.get("restarts", 0),
@@ -213,6 +220,15 @@ def status(domain: str) -> dict:
     elif seen.get("queue_problem"):
         info["problem"] = seen["queue_problem"]
     return info
+
+
+def listening_text(state: dict, seen: list[str] | None) -> str:
+    """Where the manager listens, as the supervisor saw it in /proc, and what keeps it there."""
+    where = ", ".join(f"{a}/udp" for a in seen) if seen else "?"
+    if state.get("nft_table"):
+        return (f"{where} (nftables table inet {state['nft_table']}: only {state.get('interface')} to "
+                f"{state.get('master_ip')})")
+    return f"{where} (bound by the bridge)"
 
 
 def format_status(info: dict) -> list[str]:
@@ -249,7 +265,7 @@ def systemd_unit(cfg, config_path: Path, user: str | None) -> str:
         "[Service]\n"
         "Type=oneshot\n"
         "RemainAfterExit=yes\n"
-        f"ExecStart={exe} netjack start --audio-server pipewire --allow-any-address{who} --wait 0 {cfg_path}\n"
+        f"ExecStart={exe} netjack start --audio-server pipewire{who} --wait 0 {cfg_path}\n"
         f"ExecStop={exe} netjack stop {cfg_path}\n"
         f"ExecReload={exe} netjack restart {cfg_path}\n"
         "Restart=on-failure\nRestartSec=10\n"
@@ -288,7 +304,10 @@ def _jack_client():
 
 def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_file: Path,
               vm_slave: str | None = None, port: int | None = None, queue_bound: int | None = None,
-              queue_step: int = pwqueue.COPY_PACKET // 2, cycles_per_second: float = 750.0) -> int:
+              queue_step: int = pwqueue.COPY_PACKET // 2, cycles_per_second: float = 750.0,
+              master_ip: str | None = None) -> int:
+    """Run the manager until SIGTERM. With ``master_ip`` it runs under the bind hook, which binds its port
+    to that address (:mod:`.sockhook`); without, it listens on every address (an nftables table guards it)."""
     target = pw.find_target()
     stop_flag = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.set())
@@ -307,9 +326,19 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
     bounds = pwqueue.Bounds(queue_bound or 0, queue_step, cycles_per_second,
                             say=lambda m: print(f"bridge supervisor: {m}", flush=True))
     link, changed, slave = "down", time.time(), None
+    hook: sockhook.Hook | None = None
 
     def launch() -> Owned:
-        return spawn_detached(["pipewire", "-c", str(conf)], log, env=pw.pw_env(target))
+        nonlocal hook
+        if hook is not None:
+            hook.close()
+            hook = None
+        argv = ["pipewire", "-c", str(conf)]
+        if master_ip is None or port is None:
+            return spawn_detached(argv, log, env=pw.pw_env(target))
+        proc, hook = sockhook.spawn(argv, log, master_ip, port, env=pw.pw_env(target),
+                                    say=lambda m: print(f"bridge supervisor: {m}", flush=True))
+        return proc
 
     try:
         while not stop_flag.is_set():
@@ -347,12 +376,18 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                                       "ports": ports,
                                       "pairs": n, "nodes": nodes, "manager": mgr.as_dict(), "restarts": restarts,
                                       "queues": queues, "queue_problem": queue_problem,
+                                      "listening": pwqueue.listening(mgr.pid, port) if port else [],
                                       "xruns": xruns if client is not None else None, "updated": time.time(),
                                       "since": started, "link_changed": changed})
             stop_flag.wait(POLL)
+    except BridgeError as e:
+        write_json(status_file, {"server": "running", "link": "down", "updated": time.time(), "problem": str(e)})
+        return 1
     finally:
         if mgr is not None:
             mgr.stop(timeout=5)
+        if hook is not None:
+            hook.close()
         if client is not None:
             try:
                 client.deactivate()
@@ -376,10 +411,11 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queue-bound", type=int)
     ap.add_argument("--queue-step", type=int, default=pwqueue.COPY_PACKET // 2)
     ap.add_argument("--cycles-per-second", type=float, default=750.0)
+    ap.add_argument("--master-ip")
     a = ap.parse_args(argv)
     os.environ.setdefault("JACK_NO_START_SERVER", "1")
     return supervise(a.domain, a.conf, a.status, a.log, a.restart_file, a.slave, a.port, a.queue_bound,
-                     a.queue_step, a.cycles_per_second)
+                     a.queue_step, a.cycles_per_second, a.master_ip)
 
 
 if __name__ == "__main__":

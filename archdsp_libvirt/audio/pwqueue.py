@@ -16,13 +16,13 @@ too late.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import socket
 from pathlib import Path
 
 from msgspec import Struct
+
+from ..procs import fd_of
 
 HEADER = 48       # struct nj2_packet_header (packed)
 IP_UDP = 64       # what JACK2 and the module reserve for the IP and UDP headers of a packet
@@ -32,7 +32,6 @@ MTU = 1500
 # pass the sender's buffer (a 2 KiB slab).
 TAP_PACKET = 1280
 COPY_PACKET = 2304
-_PIDFD_GETFD = 438  # the syscall number on every Linux architecture that has it (5.6+)
 
 
 class QueuedSocket(Struct, frozen=True):
@@ -53,8 +52,9 @@ def _addr(hexaddr: str) -> tuple[str, int]:
     return text, int(port, 16)
 
 
-def parse_udp_table(text: str) -> dict[int, tuple[str, int, int, int]]:
-    """``/proc/net/udp`` (or udp6) rows by inode: (remote address, remote port, rx_queue bytes, drops)."""
+def parse_udp_table(text: str) -> dict[int, tuple[str, int, int, int, str]]:
+    """``/proc/net/udp`` (or udp6) rows by inode: (remote address, remote port, rx_queue bytes, drops,
+    local ``address:port``)."""
     rows = {}
     for line in text.splitlines()[1:]:
         f = line.split()
@@ -62,38 +62,47 @@ def parse_udp_table(text: str) -> dict[int, tuple[str, int, int, int]]:
             continue
         try:
             remote, rport = _addr(f[2])
+            local, lport = _addr(f[1])
             rx = int(f[4].split(":")[1], 16)
-            rows[int(f[9])] = (remote, rport, rx, int(f[12]))
+            rows[int(f[9])] = (remote, rport, rx, int(f[12]), f"[{local}]:{lport}" if ":" in local else f"{local}:{lport}")
         except (ValueError, IndexError):
             continue
     return rows
 
 
-def data_sockets(pid: int, port: int, proc: Path = Path("/proc")) -> list[QueuedSocket]:
-    """The manager's UDP sockets connected to a slave's ``port`` (one per slave), with their queues."""
-    table: dict[int, tuple[str, int, int, int]] = {}
+def _udp_sockets(pid: int, proc: Path) -> list[tuple[int, int, tuple[str, int, int, int, str]]]:
+    """Process ``pid``'s UDP sockets: (descriptor, inode, its /proc/net/udp row)."""
+    table: dict[int, tuple[str, int, int, int, str]] = {}
     for name in ("udp", "udp6"):
         try:
             table.update(parse_udp_table((proc / str(pid) / "net" / name).read_text()))
         except OSError:
             pass
-    found = []
     try:
         fds = list((proc / str(pid) / "fd").iterdir())
     except OSError:
         return []
+    found = []
     for link in fds:
         try:
             target = os.readlink(link)
         except OSError:
             continue
-        if not target.startswith("socket:["):
-            continue
-        inode = int(target[8:-1])
-        row = table.get(inode)
-        if row and row[1] == port:
-            found.append(QueuedSocket(int(link.name), inode, f"{row[0]}:{row[1]}", row[2], row[3]))
-    return sorted(found, key=lambda s: s.fd)
+        if target.startswith("socket:[") and (row := table.get(int(target[8:-1]))):
+            found.append((int(link.name), int(target[8:-1]), row))
+    return sorted(found)
+
+
+def data_sockets(pid: int, port: int, proc: Path = Path("/proc")) -> list[QueuedSocket]:
+    """The manager's UDP sockets connected to a slave's ``port`` (one per slave), with their queues."""
+    return [QueuedSocket(fd, inode, f"{row[0]}:{row[1]}", row[2], row[3])
+            for fd, inode, row in _udp_sockets(pid, proc) if row[1] == port]
+
+
+def listening(pid: int, port: int, proc: Path = Path("/proc")) -> list[str]:
+    """Where process ``pid`` listens on UDP ``port`` (``address:port`` of its unconnected sockets)."""
+    return [row[4] for _fd, _inode, row in _udp_sockets(pid, proc)
+            if row[1] == 0 and row[4].rsplit(":", 1)[1] == str(port)]
 
 
 def packet_cost(ifname: str | None, sysfs: Path = Path("/sys/class/net")) -> int:
@@ -131,16 +140,7 @@ def set_receive_buffer(pid: int, fd: int, size: int) -> int:
     """Set ``SO_RCVBUF`` of process ``pid``'s descriptor ``fd``; returns what the kernel made of it
     (it doubles the value asked for, so half of ``size`` is asked). OSError when the kernel is
     older than 5.6 or this process may not trace ``pid``."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        mine = libc.syscall(_PIDFD_GETFD, pidfd, fd, 0)
-        if mine < 0:
-            err = ctypes.get_errno() or errno.ENOSYS
-            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
-    finally:
-        os.close(pidfd)
-    with socket.socket(fileno=mine) as sock:
+    with socket.socket(fileno=fd_of(pid, fd)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(1, size // 2))
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
