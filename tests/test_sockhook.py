@@ -91,13 +91,13 @@ def test_the_managers_wildcard_bind_lands_on_master_ip_only(hooked):
     assert "announce 127.0.0.1" in out and "other 0.0.0.0" in out
     # An IPv6 wildcard of the port is refused: nothing listens on every address.
     assert f"v6 refused {errno.EADDRNOTAVAIL}" in out
-    assert [b.action for b in hook.binds] == ["rebound", "refused"]
+    assert [(e.call, e.action) for e in hook.events] == [("bind", "rebound"), ("bind", "refused")]
     assert said[0] == f"bind 0.0.0.0:{port}: rebound to 127.0.0.1:{port}"
     # A datagram to master_ip reaches the rebound socket.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
         tx.sendto(b"x" * 100, ("127.0.0.1", port))
     time.sleep(0.2)
-    sock = next(s for s in pwqueue._udp_sockets(proc.pid, Path("/proc")) if s[2][4] == f"127.0.0.1:{port}")
+    sock = next(s for s in pwqueue.udp_sockets(proc.pid) if s[2][4] == f"127.0.0.1:{port}")
     assert sock[2][2] > 0  # queued in the hooked process's socket
 
 
@@ -105,7 +105,7 @@ def test_a_master_ip_the_host_does_not_have_fails_the_bind(hooked):
     port = free_port()
     proc, hook, out, said = hooked("192.0.2.77", port)  # TEST-NET-1: on no interface
     assert f"announce refused {errno.EADDRNOTAVAIL}" in out  # the manager's load fails, as it should
-    assert hook.binds[0].action == "refused" and "192.0.2.77" in hook.binds[0].error
+    assert hook.events[0].action == "refused" and "192.0.2.77" in hook.events[0].detail
     assert pwqueue.listening(proc.pid, port) == []
 
 
@@ -130,9 +130,104 @@ def test_parse_sockaddr():
     assert sockhook.parse_sockaddr(b"\x02") is None
 
 
-def test_the_filter_sends_only_bind_of_this_architecture():
+def test_the_filter_sends_only_bind_and_connect_of_this_architecture():
     code = sockhook.program("x86_64")
     insns = [code[i:i + 8] for i in range(0, len(code), 8)]
-    assert len(insns) == 6
-    assert int.from_bytes(insns[1][4:], "little") == 0xC000003E and int.from_bytes(insns[3][4:], "little") == 49
-    assert int.from_bytes(sockhook.program("aarch64")[28:32], "little") == 200
+    assert len(insns) == 7
+    assert int.from_bytes(insns[1][4:], "little") == 0xC000003E
+    assert [int.from_bytes(i[4:], "little") for i in insns[3:5]] == [49, 42]  # bind, connect
+    aarch64 = sockhook.program("aarch64")
+    assert [int.from_bytes(aarch64[o:o + 4], "little") for o in (28, 36)] == [200, 203]
+
+
+# As the manager makes a pair for each join packet: a UDP socket connected to the slave's address. Then a
+# TCP connect and a Unix one, which the hook lets through.
+JOINER = """
+import errno, select, socket, sys, time
+slave = ("127.0.0.1", int(sys.argv[1]))
+
+def pair():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(slave)
+        return s
+    except OSError as e:
+        print("refused", e.errno, flush=True)
+        return None
+
+first = pair()
+print("first", first is not None, flush=True)
+again = pair()                       # the same join's packet again, at once
+print("again", again is not None, flush=True)
+time.sleep(float(sys.argv[2]))       # past the window: a new slave at that address
+second = pair()
+print("second", second is not None, flush=True)
+p = select.poll(); p.register(first, select.POLLIN)
+ev = p.poll(1000)
+print("first hup", bool(ev and ev[0][1] & select.POLLHUP), flush=True)
+p = select.poll(); p.register(second, select.POLLIN)
+print("second hup", bool(p.poll(0)), flush=True)
+t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+try:
+    t.connect(("127.0.0.1", int(sys.argv[3])))
+    print("tcp connected", flush=True)
+except OSError as e:
+    print("tcp", e.errno, flush=True)
+print("done", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_repeated_join_is_refused_and_a_new_slave_lets_the_old_pair_go(tmp_path):
+    why = sockhook.available()
+    if why:
+        pytest.skip(f"the hook cannot run here: {why}")
+    slave_port, window = free_port(), 0.5
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(1)
+        log, said = tmp_path / "joiner.log", []
+        proc, hook = sockhook.spawn([sys.executable, "-c", JOINER, str(slave_port), str(window * 2),
+                                     str(tcp.getsockname()[1])], log, "127.0.0.1", 1,
+                                    env=dict(os.environ, PYTHONPATH=str(ROOT)), say=said.append, window=window)
+        try:
+            out = wait_for(log, "done")
+        finally:
+            proc.stop(timeout=5)
+            hook.close()
+    assert "first True" in out
+    assert f"refused {errno.ECONNREFUSED}" in out and "again False" in out  # the repeat: no second pair
+    assert "second True" in out and "first hup True" in out and "second hup False" in out
+    assert "tcp connected" in out  # not a pair: untouched
+    assert [(e.call, e.action, e.closed) for e in hook.events] == [("join", "new", 0), ("join", "repeat", 0),
+                                                                   ("join", "new", 1)]
+    assert said[1].startswith(f"join 127.0.0.1:{slave_port}: repeat (a join packet again within 0.5 s")
+    assert said[0] == f"join 127.0.0.1:{slave_port}: new (no older pair)"
+    assert said[2] == f"join 127.0.0.1:{slave_port}: new (1 older pair(s) to that address let go)"
+
+
+def test_joins_decide():
+    j = sockhook.Joins(window=3.0)
+    a = "10.0.0.2:19000"
+    assert j.decide(a, 100.0, set()) == "new"
+    j.accept(a, 100.0, 77)
+    assert j.decide(a, 101.0, {77}) == "repeat"     # a second later: the slave did not hear the answer yet
+    assert j.decide(a, 101.0, set()) == "new"       # that pair is gone: a join again
+    assert j.decide(a, 103.5, {77}) == "new"        # past the window: a new slave
+    assert j.decide("10.0.0.3:19000", 101.0, {77}) == "new"  # another address
+    assert j.refused == 1
+
+
+def test_a_flood_of_repeats_means_the_last_pair_streams_to_a_new_slave():
+    j = sockhook.Joins(window=3.0)
+    a = "10.0.0.2:19000"
+    j.accept(a, 100.0, 77)
+    # A slave restarted right after its join hears the old pair's packets and answers each with a join
+    # packet: a handful in a row is a new slave's in-flight strays (refused), many is a pair that streams.
+    kinds = [j.decide(a, 100.1 + k * 0.002, {77}) for k in range(sockhook.STRAY_REPEATS + 2)]
+    assert kinds[:sockhook.STRAY_REPEATS] == ["repeat"] * sockhook.STRAY_REPEATS
+    assert kinds[-1] == "stray"
+    # Repeats a second apart (a slow answer) never count as a flood.
+    j.accept(a, 200.0, 78)
+    assert {j.decide(a, 200.0 + k * 0.1, {78}) for k in range(1, 3)} == {"repeat"}  # 0.1 s after the join
+    assert [j.decide(a, 200.2 + k * 1.0, {78}) for k in range(1, 3)] == ["repeat", "repeat"]

@@ -206,6 +206,7 @@ def status(domain: str) -> dict:
         "ports": seen.get("ports", {}),
         "pairs": seen.get("pairs", 0), "nodes": seen.get("nodes", []), "manager_restarts": seen.get("restarts", 0),
         "manager_pid": (seen.get("manager") or {}).get("pid"), "queues": seen.get("queues", []),
+        "joins": seen.get("joins"),
         "xruns": seen.get("xruns", 0), "since": state.get("started"), "link_changed": seen.get("link_changed"),
         "log": str(log),
     }
@@ -239,8 +240,10 @@ def format_status(info: dict) -> list[str]:
     queues = "".join(f"   receive queue: {q['queued']} bytes" + (f" (bound {q['bound']})" if q.get("bound") else
                                                                    " (unbounded)")
                      for q in info.get("queues", []))
+    j = info.get("joins")
+    joins = f"   joins: {j['new']}, old pairs let go {j['let_go']}, repeats refused {j['refused']}" if j else ""
     return lines + link_lines(info, f"   node pairs: {info['pairs']}   manager pid {info.get('manager_pid')}, "
-                                    f"restarted {info['manager_restarts']}x{queues}")
+                                    f"restarted {info['manager_restarts']}x{joins}{queues}")
 
 
 def systemd_unit(cfg, config_path: Path, user: str | None) -> str:
@@ -377,6 +380,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                                       "pairs": n, "nodes": nodes, "manager": mgr.as_dict(), "restarts": restarts,
                                       "queues": queues, "queue_problem": queue_problem,
                                       "listening": pwqueue.listening(mgr.pid, port) if port else [],
+                                      "joins": hook.counts() if hook else None,
                                       "xruns": xruns if client is not None else None, "updated": time.time(),
                                       "since": started, "link_changed": changed})
             stop_flag.wait(POLL)

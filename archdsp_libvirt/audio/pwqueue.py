@@ -70,7 +70,7 @@ def parse_udp_table(text: str) -> dict[int, tuple[str, int, int, int, str]]:
     return rows
 
 
-def _udp_sockets(pid: int, proc: Path) -> list[tuple[int, int, tuple[str, int, int, int, str]]]:
+def udp_sockets(pid: int, proc: Path = Path("/proc")) -> list[tuple[int, int, tuple[str, int, int, int, str]]]:
     """Process ``pid``'s UDP sockets: (descriptor, inode, its /proc/net/udp row)."""
     table: dict[int, tuple[str, int, int, int, str]] = {}
     for name in ("udp", "udp6"):
@@ -96,12 +96,12 @@ def _udp_sockets(pid: int, proc: Path) -> list[tuple[int, int, tuple[str, int, i
 def data_sockets(pid: int, port: int, proc: Path = Path("/proc")) -> list[QueuedSocket]:
     """The manager's UDP sockets connected to a slave's ``port`` (one per slave), with their queues."""
     return [QueuedSocket(fd, inode, f"{row[0]}:{row[1]}", row[2], row[3])
-            for fd, inode, row in _udp_sockets(pid, proc) if row[1] == port]
+            for fd, inode, row in udp_sockets(pid, proc) if row[1] == port]
 
 
 def listening(pid: int, port: int, proc: Path = Path("/proc")) -> list[str]:
     """Where process ``pid`` listens on UDP ``port`` (``address:port`` of its unconnected sockets)."""
-    return [row[4] for _fd, _inode, row in _udp_sockets(pid, proc)
+    return [row[4] for _fd, _inode, row in udp_sockets(pid, proc)
             if row[1] == 0 and row[4].rsplit(":", 1)[1] == str(port)]
 
 

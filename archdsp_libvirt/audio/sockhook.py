@@ -1,15 +1,25 @@
-"""Where PipeWire's NETJACK2 manager listens, decided from outside its process (seccomp).
+"""The sockets of PipeWire's NETJACK2 manager, decided from outside its process (seccomp).
 
 PipeWire 1.4.2's manager binds its listening socket to INADDR_ANY whatever ``net.ip`` says (a unicast
-``net.ip`` only means "join no group"), and it has no option for the address. The bridge hosts the
-manager in a process of its own, so it starts that process under a seccomp filter that hands one
-system call, ``bind``, to the bridge's supervisor (``SECCOMP_RET_USER_NOTIF``):
+``net.ip`` only means "join no group"), and it has no option for the address. It also makes a new
+send/receive pair for every join packet a slave sends and never lets an old one go while its socket
+works: a restarted guest's slave (the same address and port) joins beside the pair of the slave it
+replaces, which goes on sending to that address, and a slave that hears those packets while it
+joins sends its join packet again, once per packet. The bridge hosts the manager in a process of its
+own, so it starts that process under a seccomp filter that hands two system calls, ``bind`` and
+``connect``, to the bridge's supervisor (``SECCOMP_RET_USER_NOTIF``):
 
 - ``bind(0.0.0.0:PORT)`` (IPv4, the manager's port): the supervisor binds the same socket, through a
   copy of the descriptor (``pidfd_getfd``), to ``master_ip:PORT`` and answers 0: the manager then
-  listens on the VM's address only (``ss -uln``: ``master_ip:PORT``);
-- a wildcard bind of the port in IPv6 is refused (EADDRNOTAVAIL): nothing may listen on every address;
-- every other bind goes on unchanged (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``).
+  listens on the VM's address only (``ss -uln``: ``master_ip:PORT``); a wildcard bind of the port in
+  IPv6 is refused (EADDRNOTAVAIL): nothing may listen on every address;
+- ``connect`` of a UDP socket to a slave (the manager's new pair for a join): when a pair for that
+  slave address was made less than :data:`REPEAT_WINDOW` ago and is still there, this is the same
+  join's packet again: refused (ECONNREFUSED; the manager frees the new pair through its own error
+  path). Otherwise the join is a new slave at that address: the sockets of the older pairs to it are
+  shut down (``shutdown`` on a copy) before the connect goes on, and the manager frees those pairs
+  and their nodes through its own error path (``on_setup_io``: error -> ``stop_follower``);
+- every other call goes on unchanged (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``).
 
 Linux >= 5.6 (user notification with CONTINUE, pidfd_getfd). :func:`available` says whether this
 kernel has it; the bridge refuses to start a manager it cannot bind when it has not.
@@ -32,12 +42,14 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from msgspec import Struct
 
 from ..errors import BridgeError
 from ..procs import Owned, fd_of
+from . import pwqueue
 
 # struct seccomp_notif {u64 id; u32 pid; u32 flags; struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}}
 _NOTIF = struct.Struct("<QIIiIQ6Q")
@@ -56,8 +68,13 @@ _NO_NEW_PRIVS = 38
 _SET_MODE_FILTER, _NEW_LISTENER = 1, 1 << 3
 _RET_ALLOW, _RET_USER_NOTIF = 0x7FFF0000, 0x7FC00000
 
-# architecture: (AUDIT_ARCH, bind, seccomp) system call numbers
-_ARCH = {"x86_64": (0xC000003E, 49, 317), "aarch64": (0xC00000B7, 200, 277)}
+# architecture: (AUDIT_ARCH, bind, connect, seccomp) system call numbers
+_ARCH = {"x86_64": (0xC000003E, 49, 42, 317), "aarch64": (0xC00000B7, 200, 203, 277)}
+# A slave repeats its join packet each second until the manager answers (JACK2's SLAVE_INIT_TIMEOUT),
+# and once per stray packet it hears meanwhile; a join packet this soon after an answered one from the
+# same address is a repeat.
+REPEAT_WINDOW = 3.0
+QUICK, STRAY_REPEATS = 0.5, 20  # see Joins
 
 
 def available() -> str | None:
@@ -81,16 +98,17 @@ def available() -> str | None:
 
 
 def program(machine: str | None = None) -> bytes:
-    """The classic BPF filter: bind of this architecture goes to the listener, everything else runs."""
-    arch, nr_bind, _ = _ARCH[machine or platform.machine()]
+    """The classic BPF filter: bind and connect of this architecture go to the listener, all else runs."""
+    arch, nr_bind, nr_connect, _ = _ARCH[machine or platform.machine()]
     ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
     insns = [
-        (ld, 0, 0, 4),            # 0: A = seccomp_data.arch
-        (jeq, 0, 2, arch),        # 1: another ABI -> 4 (allow)
-        (ld, 0, 0, 0),            # 2: A = seccomp_data.nr
-        (jeq, 1, 0, nr_bind),     # 3: bind -> 5 (notify)
-        (ret, 0, 0, _RET_ALLOW),  # 4
-        (ret, 0, 0, _RET_USER_NOTIF),  # 5
+        (ld, 0, 0, 4),             # 0: A = seccomp_data.arch
+        (jeq, 0, 3, arch),         # 1: another ABI -> 5 (allow)
+        (ld, 0, 0, 0),             # 2: A = seccomp_data.nr
+        (jeq, 2, 0, nr_bind),      # 3: bind -> 6 (notify)
+        (jeq, 1, 0, nr_connect),   # 4: connect -> 6 (notify)
+        (ret, 0, 0, _RET_ALLOW),   # 5
+        (ret, 0, 0, _RET_USER_NOTIF),  # 6
     ]
     return b"".join(struct.pack("<HBBI", *i) for i in insns)
 
@@ -109,7 +127,7 @@ def _install() -> int:
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     prog = Fprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    fd = libc.syscall(_ARCH[platform.machine()][2], _SET_MODE_FILTER, _NEW_LISTENER, ctypes.byref(prog))
+    fd = libc.syscall(_ARCH[platform.machine()][3], _SET_MODE_FILTER, _NEW_LISTENER, ctypes.byref(prog))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
@@ -136,13 +154,46 @@ def _launch(argv: list[str]) -> int:
         return 127
 
 
-class Bind(Struct, frozen=True):
-    """What the hook did with one bind: ``rebound`` (to master_ip), ``refused`` or ``passed``."""
+class Event(Struct, frozen=True):
+    """What the hook did with one call: a bind ``rebound`` (to master_ip) or ``refused``; a slave's
+    join ``new`` (``closed`` older pairs to that address let go) or ``repeat`` (refused)."""
 
+    call: str
     action: str
     asked: str
-    bound: str | None = None
-    error: str | None = None
+    detail: str = ""
+    closed: int = 0
+
+
+class Joins:
+    """The last pair the manager made for each slave address, and the join packets repeated since.
+
+    A slave repeats its join packet once a second while no answer comes, and once per stray packet it
+    hears meanwhile. Within :data:`REPEAT_WINDOW` of the last pair made for its address, a join packet is
+    such a repeat and refused, unless repeats came quickly (less than :data:`QUICK` apart) more than
+    :data:`STRAY_REPEATS` times: then a pair is streaming to that address while a slave there joins,
+    so the slave that pair served is gone (a restart right after its join), and the join is new."""
+
+    def __init__(self, window: float = REPEAT_WINDOW):
+        self.window = window
+        self.accepted: dict[str, list] = {}  # remote -> [made at, socket inode, last packet at, quick repeats]
+        self.refused = 0
+
+    def decide(self, remote: str, now: float, live_inodes: set[int]) -> str:
+        """``new``, ``repeat`` (refuse it) or ``stray`` (new: the last pair streams to a joining slave)."""
+        last = self.accepted.get(remote)
+        if not last or last[1] not in live_inodes or now - last[0] >= self.window:
+            return "new"
+        if now - last[2] < QUICK:
+            last[3] += 1
+        last[2] = now
+        if last[3] > STRAY_REPEATS:
+            return "stray"
+        self.refused += 1
+        return "repeat"
+
+    def accept(self, remote: str, now: float, inode: int) -> None:
+        self.accepted[remote] = [now, inode, now, 0]
 
 
 def decide(family: int, host: str, port: int, master_ip: str, want_port: int) -> str:
@@ -169,11 +220,14 @@ def parse_sockaddr(raw: bytes) -> tuple[int, str, int] | None:
 
 
 class Hook:
-    """Answers the bind notifications of one hooked process (a thread), as :func:`decide` says."""
+    """Answers the bind and connect notifications of one hooked process (a thread)."""
 
-    def __init__(self, listener: int, pid: int, master_ip: str, port: int, say=print):
+    def __init__(self, listener: int, pid: int, master_ip: str, port: int, say=print,
+                 window: float = REPEAT_WINDOW):
         self.listener, self.pid, self.master_ip, self.port, self.say = listener, pid, master_ip, port, say
-        self.binds: list[Bind] = []
+        self.events: list[Event] = []
+        self.joins = Joins(window)
+        self._nr_connect = _ARCH[platform.machine()][2]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"sockhook-{pid}", daemon=True)
         self._thread.start()
@@ -202,11 +256,15 @@ class Hook:
                 if e.errno in (errno.ENOENT, errno.EINTR):  # the caller died meanwhile
                     continue
                 return
-            nid, _tid, _flags, _nr, _arch, _ip, *args = _NOTIF.unpack(buf)
-            self._answer(nid, *self._handle(nid, args[0], args[1], args[2]))
+            nid, _tid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+            try:
+                answer = self._handle(nid, nr, args[0], args[1], args[2])
+            except OSError:
+                answer = (0, _CONTINUE)  # the process or its socket went meanwhile: let the call run
+            self._answer(nid, *answer)
 
-    def _handle(self, nid: int, fd: int, addr: int, addrlen: int) -> tuple[int, int]:
-        """(error, flags) of the answer to one bind."""
+    def _handle(self, nid: int, nr: int, fd: int, addr: int, addrlen: int) -> tuple[int, int]:
+        """(error, flags) of the answer to one call."""
         try:
             with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
                 raw = os.pread(mem.fileno(), min(addrlen, 128), addr)
@@ -219,24 +277,64 @@ class Hook:
             return 0, _CONTINUE
         family, host, port = parsed
         asked = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if nr == self._nr_connect:
+            return self._connect(fd, host, port, asked)
+        return self._bind(fd, family, host, port, asked)
+
+    def _bind(self, fd: int, family: int, host: str, port: int, asked: str) -> tuple[int, int]:
         action = decide(family, host, port, self.master_ip, self.port)
         if action == "pass":
             return 0, _CONTINUE
         if action == "refuse":
-            self._note(Bind("refused", asked, error="only master_ip may be bound"))
+            self._note(Event("bind", "refused", asked, "only master_ip may be bound"))
             return -errno.EADDRNOTAVAIL, 0
         try:
             with socket.socket(fileno=fd_of(self.pid, fd)) as sock:
                 sock.bind((self.master_ip, port))
         except OSError as e:
-            self._note(Bind("refused", asked, error=f"bind {self.master_ip}:{port}: {e.strerror or e}"))
+            self._note(Event("bind", "refused", asked, f"bind {self.master_ip}:{port}: {e.strerror or e}"))
             return -(e.errno or errno.EADDRNOTAVAIL), 0
-        self._note(Bind("rebound", asked, bound=f"{self.master_ip}:{port}"))
+        self._note(Event("bind", "rebound", asked, f"to {self.master_ip}:{port}"))
         return 0, 0
 
-    def _note(self, b: Bind) -> None:
-        self.binds.append(b)
-        self.say(f"bind {b.asked}: {b.action}" + (f" to {b.bound}" if b.bound else f" ({b.error})"))
+    def _connect(self, fd: int, host: str, port: int, asked: str) -> tuple[int, int]:
+        """A UDP socket connected to a slave is the manager's new pair for a join."""
+        with socket.socket(fileno=fd_of(self.pid, fd)) as sock:
+            if sock.type != socket.SOCK_DGRAM:
+                return 0, _CONTINUE
+            inode = os.fstat(sock.fileno()).st_ino
+        older = [(f, i) for f, i, row in pwqueue.udp_sockets(self.pid) if (row[0], row[1]) == (host, port) and f != fd]
+        now = time.monotonic()
+        kind = self.joins.decide(asked, now, {i for _f, i in older})
+        if kind == "repeat":
+            if not self.events or self.events[-1].action != "repeat":  # said once per run of repeats
+                self._note(Event("join", "repeat", asked, f"a join packet again within {self.joins.window:g} s: "
+                                                          "refused, the manager keeps its first pair"))
+            return -errno.ECONNREFUSED, 0
+        closed = 0
+        for f, _i in older:
+            try:
+                with socket.socket(fileno=fd_of(self.pid, f)) as old:
+                    old.shutdown(socket.SHUT_RDWR)
+                closed += 1
+            except OSError:
+                pass  # freed meanwhile
+        self.joins.accept(asked, now, inode)
+        why = ("its last pair streams to a slave that is joining: that pair's slave is gone; " if kind == "stray"
+               else "")
+        self._note(Event("join", "new", asked, why + (f"{closed} older pair(s) to that address let go" if closed
+                                                      else "no older pair"), closed))
+        return 0, _CONTINUE
+
+    def counts(self) -> dict:
+        """Joins accepted, older pairs let go and repeated join packets refused, since the process started."""
+        new = [e for e in self.events if e.call == "join" and e.action == "new"]
+        return {"new": len(new), "let_go": sum(e.closed for e in new), "refused": self.joins.refused}
+
+    def _note(self, e: Event) -> None:
+        self.events.append(e)
+        detail = "" if not e.detail else f" {e.detail}" if e.action == "rebound" else f" ({e.detail})"
+        self.say(f"{e.call} {e.asked}: {e.action}{detail}")
 
     def _valid(self, nid: int) -> bool:
         try:
@@ -253,8 +351,8 @@ class Hook:
 
 
 def spawn(argv: list[str], log: Path, master_ip: str, port: int, env: dict[str, str] | None = None,
-          say=print, timeout: float = 10.0) -> tuple[Owned, Hook]:
-    """Start ``argv`` (in its own session, output to ``log``) under the bind hook."""
+          say=print, timeout: float = 10.0, window: float = REPEAT_WINDOW) -> tuple[Owned, Hook]:
+    """Start ``argv`` (in its own session, output to ``log``) under the hook."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -274,7 +372,7 @@ def spawn(argv: list[str], log: Path, master_ip: str, port: int, env: dict[str, 
         if not fds:
             proc.wait(5)
             raise BridgeError(f"the bind hook did not start {argv[0]}: {msg.decode(errors='replace')}")
-        return Owned.of(proc.pid), Hook(fds[0], proc.pid, master_ip, port, say=say)
+        return Owned.of(proc.pid), Hook(fds[0], proc.pid, master_ip, port, say=say, window=window)
     finally:
         parent.close()
         child.close()
