@@ -246,10 +246,14 @@ def format_status(info: dict) -> list[str]:
                                     f"restarted {info['manager_restarts']}x{joins}{queues}")
 
 
-def systemd_unit(cfg, config_path: Path, user: str | None) -> str:
-    """A system unit running the bridge against USER's PipeWire (which must run at boot: loginctl enable-linger)."""
+def systemd_unit(cfg, config_path: Path, user: str | None, hook_missing: str | None = None) -> str:
+    """A system unit running the bridge against USER's PipeWire (which must run at boot: loginctl enable-linger).
+    Where this host's kernel cannot bind the manager to master_ip (``hook_missing`` says why), the unit
+    starts it behind the nftables rule (``--allow-any-address``) and says so."""
     exe = shutil.which("archdsp-virt") or "archdsp-virt"
     who = f" --pipewire-user {user}" if user else ""
+    if hook_missing:
+        who = f" --allow-any-address{who}"
     cfg_path = Path(config_path).resolve()
     uid = ""
     if user:
@@ -260,8 +264,10 @@ def systemd_unit(cfg, config_path: Path, user: str | None) -> str:
         except KeyError:
             raise BridgeError(f"--pipewire-user {user}: no such user on this host") from None
     after = f" user@{uid}.service" if uid else ""
+    why = (f"# This kernel cannot bind the manager to {cfg.netjack.master_ip} ({hook_missing}): it listens on every\n"
+           "# address behind an nftables rule that keeps the port to the VM's bridge.\n" if hook_missing else "")
     return (
-        "[Unit]\n"
+        why + "[Unit]\n"
         f"Description=NETJACK bridge to the DSP VM {cfg.name} (PipeWire{' of ' + user if user else ''})\n"
         f"After=libvirtd.service network-online.target{after}\n"
         "Wants=libvirtd.service\n\n"

@@ -46,8 +46,9 @@ def netjack_unit(config: Path, audio_server: str, pipewire_user: str | None, jac
     Link.of(cfg)
     if audio_server == "pipewire":
         from ..audio.pwbridge import systemd_unit as pw_unit
+        from ..audio.sockhook import available
 
-        return pw_unit(cfg, config, pipewire_user)
+        return pw_unit(cfg, config, pipewire_user, hook_missing=available())
     return systemd_unit(cfg, config, start_server, jack_server)
 
 
