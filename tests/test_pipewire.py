@@ -202,7 +202,7 @@ def test_only_our_managers_nodes_count():
 
 
 def test_only_the_vms_own_slave_makes_the_link_up():
-    from archdsp_libvirt.audio.pwbridge import link_state
+    from archdsp_libvirt.audio.pwsupervisor import link_state
 
     own = pw.netjack_nodes(_dump(4242, 1, "dsp"), 4242)
     other = pw.netjack_nodes(_dump(4242, 1, "dsp-99"), 4242)

@@ -267,10 +267,12 @@ def stalled_round_trips(env):
 
 def test_a_stalling_slave_does_not_grow_the_round_trip(env):
     """The cause and the cure, on the same link: with PipeWire's own receive buffer (30 cycles) every stall
-    of the slave leaves cycles queued in the manager's socket for good; with the bridge's bound the round
-    trip stays in the range and the kernel counts the late packets it dropped. A starved JACK slave now and
+    of the slave leaves cycles queued in the manager's socket for good (here the round trip went to 7
+    periods in every run: at least a period more than with the bound, whose figure depends on the join,
+    4 to 6); with the bridge's bound the round trip stays in the range and the kernel counts the late
+    packets it dropped. A starved JACK slave now and
     then times out and rejoins (a new pair, a new socket): that run says nothing about the queue; and the
-    stalls' effect varies (once in about eight runs the buffer's round trip was no longer than the
+    stalls' effect varies (once in about ten runs the buffer's round trip was no longer than the
     bound's). The scenario is run once more after either (at most twice in all), and the last run must
     show it."""
     for attempt in range(2):
@@ -288,9 +290,9 @@ def test_a_stalling_slave_does_not_grow_the_round_trip(env):
         print(f"after 40 stalls of 10 ms: {unbounded['measured_frames']} frames with PipeWire's buffer, "
               f"{bounded['measured_frames']} with the bound ({bounded['dropped_packets']} late packets dropped)")
         assert bounded["matches_prediction"], bounded
-        if unbounded["measured_frames"] >= bounded["measured_frames"] + 2 * 128:
+        if unbounded["measured_frames"] >= bounded["measured_frames"] + 128:
             break
-    assert unbounded["measured_frames"] >= bounded["measured_frames"] + 2 * 128, (unbounded, bounded)
+    assert unbounded["measured_frames"] >= bounded["measured_frames"] + 128, (unbounded, bounded)
 
 
 def test_ten_slave_restarts_leave_the_nodes_of_one_live_link(env):

@@ -1,34 +1,24 @@
 """The host side of the NETJACK2 link on PipeWire.
 
 ``start`` finds the user's PipeWire (:func:`.pipewire.find_target`), refuses unless the address
-promise can be kept (:func:`.pipewire.address_guard`), writes a ``pipewire -c`` file hosting
-PipeWire's NETJACK2 manager and leaves a supervisor running that
-
-- runs that manager process (a client of the user's daemon) and restarts it when more than one
-  send/recv pair exists (a restarted VM joins beside its old pair, which PipeWire never frees) or
-  when the VM is about to restart (:func:`forget_slave`);
-- bounds the receive queue of the manager's socket to the slave to a few cycles
-  (:mod:`.pwqueue`: the manager never drops a stale cycle, so without a bound every stall of the
-  guest adds a period to the round trip for good);
-- counts the graph's xruns through PipeWire's JACK and lists the real port names;
-- writes what it sees to the same status file the JACK2 bridge writes.
+promise can be kept (the bind hook of :mod:`.sockhook`, else :func:`.pipewire.address_guard`),
+writes a ``pipewire -c`` file hosting PipeWire's NETJACK2 manager and leaves the supervisor of
+:mod:`.pwsupervisor` running it. ``status`` reads what the supervisor writes (the same status file
+the JACK2 bridge writes).
 
 ``stop`` stops the supervisor and the manager process by PID (their nodes go with it) and removes
-the nftables table: nothing else in the user's PipeWire is touched.
+the nftables table if there is one: nothing else in the user's PipeWire is touched.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 from ..errors import BridgeError
-from ..procs import Owned, spawn_detached
+from ..procs import spawn_detached
 from . import pipewire as pw
 from . import pwqueue, sockhook
 from .link import (
@@ -42,11 +32,6 @@ from .link import (
     state_paths,
     write_json,
 )
-
-POLL = 1.0
-# A restart of the manager waits until more than one pair stayed this long: a slave whose master vanishes
-# in the middle of its join waits for it forever (JACK 1.9.21's net driver).
-CROWDED_AFTER = 2.0
 
 
 def _conf_path(domain: str) -> Path:
@@ -106,7 +91,7 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     conf.chmod(0o644)
     status_file.unlink(missing_ok=True)
     _restart_request(link.domain).unlink(missing_ok=True)
-    argv = [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pwbridge", "--domain", link.domain,
+    argv = [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pwsupervisor", "--domain", link.domain,
             "--conf", str(conf), "--status", str(status_file), "--log", str(log),
             "--restart-file", str(_restart_request(link.domain)), "--slave", link.slave,
             *([] if table else ["--master-ip", link.master_ip]),
@@ -282,151 +267,3 @@ def systemd_unit(cfg, config_path: Path, user: str | None, hook_missing: str | N
         "[Install]\n"
         "WantedBy=multi-user.target\n"
     )
-
-
-def link_state(nodes: list[dict], slave: str | None) -> tuple[str, str | None, list[str]]:
-    """(link up/down, the slave, slaves ignored) from our manager's nodes.
-
-    PipeWire gives every slave's pair the same node names, so only the VM's own slave name makes the
-    link up: a second guest's pair (another name) is reported, never taken for the VM's.
-    """
-    names = sorted({x["slave"] for x in nodes if x.get("slave")})
-    ignored = [x for x in names if slave is not None and x != slave]
-    now = next((x for x in names if x not in ignored), None)
-    up = pw.pairs(nodes) == 1 and len(nodes) == 2 and now is not None
-    return ("up" if up else "down"), now, ignored
-
-
-# --- the supervisor process ---------------------------------------------------------------------
-
-def _jack_client():
-    """A JACK client through PipeWire's libjack (we run under pw-jack), for xruns and port names."""
-    try:
-        import jack
-
-        jack.set_error_function(lambda _m: None)
-        jack.set_info_function(lambda _m: None)
-        return jack.Client("archdsp-bridge", no_start_server=True)
-    except Exception:  # noqa: BLE001 - no JACK library, or PipeWire's JACK refused: status says 'xruns ?'
-        return None
-
-
-def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_file: Path,
-              vm_slave: str | None = None, port: int | None = None, queue_bound: int | None = None,
-              queue_step: int = pwqueue.COPY_PACKET // 2, cycles_per_second: float = 750.0,
-              master_ip: str | None = None) -> int:
-    """Run the manager until SIGTERM. With ``master_ip`` it runs under the bind hook, which binds its port
-    to that address (:mod:`.sockhook`); without, it listens on every address (an nftables table guards it)."""
-    target = pw.find_target()
-    stop_flag = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop_flag.set())
-    signal.signal(signal.SIGINT, lambda *_: stop_flag.set())
-    xruns = 0
-    client = _jack_client()
-    if client is not None:
-        def on_xrun(_delay):
-            nonlocal xruns
-            xruns += 1
-        client.set_xrun_callback(on_xrun)
-        client.activate()
-    mgr: Owned | None = None
-    restarts, quick_deaths, started, mgr_started = 0, 0, time.time(), time.time()
-    multi_since: float | None = None
-    bounds = pwqueue.Bounds(queue_bound or 0, queue_step, cycles_per_second,
-                            say=lambda m: print(f"bridge supervisor: {m}", flush=True))
-    link, changed, slave = "down", time.time(), None
-    hook: sockhook.Hook | None = None
-
-    def launch() -> Owned:
-        nonlocal hook
-        if hook is not None:
-            hook.close()
-            hook = None
-        argv = ["pipewire", "-c", str(conf)]
-        if master_ip is None or port is None:
-            return spawn_detached(argv, log, env=pw.pw_env(target))
-        proc, hook = sockhook.spawn(argv, log, master_ip, port, env=pw.pw_env(target),
-                                    say=lambda m: print(f"bridge supervisor: {m}", flush=True))
-        return proc
-
-    try:
-        while not stop_flag.is_set():
-            if mgr is None or not mgr.alive():
-                if mgr is not None:
-                    quick_deaths = quick_deaths + 1 if time.time() - mgr_started < 5 else 0
-                    if quick_deaths >= 3:
-                        write_json(status_file, {"server": "running", "link": "down", "updated": time.time(),
-                                                  "problem": f"the NETJACK2 manager keeps exiting (see {log})"})
-                        return 1
-                mgr, mgr_started = launch(), time.time()
-            nodes = pw.netjack_nodes(pw.dump(target), mgr.pid) if target else []
-            n = pw.pairs(nodes)
-            multi_since = (multi_since or time.time()) if n > 1 else None
-            crowded = multi_since is not None and time.time() - multi_since > CROWDED_AFTER
-            if crowded or restart_file.exists():
-                why = f"{n} node pairs" if crowded else "the VM restarts"
-                print(f"bridge supervisor: {why}: restarting the NETJACK2 manager (pid {mgr.pid})", flush=True)
-                mgr.stop(timeout=5)
-                mgr, mgr_started = launch(), time.time()
-                restarts += 1
-                restart_file.unlink(missing_ok=True)
-                nodes, n, multi_since = [], 0, None
-            queues, queue_problem = bounds.poll(mgr.pid, port, time.time()) if port and queue_bound else ([], None)
-            ports = {}
-            if client is not None:
-                try:
-                    ports = pw.logical_ports([p.name for p in client.get_ports()])
-                except Exception:  # noqa: BLE001 - a port went away while listing
-                    ports = {}
-            now_up, now_slave, ignored = link_state(nodes, vm_slave)
-            if now_up != link or now_slave != slave:
-                link, slave, changed = now_up, now_slave, time.time()
-            write_json(status_file, {"server": "running", "link": link, "slave": slave, "ignored": ignored,
-                                      "ports": ports,
-                                      "pairs": n, "nodes": nodes, "manager": mgr.as_dict(), "restarts": restarts,
-                                      "queues": queues, "queue_problem": queue_problem,
-                                      "listening": pwqueue.listening(mgr.pid, port) if port else [],
-                                      "joins": hook.counts() if hook else None,
-                                      "xruns": xruns if client is not None else None, "updated": time.time(),
-                                      "since": started, "link_changed": changed})
-            stop_flag.wait(POLL)
-    except BridgeError as e:
-        write_json(status_file, {"server": "running", "link": "down", "updated": time.time(), "problem": str(e)})
-        return 1
-    finally:
-        if mgr is not None:
-            mgr.stop(timeout=5)
-        if hook is not None:
-            hook.close()
-        if client is not None:
-            try:
-                client.deactivate()
-                client.close()
-            except Exception:  # noqa: BLE001
-                pass
-    return 0
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m archdsp_libvirt.audio.pwbridge")
-    ap.add_argument("--domain", required=True)
-    ap.add_argument("--conf", type=Path, required=True)
-    ap.add_argument("--status", type=Path, required=True)
-    ap.add_argument("--log", type=Path, required=True)
-    ap.add_argument("--restart-file", type=Path, required=True)
-    ap.add_argument("--slave")
-    ap.add_argument("--port", type=int)
-    ap.add_argument("--queue-bound", type=int)
-    ap.add_argument("--queue-step", type=int, default=pwqueue.COPY_PACKET // 2)
-    ap.add_argument("--cycles-per-second", type=float, default=750.0)
-    ap.add_argument("--master-ip")
-    a = ap.parse_args(argv)
-    os.environ.setdefault("JACK_NO_START_SERVER", "1")
-    return supervise(a.domain, a.conf, a.status, a.log, a.restart_file, a.slave, a.port, a.queue_bound,
-                     a.queue_step, a.cycles_per_second, a.master_ip)
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -261,6 +261,9 @@ class Hook:
                 answer = self._handle(nid, nr, args[0], args[1], args[2])
             except OSError:
                 answer = (0, _CONTINUE)  # the process or its socket went meanwhile: let the call run
+            except Exception as e:  # noqa: BLE001 - an unanswered call would hang the manager: answer it
+                self.say(f"hook: {type(e).__name__}: {e}; the call runs unchanged")
+                answer = (0, _CONTINUE)
             self._answer(nid, *answer)
 
     def _handle(self, nid: int, nr: int, fd: int, addr: int, addrlen: int) -> tuple[int, int]:
