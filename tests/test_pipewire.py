@@ -227,7 +227,7 @@ def test_logical_port_names():
 def test_without_the_bind_hook_start_is_refused_by_default_in_one_line():
     why = "Linux 5.4 has no seccomp user notification with pidfd_getfd (5.6 or later)"
     with pytest.raises(BridgeError) as exc:
-        pw.address_guard("d", "192.168.122.1", 19000, allow_any=False, hook_missing=why)
+        pw.address_guard("d", "192.168.122.1", "virbr0", 19000, allow_any=False, hook_missing=why)
     msg = str(exc.value)
     assert "\n" not in msg and "0.0.0.0:19000/udp" in msg and "--allow-any-address" in msg and "--audio-server jack" in msg
     assert why in msg
@@ -235,8 +235,8 @@ def test_without_the_bind_hook_start_is_refused_by_default_in_one_line():
 
 def test_with_the_bind_hook_no_firewall_is_needed():
     # The hook binds the port to master_ip: no nftables table, with or without --allow-any-address.
-    assert pw.address_guard("d", "192.168.122.1", 19000, allow_any=False, hook_missing=None) is None
-    assert pw.address_guard("d", "192.168.122.1", 19000, allow_any=True, hook_missing=None) is None
+    assert pw.address_guard("d", "192.168.122.1", "virbr0", 19000, allow_any=False, hook_missing=None) is None
+    assert pw.address_guard("d", "192.168.122.1", "virbr0", 19000, allow_any=True, hook_missing=None) is None
 
 
 def test_nft_rules_keep_the_port_to_the_bridge_and_master_ip():

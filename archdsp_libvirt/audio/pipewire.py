@@ -12,8 +12,10 @@ What PipeWire 1.4.2's manager does, found by experiment (README, "PipeWire"):
   one address: the bridge's supervisor binds it to master_ip from outside (:mod:`.sockhook`), and
   where that cannot run refuses to start unless told otherwise (:func:`address_guard`).
 - ``local.ifname``: the interface of the multicast join, and SO_BINDTODEVICE of each slave's data socket.
-- the slave's nodes are never removed when the slave stops; the supervisor restarts the manager
-  process when more than one pair exists or the VM restarts.
+- the slave's nodes are never removed when the slave stops, and a pair is made for every join packet
+  a slave sends: the supervisor's hook lets a replaced slave's pair go and refuses repeated join
+  packets (:mod:`.sockhook`); it restarts the manager process when more than one pair stays anyway
+  or the VM restarts.
 - node names come from ``source.props``/``sink.props``; port names are fixed by the module:
   ``send_<position>`` (host -> VM) and ``receive_<position>`` (VM -> host).
 
@@ -326,10 +328,11 @@ def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
         raise BridgeError("nft did not answer within 15 s") from None
 
 
-def address_guard(domain: str, master_ip: str, port: int, allow_any: bool, hook_missing: str | None) -> str | None:
+def address_guard(domain: str, master_ip: str, ifname: str, port: int, allow_any: bool,
+                  hook_missing: str | None) -> str | None:
     """How the port stays on master_ip: None when the bind hook can bind it there (:mod:`.sockhook`);
     else refuse (the default), or install the nftables table that keeps the port to master_ip's
-    interface and return the table's name."""
+    interface ``ifname`` and return the table's name."""
     if hook_missing is None:
         return None
     if not allow_any:
@@ -337,10 +340,6 @@ def address_guard(domain: str, master_ip: str, port: int, allow_any: bool, hook_
             f"PipeWire's netjack2 manager cannot be bound to {master_ip} here ({hook_missing}): it would listen "
             f"on 0.0.0.0:{port}/udp (every address); pass --allow-any-address to start it behind an nftables "
             "rule that keeps the port to the VM's bridge, or use JACK (--audio-server jack)")
-    ifname = interface_of(master_ip)
-    if ifname is None:
-        raise BridgeError(f"archibaldos.netjack.master_ip {master_ip} is on no interface of this host: start the "
-                          "VM's network (virsh net-start default)")
     if not shutil.which("nft"):
         raise BridgeError(f"--allow-any-address needs nftables to keep port {port}/udp to {ifname}: "
                           "apt-get install nftables (or use --audio-server jack)")

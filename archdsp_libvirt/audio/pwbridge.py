@@ -77,7 +77,8 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     if ifname is None:
         raise BridgeError(f"archibaldos.netjack.master_ip {link.master_ip} is on no interface of this host: start "
                           "the VM's network (virsh net-start default)")
-    table = pw.address_guard(link.domain, link.master_ip, link.port, allow_any_address, sockhook.available())
+    table = pw.address_guard(link.domain, link.master_ip, ifname, link.port, allow_any_address,
+                              sockhook.available())
     if table:
         say(f"nftables table inet {table}: port {link.port}/udp only on {ifname} to "
             f"{link.master_ip} (PipeWire's manager itself listens on 0.0.0.0:{link.port})")
