@@ -19,8 +19,8 @@ import pytest
 from conftest import archdsp
 
 from archdsp_libvirt import parse_config
-from archdsp_libvirt.audio.bridge import systemd_unit
-from archdsp_libvirt.audio.supervisor import _slave_clients, choose_slave
+from archdsp_libvirt.audio.jack2.bridge import systemd_unit
+from archdsp_libvirt.audio.jack2.supervisor import _slave_clients, choose_slave
 from archdsp_libvirt.errors import BridgeError
 from archdsp_libvirt.procs import Owned, spawn_detached
 
@@ -59,7 +59,8 @@ def test_choose_slave(present, stale, current, chosen, ignored):
 
 
 def test_status_names_ignored_slaves(tmp_path, monkeypatch):
-    from archdsp_libvirt.audio import bridge, link
+    from archdsp_libvirt.audio import link
+    from archdsp_libvirt.audio.jack2 import bridge
 
     monkeypatch.setattr(link, "RUN_DIR", tmp_path)
     me = Owned.of(os.getpid())
@@ -316,7 +317,7 @@ def test_concurrent_starts_make_one_bridge_and_a_dead_supervisor_keeps_its_jackd
 
 
 def test_the_bridge_log_is_rotated_when_it_grows(tmp_path):
-    from archdsp_libvirt.audio.bridge import rotate_log
+    from archdsp_libvirt.audio.jack2.bridge import rotate_log
 
     log = tmp_path / "netjack-x.log"
     log.write_bytes(b"x" * 100)
@@ -330,7 +331,7 @@ def test_the_bridge_log_is_rotated_when_it_grows(tmp_path):
 
 
 def test_the_supervisor_survives_a_status_file_it_cannot_write(tmp_path, capsys):
-    from archdsp_libvirt.audio.supervisor import _report
+    from archdsp_libvirt.audio.jack2.supervisor import _report
 
     (tmp_path / "a-file").write_text("")
     _report(tmp_path / "a-file" / "status.json", {"link": "up"})  # an OSError, as ENOSPC would be

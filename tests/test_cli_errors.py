@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import archdsp_libvirt.audio.bridge as bridge
+import archdsp_libvirt.audio.jack2.bridge as bridge
 import archdsp_libvirt.audio.link as link
 import archdsp_libvirt.config  # noqa: F401  (imported before any euid switch)
 from archdsp_libvirt.cli import cli, describe_os_error, unexpected

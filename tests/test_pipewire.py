@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from archdsp_libvirt import load_config, parse_config
-from archdsp_libvirt.audio import pipewire as pw, pwbridge
+from archdsp_libvirt.audio.pipewire import bridge as pwbridge
+from archdsp_libvirt.audio.pipewire import server as pw
 from archdsp_libvirt.audio.latency import budget, format_budget, report
 from archdsp_libvirt.errors import BridgeError
 
@@ -146,7 +147,7 @@ def test_nixos_form_parses(tmp_path):
 
 
 def test_the_systemd_unit_binds_master_ip_where_the_kernel_can(tmp_path):
-    from archdsp_libvirt.audio import sockhook
+    from archdsp_libvirt.audio.pipewire import sockhook
 
     conf = tmp_path / "d.toml"
     conf.write_text('name = "pwunit"\nisolated_cores = [1]\nmemory_mb = 256\n[archibaldos]\nenable = true\n'
@@ -202,7 +203,7 @@ def test_only_our_managers_nodes_count():
 
 
 def test_only_the_vms_own_slave_makes_the_link_up():
-    from archdsp_libvirt.audio.pwsupervisor import link_state
+    from archdsp_libvirt.audio.pipewire.supervisor import link_state
 
     own = pw.netjack_nodes(_dump(4242, 1, "dsp"), 4242)
     other = pw.netjack_nodes(_dump(4242, 1, "dsp-99"), 4242)

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from archdsp_libvirt.audio import pipewire as pw, pwheadless, pwqueue
+from archdsp_libvirt.audio.pipewire import headless, rxqueue
+from archdsp_libvirt.audio.pipewire import server as pw
 from conftest import archdsp, virsh
 
 pytestmark = [pytest.mark.real,
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.real,
 def on_pipewire(demo_domain, tmp_path_factory):
     cfg, name, server = demo_domain
     xdg = tmp_path_factory.mktemp("pwguest") / "xdg"
-    pwheadless.start(xdg, say=lambda _m: None)
+    headless.start(xdg, say=lambda _m: None)
     env = {"XDG_RUNTIME_DIR": str(xdg)}
     try:
         archdsp("netjack", "stop", str(cfg), timeout=60)
@@ -34,7 +35,7 @@ def on_pipewire(demo_domain, tmp_path_factory):
         yield cfg, name, env, r.stdout
     finally:
         archdsp("netjack", "stop", str(cfg), timeout=60)
-        pwheadless.stop(xdg, say=lambda _m: None)
+        headless.stop(xdg, say=lambda _m: None)
         archdsp("netjack", "start", "--jack-server", server, "--server", "dummy", str(cfg), timeout=120)
 
 
@@ -80,7 +81,7 @@ def test_guest_round_trip_on_pipewire_is_in_the_budgets_range(on_pipewire):
     assert rep["matches_prediction"], rep
     info = json.loads(archdsp("netjack", "status", "--json", str(cfg), env=env).stdout)
     q = info["queues"][0] if info["queues"] else {}
-    assert q.get("bound") == pwqueue.bound_for(128, 2, 0, pwqueue.TAP_PACKET) + q["raised"] * pwqueue.TAP_PACKET // 2, info
+    assert q.get("bound") == rxqueue.bound_for(128, 2, 0, rxqueue.TAP_PACKET) + q["raised"] * rxqueue.TAP_PACKET // 2, info
     assert q["queued"] <= q["bound"] and q["raised"] <= 4, info
 
 

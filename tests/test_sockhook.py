@@ -1,4 +1,4 @@
-"""The bind hook (audio/sockhook.py): where PipeWire's NETJACK2 manager listens, decided from outside.
+"""The bind hook (audio/pipewire/sockhook.py): where PipeWire's NETJACK2 manager listens, decided from outside.
 
 The hook runs for real here: a child process of the test's own is started under the seccomp filter,
 binds as PipeWire 1.4.2's manager binds (SO_REUSEADDR, INADDR_ANY, the port), and the test reads
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from archdsp_libvirt.audio import pwqueue, sockhook
+from archdsp_libvirt.audio.pipewire import rxqueue, sockhook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_the_managers_wildcard_bind_lands_on_master_ip_only(hooked):
     port = free_port()
     proc, hook, out, said = hooked("127.0.0.1", port)
     # The kernel's table: the port is on 127.0.0.1 only; the other socket kept its wildcard.
-    assert pwqueue.listening(proc.pid, port) == [f"127.0.0.1:{port}"]
+    assert rxqueue.listening(proc.pid, port) == [f"127.0.0.1:{port}"]
     assert "announce 127.0.0.1" in out and "other 0.0.0.0" in out
     # An IPv6 wildcard of the port is refused: nothing listens on every address.
     assert f"v6 refused {errno.EADDRNOTAVAIL}" in out
@@ -97,7 +97,7 @@ def test_the_managers_wildcard_bind_lands_on_master_ip_only(hooked):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
         tx.sendto(b"x" * 100, ("127.0.0.1", port))
     time.sleep(0.2)
-    sock = next(s for s in pwqueue.udp_sockets(proc.pid) if s[2][4] == f"127.0.0.1:{port}")
+    sock = next(s for s in rxqueue.udp_sockets(proc.pid) if s[2][4] == f"127.0.0.1:{port}")
     assert sock[2][2] > 0  # queued in the hooked process's socket
 
 
@@ -106,7 +106,7 @@ def test_a_master_ip_the_host_does_not_have_fails_the_bind(hooked):
     proc, hook, out, said = hooked("192.0.2.77", port)  # TEST-NET-1: on no interface
     assert f"announce refused {errno.EADDRNOTAVAIL}" in out  # the manager's load fails, as it should
     assert hook.events[0].action == "refused" and "192.0.2.77" in hook.events[0].detail
-    assert pwqueue.listening(proc.pid, port) == []
+    assert rxqueue.listening(proc.pid, port) == []
 
 
 @pytest.mark.parametrize(("family", "host", "port", "master", "want"), [

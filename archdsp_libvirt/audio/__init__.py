@@ -1,1 +1,2 @@
-"""Audio: the NETJACK bridge (controller, server backends, supervisor) and the latency budget."""
+"""Audio: the NETJACK bridge on two backends, ``jack2/`` and ``pipewire/``, over what they share (``link``,
+``placement``), the choice between them (``servers``), and the latency budget, soak and tuner."""

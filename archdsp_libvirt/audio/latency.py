@@ -185,7 +185,7 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
 
     from ..procs import Owned
     from . import servers
-    from .bridge import (
+    from .jack2.bridge import (
         ALIAS_CLIENT,
         BridgeError,
         jack_env,
@@ -195,7 +195,7 @@ def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
     )
 
     if servers.status(cfg.name).get("audio_server") == "pipewire":
-        from .pwmeasure import run
+        from .pipewire.measure import run
 
         return run(cfg.name, seconds, channel)
 
@@ -290,7 +290,7 @@ def _connect_loop(client, channel: int, timeout: float) -> None:
 
     import jack
 
-    from .bridge import ALIAS_CLIENT, BridgeError
+    from .jack2.bridge import ALIAS_CLIENT, BridgeError
 
     pairs = [("jack_delay:out", f"{ALIAS_CLIENT}:capture_{channel}"),
              (f"{ALIAS_CLIENT}:playback_{channel}", "jack_delay:in")]

@@ -1,4 +1,4 @@
-"""What both bridge backends (JACK2: :mod:`.bridge`, PipeWire: :mod:`.pwbridge`) share: the link as the
+"""What both bridge backends (JACK2: :mod:`.jack2`, PipeWire: :mod:`.pipewire`) share: the link as the
 config gives it, the master's address rule, the bridge's state files under /run, and the status screen's
 link lines."""
 

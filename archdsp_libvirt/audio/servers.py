@@ -1,13 +1,14 @@
 """Which host audio server the bridge runs on (``--audio-server auto|pipewire|jack``), and dispatch.
 
-JACK2: :mod:`.bridge` (netmanager loaded into jackd). PipeWire: :mod:`.pwbridge` (PipeWire's own
+JACK2: :mod:`.jack2.bridge` (netmanager loaded into jackd). PipeWire: :mod:`.pipewire.bridge` (PipeWire's own
 NETJACK2 manager). A running bridge's state file says which one it is; stop/status/restart follow it.
 """
 
 from __future__ import annotations
 
-from . import bridge, pwbridge
-from . import pipewire as pw
+from .jack2 import bridge
+from .pipewire import bridge as pwbridge
+from .pipewire import server as pw
 from .link import owned, read_json, state_paths
 
 

@@ -61,7 +61,7 @@ def plan_steps(cfg: DspConfig, sizes, latencies, syncs) -> list[Step]:
 
 
 def _set_period(server: str, size: int) -> None:
-    from .bridge import open_client
+    from .jack2.bridge import open_client
 
     client = open_client(server, "archdsp-tune")
     try:
@@ -97,7 +97,7 @@ def _restart_guest(cfg: DspConfig, session, server: str, size: int, latency: int
 
 
 def run_step(cfg: DspConfig, session, server: str, step: Step, seconds: float, say) -> Step:
-    from .bridge import BridgeError, wait_for_link
+    from .jack2.bridge import BridgeError, wait_for_link
     from .latency import measure
 
     say(f"step: buffer_size {step.buffer_size}, network_latency {step.network_latency}, "
@@ -127,7 +127,7 @@ def _with(cfg: DspConfig, step: Step) -> DspConfig:
 
 def tune(cfg: DspConfig, session, sizes, latencies, syncs, seconds: float, every: bool = False,
          max_steps: int = 24, say=print) -> dict:
-    from .bridge import status
+    from .jack2.bridge import status
 
     info = status(cfg.name)
     if not info.get("running") or info.get("link") != "up":

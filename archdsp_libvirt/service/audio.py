@@ -39,14 +39,14 @@ def netjack_status(config: Path, as_json: bool) -> str:
 def netjack_unit(config: Path, audio_server: str, pipewire_user: str | None, jack_server: str | None,
                  start_server: str | None) -> str:
     """A systemd unit that runs the bridge at boot (JACK2 or PipeWire)."""
-    from ..audio.bridge import systemd_unit
+    from ..audio.jack2.bridge import systemd_unit
     from ..audio.link import Link
 
     cfg = load_config(config)
     Link.of(cfg)
     if audio_server == "pipewire":
-        from ..audio.pwbridge import systemd_unit as pw_unit
-        from ..audio.sockhook import available
+        from ..audio.pipewire.bridge import systemd_unit as pw_unit
+        from ..audio.pipewire.sockhook import available
 
         return pw_unit(cfg, config, pipewire_user, hook_missing=available())
     return systemd_unit(cfg, config, start_server, jack_server)
@@ -54,7 +54,7 @@ def netjack_unit(config: Path, audio_server: str, pipewire_user: str | None, jac
 
 def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool, note) -> str:
     """The PipeWire drop-in (or its NixOS form) that loads the NETJACK2 manager with the config's link."""
-    from ..audio import pipewire as pw
+    from ..audio.pipewire import server as pw
     from ..audio.link import Link
 
     cfg = load_config(config)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from msgspec import Struct
 
-from ..procs import fd_of
+from ...procs import fd_of
 
 HEADER = 48       # struct nj2_packet_header (packed)
 IP_UDP = 64       # what JACK2 and the module reserve for the IP and UDP headers of a packet

@@ -1,15 +1,15 @@
-"""The PipeWire bridge's supervisor process (``python -m archdsp_libvirt.audio.pwsupervisor``).
+"""The PipeWire bridge's supervisor process (``python -m archdsp_libvirt.audio.pipewire.supervisor``).
 
-Started by :func:`.pwbridge.start`, it
+Started by :func:`.bridge.start`, it
 
 - runs PipeWire's NETJACK2 manager in a ``pipewire -c`` process (a client of the user's daemon) under the
   hook of :mod:`.sockhook`, which binds its port to master_ip, lets a restarted slave's old pair go and
   refuses the join packets a slave repeats;
 - restarts that process when more than one send/recv pair stays anyway, and when the VM is about to
-  restart (:func:`.pwbridge.forget_slave`);
-- bounds the receive queue of the manager's socket to the slave to a few cycles (:mod:`.pwqueue`);
+  restart (:func:`.bridge.forget_slave`);
+- bounds the receive queue of the manager's socket to the slave to a few cycles (:mod:`.rxqueue`);
 - counts the graph's xruns through PipeWire's JACK and lists the real port names;
-- writes what it sees to the status file :func:`.pwbridge.status` reads.
+- writes what it sees to the status file :func:`.bridge.status` reads.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import BridgeError
-from ..procs import Owned, spawn_detached
-from . import pipewire as pw
-from . import pwqueue, sockhook
-from .link import write_json
+from ...errors import BridgeError
+from ...procs import Owned, spawn_detached
+from . import server as pw
+from . import rxqueue, sockhook
+from ..link import write_json
 
 POLL = 1.0
 # A restart of the manager waits until more than one pair stayed this long: a slave whose master vanishes
@@ -60,7 +60,7 @@ def _jack_client():
 
 def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_file: Path,
               vm_slave: str | None = None, port: int | None = None, queue_bound: int | None = None,
-              queue_step: int = pwqueue.COPY_PACKET // 2, cycles_per_second: float = 750.0,
+              queue_step: int = rxqueue.COPY_PACKET // 2, cycles_per_second: float = 750.0,
               master_ip: str | None = None) -> int:
     """Run the manager until SIGTERM. With ``master_ip`` it runs under the bind hook, which binds its port
     to that address (:mod:`.sockhook`); without, it listens on every address (an nftables table guards it)."""
@@ -79,7 +79,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
     mgr: Owned | None = None
     restarts, quick_deaths, started, mgr_started = 0, 0, time.time(), time.time()
     multi_since: float | None = None
-    bounds = pwqueue.Bounds(queue_bound or 0, queue_step, cycles_per_second,
+    bounds = rxqueue.Bounds(queue_bound or 0, queue_step, cycles_per_second,
                             say=lambda m: print(f"bridge supervisor: {m}", flush=True))
     link, changed, slave = "down", time.time(), None
     hook: sockhook.Hook | None = None
@@ -132,7 +132,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                                       "ports": ports,
                                       "pairs": n, "nodes": nodes, "manager": mgr.as_dict(), "restarts": restarts,
                                       "queues": queues, "queue_problem": queue_problem,
-                                      "listening": pwqueue.listening(mgr.pid, port) if port else [],
+                                      "listening": rxqueue.listening(mgr.pid, port) if port else [],
                                       "joins": hook.counts() if hook else None,
                                       "xruns": xruns if client is not None else None, "updated": time.time(),
                                       "since": started, "link_changed": changed})
@@ -157,7 +157,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m archdsp_libvirt.audio.pwsupervisor")
+    ap = argparse.ArgumentParser(prog="python -m archdsp_libvirt.audio.pipewire.supervisor")
     ap.add_argument("--domain", required=True)
     ap.add_argument("--conf", type=Path, required=True)
     ap.add_argument("--status", type=Path, required=True)
@@ -166,7 +166,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slave")
     ap.add_argument("--port", type=int)
     ap.add_argument("--queue-bound", type=int)
-    ap.add_argument("--queue-step", type=int, default=pwqueue.COPY_PACKET // 2)
+    ap.add_argument("--queue-step", type=int, default=rxqueue.COPY_PACKET // 2)
     ap.add_argument("--cycles-per-second", type=float, default=750.0)
     ap.add_argument("--master-ip")
     a = ap.parse_args(argv)

@@ -6,7 +6,7 @@
 - counts the server's xruns since the bridge started;
 - writes what it sees to a status file once a second.
 
-Run as ``python -P -m archdsp_libvirt.audio.supervisor ...`` by :func:`.bridge.start`.
+Run as ``python -P -m archdsp_libvirt.audio.jack2.supervisor ...`` by :func:`.bridge.start`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import ArchdspError
+from ...errors import ArchdspError
 from .bridge import ALIAS_CLIENT, SUPERVISOR_CLIENT, open_client
-from .link import STATUS_PERIOD, read_json, write_json
+from ..link import STATUS_PERIOD, read_json, write_json
 
 
 def _report(path: Path, data: dict) -> None:
@@ -161,7 +161,7 @@ def _drop_aliases(client, real: str) -> None:
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m archdsp_libvirt.audio.supervisor", description="NETJACK bridge supervisor")
+    ap = argparse.ArgumentParser(prog="python -m archdsp_libvirt.audio.jack2.supervisor", description="NETJACK bridge supervisor")
     ap.add_argument("--server", required=True)
     ap.add_argument("--slave", required=True)
     ap.add_argument("--channels", type=int, required=True)

@@ -28,12 +28,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import DspConfig
-from ..cpuset import format_cpuset
-from ..errors import BridgeError
-from ..procs import Owned, flock_within, spawn_detached
-from . import placement
-from .link import (
+from ...config import DspConfig
+from ...cpuset import format_cpuset
+from ...errors import BridgeError
+from ...procs import Owned, flock_within, spawn_detached
+from .. import placement
+from ..link import (
     STATUS_PERIOD,
     Link,
     guard_master,
@@ -240,7 +240,7 @@ def _start_owned(link: Link, server: str, start_server: str | None, device: str,
     status_file.unlink(missing_ok=True)
     _exclude_path(link.domain).unlink(missing_ok=True)
     sup = spawn_detached(
-        [sys.executable, "-P", "-m", "archdsp_libvirt.audio.supervisor", "--server", server, "--slave", link.slave,
+        [sys.executable, "-P", "-m", "archdsp_libvirt.audio.jack2.supervisor", "--server", server, "--slave", link.slave,
          "--channels", str(link.channels), "--status", str(status_file),
          "--stale", str(_exclude_path(link.domain))],
         log, env=jack_env(server),
@@ -394,7 +394,7 @@ def systemd_unit(cfg: DspConfig, config_path: Path, server_kind: str | None, ser
     """
     import re
 
-    from ..errors import UsageError
+    from ...errors import UsageError
 
     def word(what: str, value: str) -> str:
         if re.search(r"[\x00-\x1f\x7f]", value):

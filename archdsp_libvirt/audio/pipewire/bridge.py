@@ -1,9 +1,9 @@
 """The host side of the NETJACK2 link on PipeWire.
 
-``start`` finds the user's PipeWire (:func:`.pipewire.find_target`), refuses unless the address
-promise can be kept (the bind hook of :mod:`.sockhook`, else :func:`.pipewire.address_guard`),
+``start`` finds the user's PipeWire (:func:`.server.find_target`), refuses unless the address
+promise can be kept (the bind hook of :mod:`.sockhook`, else :func:`.server.address_guard`),
 writes a ``pipewire -c`` file hosting PipeWire's NETJACK2 manager and leaves the supervisor of
-:mod:`.pwsupervisor` running it. ``status`` reads what the supervisor writes (the same status file
+:mod:`.supervisor` running it. ``status`` reads what the supervisor writes (the same status file
 the JACK2 bridge writes).
 
 ``stop`` stops the supervisor and the manager process by PID (their nodes go with it) and removes
@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import BridgeError
-from ..procs import spawn_detached
-from . import pipewire as pw
-from . import pwqueue, sockhook
-from .link import (
+from ...errors import BridgeError
+from ...procs import spawn_detached
+from . import server as pw
+from . import rxqueue, sockhook
+from ..link import (
     STATUS_PERIOD,
     Link,
     guard_master,
@@ -85,19 +85,19 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     elif allow_any_address:
         say(f"--allow-any-address not needed: the manager's port is bound to {link.master_ip} only")
     args = pw.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
-    cost = pwqueue.packet_cost(ifname)
+    cost = rxqueue.packet_cost(ifname)
     conf = _conf_path(link.domain)
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(pw.client_conf(args))
     conf.chmod(0o644)
     status_file.unlink(missing_ok=True)
     _restart_request(link.domain).unlink(missing_ok=True)
-    argv = [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pwsupervisor", "--domain", link.domain,
+    argv = [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pipewire.supervisor", "--domain", link.domain,
             "--conf", str(conf), "--status", str(status_file), "--log", str(log),
             "--restart-file", str(_restart_request(link.domain)), "--slave", link.slave,
             *([] if table else ["--master-ip", link.master_ip]),
             "--port", str(link.port), "--queue-bound",
-            str(pwqueue.bound_for(link.period, link.channels, link.network_latency, cost)),
+            str(rxqueue.bound_for(link.period, link.channels, link.network_latency, cost)),
             "--queue-step", str(cost // 2), "--cycles-per-second", f"{link.rate / link.period:g}"]
     if shutil.which("pw-jack"):
         argv = ["pw-jack", *argv]

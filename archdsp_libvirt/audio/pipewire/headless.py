@@ -1,5 +1,5 @@
 """A headless PipeWire of our own (pipewire + WirePlumber in a runtime directory we own), for the
-demo and the tests: ``python -m archdsp_libvirt.audio.pwheadless start|stop DIR [--user USER]``.
+demo and the tests: ``python -m archdsp_libvirt.audio.pipewire.headless start|stop DIR [--user USER]``.
 
 WirePlumber's Dummy-Driver drives the graph when no sound card exists. The processes are known by
 PID and start time (DIR/pids.json) and stopped by PID.
@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import BridgeError
-from ..procs import Owned, spawn_detached
-from . import pipewire as pw
+from ...errors import BridgeError
+from ...procs import Owned, spawn_detached
+from . import server as pw
 
 
 def start(directory: Path, user: str | None = None, say=print) -> pw.Target:
@@ -69,7 +69,7 @@ def stop(directory: Path, say=print) -> bool:
 
 def _main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] not in ("start", "stop"):
-        print("usage: python -m archdsp_libvirt.audio.pwheadless start|stop DIR [--user USER]", file=sys.stderr)
+        print("usage: python -m archdsp_libvirt.audio.pipewire.headless start|stop DIR [--user USER]", file=sys.stderr)
         return 2
     user = argv[argv.index("--user") + 1] if "--user" in argv else None
     try:

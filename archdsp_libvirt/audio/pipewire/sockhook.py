@@ -24,7 +24,7 @@ own, so it starts that process under a seccomp filter that hands two system call
 Linux >= 5.6 (user notification with CONTINUE, pidfd_getfd). :func:`available` says whether this
 kernel has it; the bridge refuses to start a manager it cannot bind when it has not.
 
-The process is started by :func:`spawn`: ``python -m archdsp_libvirt.audio.sockhook FD -- ARGV``
+The process is started by :func:`spawn`: ``python -m archdsp_libvirt.audio.pipewire.sockhook FD -- ARGV``
 installs the filter in itself, passes the filter's listener over the inherited socket FD, and
 executes ARGV (the manager), which keeps the filter. :class:`Hook` answers the notifications.
 """
@@ -47,9 +47,9 @@ from pathlib import Path
 
 from msgspec import Struct
 
-from ..errors import BridgeError
-from ..procs import Owned, fd_of
-from . import pwqueue
+from ...errors import BridgeError
+from ...procs import Owned, fd_of
+from . import rxqueue
 
 # struct seccomp_notif {u64 id; u32 pid; u32 flags; struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}}
 _NOTIF = struct.Struct("<QIIiIQ6Q")
@@ -135,9 +135,9 @@ def _install() -> int:
 
 
 def _launch(argv: list[str]) -> int:
-    """``python -m archdsp_libvirt.audio.sockhook FD -- PROGRAM ARGS``: the filter, then the program."""
+    """``python -m archdsp_libvirt.audio.pipewire.sockhook FD -- PROGRAM ARGS``: the filter, then the program."""
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m archdsp_libvirt.audio.sockhook FD -- PROGRAM [ARGS]", file=sys.stderr)
+        print("usage: python -m archdsp_libvirt.audio.pipewire.sockhook FD -- PROGRAM [ARGS]", file=sys.stderr)
         return 2
     with socket.socket(fileno=int(argv[0])) as chan:
         try:
@@ -306,7 +306,7 @@ class Hook:
             if sock.type != socket.SOCK_DGRAM:
                 return 0, _CONTINUE
             inode = os.fstat(sock.fileno()).st_ino
-        older = [(f, i) for f, i, row in pwqueue.udp_sockets(self.pid) if (row[0], row[1]) == (host, port) and f != fd]
+        older = [(f, i) for f, i, row in rxqueue.udp_sockets(self.pid) if (row[0], row[1]) == (host, port) and f != fd]
         now = time.monotonic()
         kind = self.joins.decide(asked, now, {i for _f, i in older})
         if kind == "repeat":
@@ -361,7 +361,7 @@ def spawn(argv: list[str], log: Path, master_ip: str, port: int, env: dict[str, 
     try:
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "archdsp_libvirt.audio.sockhook", str(child.fileno()), "--", *argv],
+                [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pipewire.sockhook", str(child.fileno()), "--", *argv],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 close_fds=True, pass_fds=(child.fileno(),), env=env, cwd="/")
         child.close()

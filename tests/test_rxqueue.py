@@ -1,4 +1,4 @@
-"""The bound on the receive queue of PipeWire's NETJACK2 manager (audio/pwqueue.py).
+"""The bound on the receive queue of PipeWire's NETJACK2 manager (audio/rxqueue.py).
 
 The mechanism is tested on real sockets of a process of the test's own on loopback: a process that
 never reads (as the manager that reads one cycle per period, behind a burst), its socket found by
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from archdsp_libvirt.audio import pwqueue
+from archdsp_libvirt.audio.pipewire import rxqueue
 
 UDP_SAMPLE = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
@@ -30,20 +30,20 @@ UDP6_SAMPLE = """\
 
 
 def test_parse_udp_table_reads_remote_queue_and_drops():
-    rows = pwqueue.parse_udp_table(UDP_SAMPLE)
+    rows = rxqueue.parse_udp_table(UDP_SAMPLE)
     # The manager's data socket in a run without a bound: 115,200 bytes queued (0x1C200), 79 drops.
     assert rows[931201] == ("192.168.122.239", 19000, 115200, 79, "192.168.0.1:42919")
     assert rows[931150] == ("0.0.0.0", 0, 0, 0, "0.0.0.0:19000")
-    assert pwqueue.parse_udp_table(UDP6_SAMPLE)[4242] == ("::1", 19000, 2560, 3, "[::1]:36142")
-    assert pwqueue.parse_udp_table("header only\n  1: short row\n") == {}
+    assert rxqueue.parse_udp_table(UDP6_SAMPLE)[4242] == ("::1", 19000, 2560, 3, "[::1]:36142")
+    assert rxqueue.parse_udp_table("header only\n  1: short row\n") == {}
 
 
 def test_the_packets_of_a_cycle():
     # JACK2's slave sends an MTU-sized sync packet, then the audio: 2 channels x 128 frames fit one packet;
     # 8 channels x 256 frames go as 8 sub-periods of 32 frames.
-    assert pwqueue.packets_per_cycle(128, 2) == 2
-    assert pwqueue.packets_per_cycle(128, 8) == 1 + 4
-    assert pwqueue.packets_per_cycle(256, 8) == 1 + 8
+    assert rxqueue.packets_per_cycle(128, 2) == 2
+    assert rxqueue.packets_per_cycle(128, 8) == 1 + 4
+    assert rxqueue.packets_per_cycle(256, 8) == 1 + 8
 
 
 def test_the_cost_of_a_packet_follows_the_masters_interface(tmp_path):
@@ -51,8 +51,8 @@ def test_the_cost_of_a_packet_follows_the_masters_interface(tmp_path):
         (tmp_path / name).mkdir()
         if marker:
             (tmp_path / name / marker).mkdir()
-    assert pwqueue.packet_cost("virbr0", tmp_path) == pwqueue.packet_cost("vnet3", tmp_path) == pwqueue.TAP_PACKET
-    assert pwqueue.packet_cost("veth0", tmp_path) == pwqueue.packet_cost(None, tmp_path) == pwqueue.COPY_PACKET
+    assert rxqueue.packet_cost("virbr0", tmp_path) == rxqueue.packet_cost("vnet3", tmp_path) == rxqueue.TAP_PACKET
+    assert rxqueue.packet_cost("veth0", tmp_path) == rxqueue.packet_cost(None, tmp_path) == rxqueue.COPY_PACKET
 
 
 def test_a_datagram_on_loopback_costs_what_the_model_says():
@@ -63,23 +63,23 @@ def test_a_datagram_on_loopback_costs_what_the_model_says():
     send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     send.connect(recv.getsockname())
     try:
-        for size in (pwqueue.HEADER + 128 * 2 * 4, pwqueue.MTU):
+        for size in (rxqueue.HEADER + 128 * 2 * 4, rxqueue.MTU):
             send.send(b"x" * size)
             time.sleep(0.05)
             ino = os.fstat(recv.fileno()).st_ino
-            cost = pwqueue.parse_udp_table(Path("/proc/net/udp").read_text())[ino][2]
+            cost = rxqueue.parse_udp_table(Path("/proc/net/udp").read_text())[ino][2]
             recv.recv(4096)
-            assert cost <= pwqueue.COPY_PACKET, (size, cost)
+            assert cost <= rxqueue.COPY_PACKET, (size, cost)
     finally:
         recv.close()
         send.close()
 
 
 def test_the_bound_is_whole_cycles():
-    for cost in (pwqueue.TAP_PACKET, pwqueue.COPY_PACKET):
+    for cost in (rxqueue.TAP_PACKET, rxqueue.COPY_PACKET):
         for latency in (0, 1, 2):
-            n = pwqueue.packets_per_cycle(128, 2)
-            bound = pwqueue.bound_for(128, 2, latency, cost)
+            n = rxqueue.packets_per_cycle(128, 2)
+            bound = rxqueue.bound_for(128, 2, latency, cost)
             # the cycles the manager leaves queued, one that stood behind them since the slave was late once,
             # and the one arriving fit ...
             assert (latency + 2) * n * cost <= bound
@@ -117,12 +117,12 @@ def holder():
 
 def burst(sender, cycles):
     for _ in range(cycles):
-        sender.send(b"s" * pwqueue.MTU)
-        sender.send(b"a" * (pwqueue.HEADER + 128 * 2 * 4))
+        sender.send(b"s" * rxqueue.MTU)
+        sender.send(b"a" * (rxqueue.HEADER + 128 * 2 * 4))
 
 
 def queue_of(pid, port):
-    socks = pwqueue.data_sockets(pid, port)
+    socks = rxqueue.data_sockets(pid, port)
     assert len(socks) == 1, socks
     return socks[0]
 
@@ -140,9 +140,9 @@ def test_without_a_bound_a_burst_stays_queued(holder):
 def test_a_bounded_queue_keeps_whole_cycles_and_drops_the_rest(holder):
     pid, fd, sender = holder
     port = sender.getsockname()[1]
-    bound = pwqueue.bound_for(128, 2, 0, pwqueue.COPY_PACKET)
+    bound = rxqueue.bound_for(128, 2, 0, rxqueue.COPY_PACKET)
     try:
-        got = pwqueue.set_receive_buffer(pid, fd, bound)
+        got = rxqueue.set_receive_buffer(pid, fd, bound)
     except OSError as exc:  # pragma: no cover - depends on the kernel
         pytest.skip(f"pidfd_getfd is not available here ({exc}): Linux >= 5.6 is needed")
     assert got == bound  # the kernel doubles what is asked: half of the bound is asked
@@ -152,13 +152,13 @@ def test_a_bounded_queue_keeps_whole_cycles_and_drops_the_rest(holder):
     assert q.drops > 0
     assert q.queued <= bound, q
     # whole cycles stayed (two: the one standing and the one arriving); the rest was dropped whole
-    assert q.queued == 2 * pwqueue.packets_per_cycle(128, 2) * pwqueue.COPY_PACKET, q
+    assert q.queued == 2 * rxqueue.packets_per_cycle(128, 2) * rxqueue.COPY_PACKET, q
 
 
 def test_a_socket_of_another_port_is_not_taken(holder):
     pid, _fd, sender = holder
-    assert pwqueue.data_sockets(pid, sender.getsockname()[1] + 1) == []
-    assert pwqueue.data_sockets(2 ** 22 + 7, 19000) == []  # no such process
+    assert rxqueue.data_sockets(pid, sender.getsockname()[1] + 1) == []
+    assert rxqueue.data_sockets(2 ** 22 + 7, 19000) == []  # no such process
 
 
 def test_listening_names_the_address_a_process_bound():
@@ -167,48 +167,48 @@ def test_listening_names_the_address_a_process_bound():
         b.bind(("0.0.0.0", 0))
         b.connect(a.getsockname())  # connected: not listening
         port = a.getsockname()[1]
-        assert pwqueue.listening(os.getpid(), port) == [f"127.0.0.1:{port}"]
-        assert pwqueue.listening(os.getpid(), b.getsockname()[1]) == []
+        assert rxqueue.listening(os.getpid(), port) == [f"127.0.0.1:{port}"]
+        assert rxqueue.listening(os.getpid(), b.getsockname()[1]) == []
 
 
 def test_set_receive_buffer_says_why_it_cannot(holder):
     pid, _fd, _sender = holder
     with pytest.raises(OSError):
-        pwqueue.set_receive_buffer(pid, 999, 5000)  # no such descriptor in that process
+        rxqueue.set_receive_buffer(pid, 999, 5000)  # no such descriptor in that process
     with pytest.raises(OSError):
-        pwqueue.set_receive_buffer(2 ** 22 + 7, 3, 5000)  # no such process
+        rxqueue.set_receive_buffer(2 ** 22 + 7, 3, 5000)  # no such process
 
 
 def test_a_bound_is_raised_on_loss_in_look_after_look_only():
     cps = 750.0  # 96 kHz / 128: 750 cycles a second
     # a bound cutting inside cycles lost every other one (380 packets a second, seen on the TCG guest's tap)
-    assert pwqueue.lossy(380, 1.0, cps)
+    assert rxqueue.lossy(380, 1.0, cps)
     # a guest's stall cut a burst of 7 cycles (14 packets) in a second: not more than a stall makes
-    assert not pwqueue.lossy(7, 1.0, cps) and not pwqueue.lossy(0, 0.0, cps)
-    assert pwqueue.raised(4480, pwqueue.STREAK - 1, 640) == 4480  # one lossy look could be a stall
-    assert pwqueue.raised(4480, pwqueue.STREAK, 640) == 5120
+    assert not rxqueue.lossy(7, 1.0, cps) and not rxqueue.lossy(0, 0.0, cps)
+    assert rxqueue.raised(4480, rxqueue.STREAK - 1, 640) == 4480  # one lossy look could be a stall
+    assert rxqueue.raised(4480, rxqueue.STREAK, 640) == 5120
     # never above what PipeWire asks for itself
-    assert pwqueue.raised(pwqueue.PIPEWIRE_BUFFER - 100, pwqueue.STREAK, 640) == pwqueue.PIPEWIRE_BUFFER
+    assert rxqueue.raised(rxqueue.PIPEWIRE_BUFFER - 100, rxqueue.STREAK, 640) == rxqueue.PIPEWIRE_BUFFER
 
 
 def test_bounds_bound_a_new_socket_and_raise_it_on_steady_loss(holder):
     pid, fd, sender = holder
     port = sender.getsockname()[1]
     said = []
-    bounds = pwqueue.Bounds(pwqueue.bound_for(128, 2, 0, pwqueue.COPY_PACKET), pwqueue.COPY_PACKET // 2, 10.0,
+    bounds = rxqueue.Bounds(rxqueue.bound_for(128, 2, 0, rxqueue.COPY_PACKET), rxqueue.COPY_PACKET // 2, 10.0,
                             say=said.append)
     try:
         queues, problem = bounds.poll(pid, port, now=100.0)
     except OSError as exc:  # pragma: no cover - depends on the kernel
         pytest.skip(f"pidfd_getfd is not available here ({exc}): Linux >= 5.6 is needed")
-    assert problem is None and queues[0]["bound"] == pwqueue.bound_for(128, 2, 0, pwqueue.COPY_PACKET)
+    assert problem is None and queues[0]["bound"] == rxqueue.bound_for(128, 2, 0, rxqueue.COPY_PACKET)
     assert queues[0]["raised"] == 0 and "bounded to" in said[0]
-    for look in range(pwqueue.STREAK):  # packets dropped in look after look, at 10 cycles a second
+    for look in range(rxqueue.STREAK):  # packets dropped in look after look, at 10 cycles a second
         burst(sender, 20)
         time.sleep(0.2)
         queues, _ = bounds.poll(pid, port, now=101.0 + look)
-        assert queues[0]["raised"] == (1 if look == pwqueue.STREAK - 1 else 0), (look, queues)
-    assert queues[0]["bound"] == pwqueue.bound_for(128, 2, 0, pwqueue.COPY_PACKET) + pwqueue.COPY_PACKET // 2
+        assert queues[0]["raised"] == (1 if look == rxqueue.STREAK - 1 else 0), (look, queues)
+    assert queues[0]["bound"] == rxqueue.bound_for(128, 2, 0, rxqueue.COPY_PACKET) + rxqueue.COPY_PACKET // 2
     assert "bound raised to" in said[-1]
     again, _ = bounds.poll(pid, port, now=110.0)  # nothing dropped since: the bound stays
     assert again[0]["raised"] == 1 and again[0]["bound"] == queues[0]["bound"]
@@ -220,15 +220,15 @@ def test_bounds_say_when_the_socket_cannot_be_bounded(holder, monkeypatch):
     def refuse(_pid, _fd, _size):
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(pwqueue, "set_receive_buffer", refuse)
-    queues, problem = pwqueue.Bounds(5000, 500, 750.0, say=lambda _m: None).poll(pid, sender.getsockname()[1], 1.0)
+    monkeypatch.setattr(rxqueue, "set_receive_buffer", refuse)
+    queues, problem = rxqueue.Bounds(5000, 500, 750.0, say=lambda _m: None).poll(pid, sender.getsockname()[1], 1.0)
     assert queues[0]["bound"] is None and "not bounded (Operation not permitted)" in problem
 
 
 def test_bounds_forget_a_socket_that_is_gone(holder):
     pid, _fd, sender = holder
     port = sender.getsockname()[1]
-    bounds = pwqueue.Bounds(5000, 500, 750.0, say=lambda _m: None)
+    bounds = rxqueue.Bounds(5000, 500, 750.0, say=lambda _m: None)
     try:
         bounds.poll(pid, port, 1.0)
     except OSError as exc:  # pragma: no cover - depends on the kernel

@@ -6,7 +6,7 @@ the sink ran), so PipeWire stops it. Two separate clients break that cycle: one 
 every ``EVERY`` periods into netjack-capture:send_AUXn (host -> VM), the other finds it again on
 netjack-playback:receive_AUXn (VM -> host); the round trip is the frame-time difference.
 
-``python -P -m archdsp_libvirt.audio.pwmeasure SEND_PORT RECEIVE_PORT SECONDS`` prints JSON.
+``python -P -m archdsp_libvirt.audio.pipewire.measure SEND_PORT RECEIVE_PORT SECONDS`` prints JSON.
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def run(domain: str, seconds: float, channel: int = 1) -> dict:
     import subprocess
     from collections import Counter
 
-    from ..errors import BridgeError
-    from . import pipewire as pw
-    from .pwbridge import status, wait_for_link
+    from ...errors import BridgeError
+    from . import server as pw
+    from .bridge import status, wait_for_link
 
     info = status(domain)
     if not info.get("running"):
@@ -113,7 +113,7 @@ def run(domain: str, seconds: float, channel: int = 1) -> dict:
     target = pw.find_target(env={"PIPEWIRE_REMOTE": info["pipewire"]["remote"]})
     send, receive = f"{pw.CAPTURE_NODE}:send_AUX{channel - 1}", f"{pw.PLAYBACK_NODE}:receive_AUX{channel - 1}"
     env = {**pw.pw_env(target), "JACK_NO_START_SERVER": "1"}
-    argv = ["pw-jack", sys.executable, "-P", "-m", "archdsp_libvirt.audio.pwmeasure", send, receive, str(seconds)]
+    argv = ["pw-jack", sys.executable, "-P", "-m", "archdsp_libvirt.audio.pipewire.measure", send, receive, str(seconds)]
     for attempt in range(3):  # a guest re-makes a loop lost in a manager restart within ~10 s
         r = None
         try:

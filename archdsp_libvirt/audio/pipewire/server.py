@@ -34,7 +34,7 @@ from pathlib import Path
 
 from msgspec import Struct
 
-from ..errors import BridgeError
+from ...errors import BridgeError
 
 MODULE = "libpipewire-module-netjack2-manager"
 CAPTURE_NODE = "netjack-capture"    # host -> VM: the manager's sink; its ports are send_AUXn
