@@ -134,12 +134,14 @@ def _reap(pid: int) -> None:
         pass
 
 
-def spawn_detached(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Owned:
-    """Start ``argv`` in its own session, output to ``log``; it outlives this process."""
+def spawn_detached(argv: list[str], log: Path, env: dict[str, str] | None = None,
+                   pass_fds: tuple[int, ...] = ()) -> Owned:
+    """Start ``argv`` in its own session, output to ``log``; it outlives this process. Of this process's
+    descriptors it inherits only ``pass_fds``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True, env=env, cwd="/")
+                                start_new_session=True, close_fds=True, pass_fds=pass_fds, env=env, cwd="/")
     return Owned.of(proc.pid)
 
 

@@ -39,7 +39,6 @@ import platform
 import select
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -48,7 +47,7 @@ from pathlib import Path
 from msgspec import Struct
 
 from ...errors import BridgeError
-from ...procs import Owned, fd_of
+from ...procs import Owned, fd_of, spawn_detached
 from . import rxqueue
 
 # struct seccomp_notif {u64 id; u32 pid; u32 flags; struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}}
@@ -357,29 +356,23 @@ def spawn(argv: list[str], log: Path, master_ip: str, port: int, env: dict[str, 
           say=print, timeout: float = 10.0, window: float = REPEAT_WINDOW) -> tuple[Owned, Hook]:
     """Start ``argv`` (in its own session, output to ``log``) under the hook."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pipewire.sockhook", str(child.fileno()), "--", *argv],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                close_fds=True, pass_fds=(child.fileno(),), env=env, cwd="/")
+        proc = spawn_detached([sys.executable, "-P", "-m", "archdsp_libvirt.audio.pipewire.sockhook",
+                               str(child.fileno()), "--", *argv], log, env=env, pass_fds=(child.fileno(),))
         child.close()
         parent.settimeout(timeout)
         try:
             msg, fds, _flags, _addr = socket.recv_fds(parent, 200, 1)
         except (TimeoutError, OSError) as e:
-            proc.kill()
-            proc.wait(5)
+            proc.stop(timeout=5)
             raise BridgeError(f"the bind hook did not start {argv[0]}: {e}") from None
         if not fds:
-            proc.wait(5)
+            proc.stop(timeout=5)
             raise BridgeError(f"the bind hook did not start {argv[0]}: {msg.decode(errors='replace')}")
-        return Owned.of(proc.pid), Hook(fds[0], proc.pid, master_ip, port, say=say, window=window)
+        return proc, Hook(fds[0], proc.pid, master_ip, port, say=say, window=window)
     finally:
         parent.close()
         child.close()
-
 
 if __name__ == "__main__":
     sys.exit(_launch(sys.argv[1:]))
