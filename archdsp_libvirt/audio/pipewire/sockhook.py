@@ -55,13 +55,14 @@ _NOTIF = struct.Struct("<QIIiIQ6Q")
 _RESP = struct.Struct("<QqiI")  # struct seccomp_notif_resp {u64 id; s64 val; s32 error; u32 flags}
 
 
-def _iowr(nr: int, size: int) -> int:
-    return (3 << 30) | (size << 16) | (ord("!") << 8) | nr
+def _ioc(direction: int, nr: int, size: int) -> int:
+    """A seccomp ioctl's number (``_IOC``; direction 1 = write, 3 = read and write)."""
+    return (direction << 30) | (size << 16) | (ord("!") << 8) | nr
 
 
-_RECV = _iowr(0, _NOTIF.size)
-_SEND = _iowr(1, _RESP.size)
-_ID_VALID = (1 << 30) | (8 << 16) | (ord("!") << 8) | 2
+_RECV = _ioc(3, 0, _NOTIF.size)
+_SEND = _ioc(3, 1, _RESP.size)
+_ID_VALID = _ioc(1, 2, 8)
 _CONTINUE = 1
 _NO_NEW_PRIVS = 38
 _SET_MODE_FILTER, _NEW_LISTENER = 1, 1 << 3
@@ -164,6 +165,15 @@ class Event(Struct, frozen=True):
     closed: int = 0
 
 
+class Pair(Struct):
+    """The last pair made for a slave address: when, its socket's inode, and the repeats since."""
+
+    made: float
+    inode: int
+    last_packet: float
+    quick_repeats: int = 0
+
+
 class Joins:
     """The last pair the manager made for each slave address, and the join packets repeated since.
 
@@ -175,24 +185,24 @@ class Joins:
 
     def __init__(self, window: float = REPEAT_WINDOW):
         self.window = window
-        self.accepted: dict[str, list] = {}  # remote -> [made at, socket inode, last packet at, quick repeats]
+        self.accepted: dict[str, Pair] = {}  # by the slave's address
         self.refused = 0
 
     def decide(self, remote: str, now: float, live_inodes: set[int]) -> str:
         """``new``, ``repeat`` (refuse it) or ``stray`` (new: the last pair streams to a joining slave)."""
         last = self.accepted.get(remote)
-        if not last or last[1] not in live_inodes or now - last[0] >= self.window:
+        if not last or last.inode not in live_inodes or now - last.made >= self.window:
             return "new"
-        if now - last[2] < QUICK:
-            last[3] += 1
-        last[2] = now
-        if last[3] > STRAY_REPEATS:
+        if now - last.last_packet < QUICK:
+            last.quick_repeats += 1
+        last.last_packet = now
+        if last.quick_repeats > STRAY_REPEATS:
             return "stray"
         self.refused += 1
         return "repeat"
 
     def accept(self, remote: str, now: float, inode: int) -> None:
-        self.accepted[remote] = [now, inode, now, 0]
+        self.accepted[remote] = Pair(now, inode, now)
 
 
 def decide(family: int, host: str, port: int, master_ip: str, want_port: int) -> str:
