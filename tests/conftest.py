@@ -227,7 +227,8 @@ def demo_domain(dsp_guest_files, tmp_path_factory):
     text = (DOMAINS / "demo-dsp.toml").read_text()
     for old, new in (('name = "archdsp-demo"', f'name = "{name}"'), ("source_port = 19000", f"source_port = {port}"),
                      ("isolated_cores = [1]", f"isolated_cores = [{core}]"),
-                     ("[realtime]\nenable = true", f"[realtime]\nenable = {'true' if fifo else 'false'}")):
+                     ("[realtime]\nenable = true", f"[realtime]\nenable = {'true' if fifo else 'false'}"),
+                     ("emulator_priority = 3", f"emulator_priority = {3 if fifo else 0}")):
         assert old in text
         text = text.replace(old, new)
     kernel, initrd = dsp_guest_files
