@@ -110,10 +110,18 @@ def test_ctrl_c_in_a_command_exits_130(monkeypatch, run_dir):
 
 
 def test_process_gone_is_one_line():
+    import signal
+
+    # The signal goes through a pidfd of our own child, taken before it was reaped: it can reach that
+    # process only, never another one that got its PID since.
     child = subprocess.Popen(["true"])
-    child.wait()
-    with pytest.raises(ProcessLookupError) as exc:
-        os.kill(child.pid, 15)  # reaped: the PID names no process (unless reused within this line)
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.wait()
+        with pytest.raises(ProcessLookupError) as exc:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    finally:
+        os.close(pidfd)
     assert describe_os_error(exc.value) == "no such process (the process exited meanwhile; run the command again)"
 
 
