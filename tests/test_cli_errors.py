@@ -77,12 +77,15 @@ def test_permission_denied_on_the_state_folder_is_one_line_with_a_fix(run_dir):
     assert state.exists()
 
 
-def test_a_program_missing_from_path_is_one_line_naming_it(run_dir, tmp_path):
+def test_a_program_missing_from_path_is_one_line_naming_it(run_dir, tmp_path, monkeypatch):
+    import archdsp_libvirt.procs as procs
+
     d, config = run_dir
     (d / "netjack-archdsp-test-err.json").write_text(json.dumps(
         {"server": "archdsp-test-none", "supervisor": None, "server_process": None}))
     empty = tmp_path / "empty-bin"
     empty.mkdir()
+    monkeypatch.setattr(procs, "SAFE_PATH", str(empty))  # as root children get SAFE_PATH, never the caller's
     result = CliRunner(env={"PATH": str(empty)}).invoke(cli, ["netjack", "stop", str(config)])
     line = one_line_error(result)
     assert "cannot run jack_unload: not found on PATH (apt-get install jackd2)" in line
