@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from msgspec import Struct
@@ -134,10 +136,82 @@ def _reap(pid: int) -> None:
         pass
 
 
+# PATH for every child of a root process: the system's folders only, never the caller's.
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_PASSED = frozenset({"LANG", "LANGUAGE", "TERM"})
+RUN_DIR_DEFAULT = "/run/archdsp-libvirt"
+
+
+def child_env(extra: Mapping[str, str] | None = None, *, keep: tuple[str, ...] = (),
+              environ: Mapping[str, str] | None = None, euid: int | None = None) -> dict[str, str]:
+    """The environment of a process this package starts: an allow list, then ``extra``.
+
+    Passed on: LANG, LANGUAGE, LC_*, TERM, and the names in ``keep``. PATH is :data:`SAFE_PATH` as root
+    (the caller's otherwise), HOME root's own home as root (the caller's otherwise). Nothing else: not
+    PIPEWIRE_MODULE_DIR, SPA_PLUGIN_DIR, JACK_DRIVER_DIR, LD_* or PYTHON* (libraries and code a child
+    would load as root), nor ARCHDSP_RUN_DIR. What a child needs of PipeWire or JACK (XDG_RUNTIME_DIR,
+    PIPEWIRE_REMOTE, JACK_DEFAULT_SERVER, ...) the caller sets in ``extra``.
+    """
+    env = os.environ if environ is None else environ
+    root = (os.geteuid() if euid is None else euid) == 0
+    out = {k: v for k, v in env.items() if k in _PASSED or k.startswith("LC_") or k in keep}
+    out["PATH"] = SAFE_PATH if root or not env.get("PATH") else env["PATH"]
+    home = _own_home() if root else env.get("HOME")
+    if home:
+        out["HOME"] = home
+    out.update(extra or {})
+    return out
+
+
+def _own_home() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_dir or "/"
+    except KeyError:
+        return "/"
+
+
+def run_dir(environ: Mapping[str, str] | None = None, euid: int | None = None) -> Path:
+    """The bridge's state folder: ``$ARCHDSP_RUN_DIR``, else /run/archdsp-libvirt.
+
+    Its files name the PIDs ``netjack stop`` kills, so as root the variable is taken only for an
+    absolute path to a directory (not a symbolic link) owned by root that no group or other user may
+    write; anything else is a :class:`UsageError` naming the variable.
+    """
+    from .errors import UsageError
+
+    env = os.environ if environ is None else environ
+    value = env.get("ARCHDSP_RUN_DIR")
+    if not value:
+        return Path(RUN_DIR_DEFAULT)
+    if (os.geteuid() if euid is None else euid) != 0:
+        return Path(value)
+    shown = value if value.isprintable() else repr(value)
+    why = None
+    try:
+        st = os.lstat(value)
+    except OSError as exc:
+        st, why = None, (exc.strerror or "cannot be read").lower()
+    if not os.path.isabs(value):
+        why = "is not an absolute path"
+    elif st is not None and not stat.S_ISDIR(st.st_mode):
+        why = "is a symbolic link" if stat.S_ISLNK(st.st_mode) else "is not a directory"
+    elif st is not None and st.st_uid != 0:
+        why = f"is owned by uid {st.st_uid}, not root"
+    elif st is not None and st.st_mode & 0o022:
+        why = f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if why:
+        raise UsageError(f"ARCHDSP_RUN_DIR={shown} {why}: as root the bridge's state folder must be a root-owned "
+                         f"directory only root may write (mkdir -m 0755); or unset it to use {RUN_DIR_DEFAULT}")
+    return Path(value)
+
+
 def spawn_detached(argv: list[str], log: Path, env: dict[str, str] | None = None,
                    pass_fds: tuple[int, ...] = ()) -> Owned:
     """Start ``argv`` in its own session, output to ``log``; it outlives this process. Of this process's
-    descriptors it inherits only ``pass_fds``."""
+    descriptors it inherits only ``pass_fds``; its environment is ``env``, else :func:`child_env`."""
+    env = child_env() if env is None else env
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

@@ -202,6 +202,41 @@ def busy_cores(uri: str = SYSTEM_URI, ours: str | None = None) -> frozenset[int]
         conn.close()
 
 
+def free_udp_port(lo: int, hi: int, tries: int = 50, rng=None) -> int:
+    """A UDP port in [lo, hi] that nothing holds now: bound once on every address to check (and let go),
+    at most ``tries`` random picks."""
+    import random
+    import socket
+
+    rng = rng or random
+    for _ in range(tries):
+        port = rng.randint(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free UDP port in {lo}-{hi} after {tries} tries")
+
+
+def session_guest_text(text: str, name: str, slave: str, port: int, core: int, fifo: bool,
+                       kernel: Path | str, initrd: Path | str) -> str:
+    """The session's demo guest from domains/demo-dsp.toml's ``text``: a domain name, NETJACK slave name and
+    port of its own (so that a running scripts/demo, slave 'dsp' on 19000, is no neighbour it shares a link
+    with), its vCPU core, and realtime only where the core is its own."""
+    for old, new in (('name = "archdsp-demo"', f'name = "{name}"'), ("source_port = 19000", f"source_port = {port}"),
+                     ('client_name = "dsp"', f'client_name = "{slave}"'),
+                     ("isolated_cores = [1]", f"isolated_cores = [{core}]"),
+                     ("[realtime]\nenable = true", f"[realtime]\nenable = {'true' if fifo else 'false'}"),
+                     ("emulator_priority = 3", f"emulator_priority = {3 if fifo else 0}"),
+                     ("/var/lib/archdsp-libvirt/guest/vmlinuz", str(kernel)),
+                     ("/var/lib/archdsp-libvirt/guest/initrd.img", str(initrd))):
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
 @pytest.fixture(scope="session")
 def demo_domain(dsp_guest_files, tmp_path_factory):
     """One TCG demo guest for the whole session (TCG boots are slow), joined to a host JACK
@@ -212,7 +247,6 @@ def demo_domain(dsp_guest_files, tmp_path_factory):
     (:func:`pick_guest_cores`). The link uses the master's unicast address on libvirt's virbr0
     (no multicast, nothing leaves the machine).
     """
-    import random
     import tomllib
     import uuid as uuidlib
 
@@ -221,18 +255,11 @@ def demo_domain(dsp_guest_files, tmp_path_factory):
     tag = uuidlib.uuid4().hex[:6]
     name = f"archdsp-test-demo-{tag}"
     server = free_jack_server_name()
-    port = random.randint(19100, 19900)
+    port = free_udp_port(19100, 19900)
     online = parse_cpuset(Path("/sys/devices/system/cpu/online").read_text())
     core, fifo = pick_guest_cores(online, busy_cores(ours=name))
-    text = (DOMAINS / "demo-dsp.toml").read_text()
-    for old, new in (('name = "archdsp-demo"', f'name = "{name}"'), ("source_port = 19000", f"source_port = {port}"),
-                     ("isolated_cores = [1]", f"isolated_cores = [{core}]"),
-                     ("[realtime]\nenable = true", f"[realtime]\nenable = {'true' if fifo else 'false'}")):
-        assert old in text
-        text = text.replace(old, new)
-    kernel, initrd = dsp_guest_files
-    text = text.replace("/var/lib/archdsp-libvirt/guest/vmlinuz", str(kernel))
-    text = text.replace("/var/lib/archdsp-libvirt/guest/initrd.img", str(initrd))
+    text = session_guest_text((DOMAINS / "demo-dsp.toml").read_text(), name, f"dsp-{tag}", port, core, fifo,
+                              *dsp_guest_files)
     tomllib.loads(text)
     path = tmp_path_factory.mktemp("demo") / "demo.toml"
     path.write_text(text)

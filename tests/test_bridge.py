@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import archdsp
+from conftest import archdsp, free_udp_port
 
 from archdsp_libvirt import parse_config
 from archdsp_libvirt.audio.jack2.bridge import systemd_unit
@@ -24,7 +23,17 @@ from archdsp_libvirt.audio.jack2.supervisor import _slave_clients, choose_slave
 from archdsp_libvirt.errors import BridgeError
 from archdsp_libvirt.procs import Owned, spawn_detached
 
-RUN = Path("/run/archdsp-libvirt")
+def private_run(tmp_path: Path) -> dict[str, str]:
+    """The environment giving a bridge command a state folder of this test's own (root-owned, 0700), never
+    the real /run/archdsp-libvirt where a user's bridge keeps its state."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
+    return {"ARCHDSP_RUN_DIR": str(run)}
+
+
+def state_of(cfg: Path) -> dict:
+    """The loopback bridge's state file, in the fixture's private state folder."""
+    return json.loads((cfg.parent / "run" / "netjack-archdsp-test-lb.json").read_text())
 
 
 def test_slave_clients_are_the_name_or_jacks_renamed_copies():
@@ -123,16 +132,17 @@ def test_systemd_unit_refuses_a_path_with_a_newline(tmp_path):
 
 def test_bridge_commands_need_netjack_enabled(tmp_path):
     cfg = tmp_path / "nonet.toml"
-    cfg.write_text("isolated_cores = [1]\nmemory_mb = 256\n")
-    r = archdsp("netjack", "start", str(cfg))
+    cfg.write_text(f'name = "archdsp-test-{os.getpid()}-nonet"\nisolated_cores = [1]\nmemory_mb = 256\n')
+    r = archdsp("netjack", "start", str(cfg), env=private_run(tmp_path))
     assert r.returncode == 2 and "archibaldos.netjack.enable" in r.stderr
 
 
 def test_master_ip_must_be_ours(tmp_path):
     cfg = tmp_path / "far.toml"
-    cfg.write_text("isolated_cores = [1]\nmemory_mb = 256\n[archibaldos.netjack]\nenable = true\n"
-                   "master_ip = \"192.0.2.1\"\n")
-    r = archdsp("netjack", "start", "--server", "dummy", str(cfg))
+    cfg.write_text(f'name = "archdsp-test-{os.getpid()}-far"\nisolated_cores = [1]\nmemory_mb = 256\n'
+                   "[archibaldos.netjack]\nenable = true\nmaster_ip = \"192.0.2.1\"\n")
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-far", "--server", "dummy", str(cfg),
+                env=private_run(tmp_path))
     assert r.returncode == 1 and "not an address of this host" in r.stderr
 
 
@@ -159,11 +169,12 @@ def test_a_master_the_lan_reaches_is_refused_unless_allowed(tmp_path):
     cfg = tmp_path / "lan.toml"
     cfg.write_text(f"name = \"archdsp-test-lan\"\nisolated_cores = [1]\nmemory_mb = 256\n"
                    f"[archibaldos.netjack]\nenable = true\nmaster_ip = \"{ip}\"\n")
-    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lan", "--server", "dummy", str(cfg))
+    env = private_run(tmp_path)
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lan", "--server", "dummy", str(cfg), env=env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"archibaldos.netjack.master_ip: {ip} is on " in r.stderr and "allow_lan = true" in r.stderr
     assert "Traceback" not in r.stderr and "started jackd" not in r.stdout
-    assert not json.loads(archdsp("netjack", "status", "--json", str(cfg)).stdout).get("running")
+    assert not json.loads(archdsp("netjack", "status", "--json", str(cfg), env=env).stdout).get("running")
     # allow_lan turns the refusal into the words a start prints (no socket is opened beyond a bind test)
     assert "which carries the default route" in check_master_address(ip, allow_lan=True)
     with pytest.raises(BridgeError):
@@ -171,12 +182,14 @@ def test_a_master_the_lan_reaches_is_refused_unless_allowed(tmp_path):
 
 
 @pytest.fixture
-def loopback(tmp_path):
+def loopback(tmp_path, monkeypatch):
     if os.geteuid() != 0:
         pytest.skip("writes the bridge state under /run: needs root")
     if not shutil.which("jackd"):
         pytest.skip("jackd is not installed (apt-get install jackd2)")
-    port = random.randint(20000, 20900)
+    port = free_udp_port(20000, 20900)
+    for key, value in private_run(tmp_path).items():  # every archdsp() of the test: the private state folder
+        monkeypatch.setenv(key, value)
     cfg = tmp_path / "lb.toml"
     cfg.write_text(f"""
 name = "archdsp-test-lb"
@@ -250,7 +263,7 @@ def test_link_aliases_and_recovery_after_the_host_server_dies(loopback):
     assert c.returncode == 0, c.stderr
 
     # The host JACK server dies: status says so, restart recovers the link.
-    state = json.loads((RUN / "netjack-archdsp-test-lb.json").read_text())
+    state = state_of(cfg)
     Owned(**state["server_process"]).stop()
     deadline = time.monotonic() + 20
     while status(cfg)["running"] and time.monotonic() < deadline:
@@ -303,7 +316,7 @@ def test_concurrent_starts_make_one_bridge_and_a_dead_supervisor_keeps_its_jackd
     assert all(p.returncode == 0 for p in procs), outs
     said = "".join(o for o, _e in outs)
     assert said.count("bridge supervisor pid") == 1 and "already running" in said, said
-    state = json.loads((RUN / "netjack-archdsp-test-lb.json").read_text())
+    state = state_of(cfg)
     sup, srv = Owned(**state["supervisor"]), Owned(**state["server_process"])
     assert sup.alive() and srv.alive()
 
@@ -311,7 +324,7 @@ def test_concurrent_starts_make_one_bridge_and_a_dead_supervisor_keeps_its_jackd
     again = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
     assert again.returncode == 0, again.stderr
     assert f"pid {srv.pid}) it started is kept" in again.stdout
-    assert json.loads((RUN / "netjack-archdsp-test-lb.json").read_text())["server_process"]["pid"] == srv.pid
+    assert state_of(cfg)["server_process"]["pid"] == srv.pid
     assert archdsp("netjack", "stop", str(cfg)).returncode == 0
     assert not srv.alive()  # stop stopped it
 

@@ -77,12 +77,15 @@ def test_permission_denied_on_the_state_folder_is_one_line_with_a_fix(run_dir):
     assert state.exists()
 
 
-def test_a_program_missing_from_path_is_one_line_naming_it(run_dir, tmp_path):
+def test_a_program_missing_from_path_is_one_line_naming_it(run_dir, tmp_path, monkeypatch):
+    import archdsp_libvirt.procs as procs
+
     d, config = run_dir
     (d / "netjack-archdsp-test-err.json").write_text(json.dumps(
         {"server": "archdsp-test-none", "supervisor": None, "server_process": None}))
     empty = tmp_path / "empty-bin"
     empty.mkdir()
+    monkeypatch.setattr(procs, "SAFE_PATH", str(empty))  # as root children get SAFE_PATH, never the caller's
     result = CliRunner(env={"PATH": str(empty)}).invoke(cli, ["netjack", "stop", str(config)])
     line = one_line_error(result)
     assert "cannot run jack_unload: not found on PATH (apt-get install jackd2)" in line
@@ -110,10 +113,18 @@ def test_ctrl_c_in_a_command_exits_130(monkeypatch, run_dir):
 
 
 def test_process_gone_is_one_line():
+    import signal
+
+    # The signal goes through a pidfd of our own child, taken before it was reaped: it can reach that
+    # process only, never another one that got its PID since.
     child = subprocess.Popen(["true"])
-    child.wait()
-    with pytest.raises(ProcessLookupError) as exc:
-        os.kill(child.pid, 15)  # reaped: the PID names no process (unless reused within this line)
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.wait()
+        with pytest.raises(ProcessLookupError) as exc:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    finally:
+        os.close(pidfd)
     assert describe_os_error(exc.value) == "no such process (the process exited meanwhile; run the command again)"
 
 

@@ -59,6 +59,7 @@ class FakeHost:
         self.file("/etc/passwd", "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin\n")
         self.file("/etc/libvirt/qemu.conf", '# stock\n#user = "libvirt-qemu"\n')
         self.file("/var/lib/libvirt/images/archibaldos-dsp.qcow2", "QFI\xfb")  # the default disk image
+        self.file("/proc/meminfo", "MemTotal:       16318372 kB\nHugepagesize:       2048 kB\n")  # 15935 MiB
         self.hugepages(2048, nr=1024, free=1024)
         self.mounts(
             "/dev/nvme0n1p2 / ext4 rw,relatime 0 0",
@@ -389,6 +390,29 @@ def test_governor_skipped_without_cpufreq(fake):
     for cpu in (2, 3):
         fake.remove(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor")
     assert check(fake)["cpu.governor"].status == "skip"
+
+
+# --- the host's RAM ----------------------------------------------------------
+
+
+def test_memory_mb_beyond_the_hosts_ram_fails(fake):
+    f = check(fake, cfg(memory_mb=16 * 1024 * 1024, hugepages=0))["memory.size"]  # 16 TiB on a 16 GiB host
+    assert f.status == "fail"
+    assert f.observed == "memory_mb = 16777216 of 15935 MiB on this host: more than the host has"
+    assert f.fix == "set memory_mb <= 14911"
+
+
+def test_memory_mb_leaving_the_host_too_little_warns(fake):
+    f = check(fake, cfg(memory_mb=15000, hugepages=0))["memory.size"]
+    assert f.status == "warn" and "the host keeps 935 MiB" in f.observed and f.fix
+
+
+def test_memory_size_reads_memtotal_from_the_tree(fake):
+    fake.file("/proc/meminfo", "MemTotal:        1048576 kB\n")  # a 1 GiB host
+    assert check(fake)["memory.size"].status == "fail"  # GOOD asks 2048 MiB
+    fake.file("/proc/meminfo", "Hugepagesize:       2048 kB\n")
+    f = check(fake)["memory.size"]
+    assert f.status == "skip" and "MemTotal" in f.observed
 
 
 # --- hugepages --------------------------------------------------------------

@@ -8,9 +8,11 @@ import json
 import shutil
 import subprocess
 import time
+import tomllib
 
 import pytest
 
+from archdsp_libvirt import parse_config
 from archdsp_libvirt.audio.pipewire import headless, rxqueue
 from archdsp_libvirt.audio.pipewire import server as pw
 from conftest import archdsp, virsh
@@ -49,10 +51,11 @@ def test_guest_joins_pipewire_and_status_names_it(on_pipewire):
         if info["link"] == "up" and len(info["ports"]) == 4:
             break
         time.sleep(2)
-    assert info["link"] == "up" and info["slave"] == "dsp", info
+    slave = parse_config(tomllib.loads(cfg.read_text())).netjack.client_name  # the session guest's own
+    assert info["link"] == "up" and info["slave"] == slave, info
     screen = archdsp("netjack", "status", str(cfg), env=env).stdout
     print(screen)
-    assert "server: PipeWire 1.4" in screen and "link: up (slave 'dsp')" in screen
+    assert "server: PipeWire 1.4" in screen and f"link: up (slave '{slave}')" in screen
     assert "netjack:capture_1 = netjack-capture:send_AUX0" in screen
     port = json.loads(archdsp("netjack", "status", "--json", str(cfg), env=env).stdout)["master"].split(":")[1]
     port = port.split("/")[0]

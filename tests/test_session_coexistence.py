@@ -29,3 +29,46 @@ def test_the_jack_server_name_is_one_no_running_server_holds():
     assert "default" not in JACK_SERVER_NAMES  # the demo's server (JACK_DEFAULT_SERVER unset)
     with pytest.raises(RuntimeError, match="in use"):
         free_jack_server_name(lambda n: True)
+
+
+def test_the_session_guest_shares_no_link_with_a_running_demo():
+    """scripts/demo runs archdsp-demo (slave 'dsp' on port 19000): the neighbours check must let the
+    session's guest start beside it."""
+    import tomllib
+
+    from conftest import DOMAINS, session_guest_text
+
+    from archdsp_libvirt import parse_config
+    from archdsp_libvirt.host.checks.neighbours import check_domains
+    from archdsp_libvirt.host.model import DspDomain, HostModel
+
+    demo = parse_config(tomllib.loads((DOMAINS / "demo-dsp.toml").read_text()))
+    running = DspDomain("archdsp-demo", True, frozenset({1}), netjack_port=demo.netjack.source_port,
+                        netjack_client=demo.netjack.client_name, master_ip=demo.netjack.master_ip)
+    text = session_guest_text((DOMAINS / "demo-dsp.toml").read_text(), "archdsp-test-demo-abc123", "dsp-abc123",
+                              19345, 0, False, "/nonexistent/vmlinuz", "/nonexistent/initrd.img")
+    guest = parse_config(tomllib.loads(text))
+    assert (guest.netjack.client_name, guest.netjack.source_port) == ("dsp-abc123", 19345)
+    found = {f.id: f for f in check_domains(guest, HostModel(domains=(running,)))}
+    assert found["domains.netjack"].status == "ok", found["domains.netjack"]
+
+
+def test_a_udp_port_in_use_is_not_picked():
+    import socket
+
+    from conftest import free_udp_port
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        busy = held.getsockname()[1]
+
+        class Picks:
+            def __init__(self):
+                self.seq = [busy, busy, busy + 1 if busy < 65535 else busy - 1]
+
+            def randint(self, _lo, _hi):
+                return self.seq.pop(0)
+
+        assert free_udp_port(1024, 65535, rng=Picks()) != busy
+        with pytest.raises(RuntimeError, match="no free UDP port"):
+            free_udp_port(busy, busy, tries=3)

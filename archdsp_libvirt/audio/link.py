@@ -14,12 +14,12 @@ from msgspec import Struct
 
 from ..config import DspConfig
 from ..errors import BridgeError, ConfigError
-from ..procs import Owned
+from ..procs import Owned, run_dir
 
 if TYPE_CHECKING:
     from ..host.files import Host
 
-RUN_DIR = Path(os.environ.get("ARCHDSP_RUN_DIR", "/run/archdsp-libvirt"))
+RUN_DIR = run_dir()  # $ARCHDSP_RUN_DIR only where it is safe (procs.run_dir)
 STATUS_PERIOD = 1.0
 
 

@@ -179,25 +179,29 @@ def format_tune(rep: dict) -> str:
 
 
 def apply(config: Path, best: dict, say=print) -> list[str]:
-    """Write the chosen values into the config file, keeping its comments and layout (tomlkit)."""
-    import tomlkit
+    """Write the chosen values into the config file, keeping its comments and layout: through
+    :func:`~archdsp_libvirt.config.write.update_config` (checked before writing, replaced atomically)."""
+    from ..config.write import update_config
 
     path = Path(config)
-    doc = tomlkit.parse(path.read_text())
-    try:
-        nj = doc["archibaldos"]["netjack"]
-    except KeyError:
-        raise ConfigError(f"{path}: archibaldos.netjack: no such table to write the tuned values into") from None
-    changed = []
-    for key in ("buffer_size", "network_latency", "sync"):
-        old = nj.get(key)
-        new = best[key]
-        if old != new:
-            nj[key] = new
-            changed.append(f"archibaldos.netjack.{key}: {old if old is not None else '(default)'} -> "
-                           f"{str(new).lower() if isinstance(new, bool) else new}")
+
+    def edit(doc) -> list[str]:
+        try:
+            nj = doc["archibaldos"]["netjack"]
+        except KeyError:
+            raise ConfigError(f"{path}: archibaldos.netjack: no such table to write the tuned values into") from None
+        changed = []
+        for key in ("buffer_size", "network_latency", "sync"):
+            old = nj.get(key)
+            new = best[key]
+            if old != new:
+                nj[key] = new
+                changed.append(f"archibaldos.netjack.{key}: {old if old is not None else '(default)'} -> "
+                               f"{str(new).lower() if isinstance(new, bool) else new}")
+        return changed
+
+    changed = update_config(path, edit)
     if changed:
-        path.write_text(tomlkit.dumps(doc))
         for c in changed:
             say(f"{path}: {c}")
     else:

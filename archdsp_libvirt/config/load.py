@@ -166,11 +166,16 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> DspConfig:
     return cfg
 
 
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A file's name as a one-line message shows it: one with a newline or an escape is quoted."""
+    text = str(path)
+    return repr(text) if _CONTROL_RE.search(text) else text
+
+
 def load_config(path: str | os.PathLike[str]) -> DspConfig:
     """Read and check a DSP VM description from a TOML file."""
     p = Path(path)
-    # The file's name goes into a one-line message: a name with a newline or an escape is quoted.
-    shown = repr(str(p)) if _CONTROL_RE.search(str(p)) else str(p)
+    shown = shown_path(p)
     try:
         # Opened without blocking (a FIFO would wait for a writer), then refused unless a regular file:
         # /dev/zero or a FIFO would be read for ever.
@@ -188,14 +193,25 @@ def load_config(path: str | os.PathLike[str]) -> DspConfig:
         raise ConfigError(f"{shown}: is a directory; pass the path of a TOML file") from None
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read: {exc.strerror}") from None
+    return config_from_bytes(raw, shown)
+
+
+def decode_config(raw: bytes, shown: str) -> str:
+    """The text of a config file's bytes (UTF-8, a byte order mark taken off), or the one-line error."""
     if len(raw) > CONFIG_MAX_BYTES:
         raise ConfigError(f"{shown}: larger than {CONFIG_MAX_BYTES // 1024} KiB; a DSP VM description is a few lines")
     try:
         # A UTF-8 byte order mark (some editors write one) is not TOML: taken off, as Python's utf-8-sig does.
-        text = raw.decode("utf-8-sig")
-        data = tomllib.loads(text)
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(f"{shown}: not UTF-8 text; a TOML file is expected") from None
+
+
+def config_from_bytes(raw: bytes, shown: str = "<config>") -> DspConfig:
+    """Check a config file's bytes as :func:`load_config` checks the file (``shown`` names it)."""
+    text = decode_config(raw, shown)
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{shown}: invalid TOML: {exc}") from None
     except RecursionError:

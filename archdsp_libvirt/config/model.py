@@ -74,15 +74,34 @@ def _known_rate(v: int) -> None:
         raise Invalid("must be one of " + ", ".join(map(str, SAMPLE_RATES)))
 
 
+_NOT_UNICAST = (ipaddress.IPv4Network("0.0.0.0/8"), ipaddress.IPv4Network("224.0.0.0/4"),
+                ipaddress.IPv4Network("240.0.0.0/4"))  # "this network", multicast, reserved and broadcast
+
+
+def _unicast(addr: ipaddress.IPv4Address, what: str) -> None:
+    if any(addr in net for net in _NOT_UNICAST):
+        raise Invalid(f"must be {what} unicast address, not multicast, broadcast (255.255.255.255), 0.0.0.0/8 "
+                      "or reserved (240.0.0.0/4)")
+
+
 def _master_ip(v: str) -> None:
-    addr = _ip(ipaddress.IPv4Address, v, "an IPv4 address such as 192.168.122.1")
-    if addr.is_multicast or addr.is_unspecified:
-        raise Invalid("must be the master's unicast address, not multicast or 0.0.0.0")
+    # Loopback stays allowed: a slave on the host itself (the bridge's own tests run one on 127.0.0.1);
+    # whether the address is on a VM-only network is `check`'s netjack.master row.
+    _unicast(_ip(ipaddress.IPv4Address, v, "an IPv4 address such as 192.168.122.1"), "the master's")
 
 
 def _guest_ip(v: str | None) -> None:
-    if v is not None:
-        _ip(ipaddress.IPv4Interface, v, "an IPv4 address with prefix such as 192.168.122.50/24")
+    if v is None:
+        return
+    iface = _ip(ipaddress.IPv4Interface, v, "an IPv4 address with prefix such as 192.168.122.50/24")
+    _unicast(iface.ip, "the guest's")
+    if iface.ip.is_loopback:
+        raise Invalid("must be the guest NIC's address, not a loopback address (127.0.0.0/8)")
+    net = iface.network
+    if net.prefixlen <= 30 and iface.ip in (net.network_address, net.broadcast_address):
+        raise Invalid(f"is the {'network' if iface.ip == net.network_address else 'broadcast'} address of {net}; "
+                      "give the guest a host address in it (e.g. "
+                      f"{net.network_address + 50 if net.num_addresses > 52 else net.network_address + 1}/{net.prefixlen})")
 
 
 def _client_name(v: str) -> None:
@@ -109,6 +128,9 @@ class NetjackConfig(_Section, kw_only=True):
     def __post_init__(self) -> None:
         _check(self, {"buffer_size": _power_of_two, "sample_rate": _known_rate, "master_ip": _master_ip,
                       "guest_ip": _guest_ip, "client_name": _client_name})
+        if self.guest_ip is not None and ipaddress.IPv4Interface(self.guest_ip).ip == ipaddress.IPv4Address(self.master_ip):
+            raise Invalid("is master_ip's address: the guest needs an address of its own on the VM's network",
+                          ("guest_ip",))
 
 
 class ArchibaldosConfig(_Section, kw_only=True):
@@ -184,6 +206,11 @@ class RealtimeConfig(_Section, kw_only=True):
     emulator_priority: Annotated[int, Meta(ge=0, le=99)] = 0
     # I/O threads for the disk (<iothreads>, pinned and scheduled like the emulator); 0 = QEMU's main loop.
     iothreads: Annotated[int, Meta(ge=0, le=16)] = 1
+
+    def __post_init__(self) -> None:
+        if self.emulator_priority and not self.enable:
+            raise Invalid("takes effect only with realtime.enable = true (QEMU's threads stay SCHED_OTHER): "
+                          "set emulator_priority = 0, or enable = true", ("emulator_priority",))
 
 
 def _source(v: str) -> None:

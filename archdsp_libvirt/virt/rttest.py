@@ -14,6 +14,7 @@ from msgspec import Struct, structs
 
 from ..config import DspConfig
 from ..errors import ArchdspError
+from ..procs import child_env
 
 BEGIN = "ARCHDSP-RT-BEGIN"
 END = re.compile(r"ARCHDSP-RT-END rc=(\d+)")
@@ -102,7 +103,8 @@ def run(cfg: DspConfig, session, seconds: float, force: bool = False, ssh_user: 
         argv = ["ssh", "-p", str(port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
                 "-o", "ConnectTimeout=10", f"{ssh_user}@{cfg.network.hostfwd_address}", line]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
+                                  env=child_env(keep=("SSH_AUTH_SOCK",)))
         except subprocess.TimeoutExpired:
             raise ArchdspError(f"cyclictest over ssh (port {port}) did not finish within {seconds + 60:g} s") from None
         if proc.returncode == 255:

@@ -31,7 +31,7 @@ from pathlib import Path
 from ...config import DspConfig
 from ...cpuset import format_cpuset
 from ...errors import BridgeError
-from ...procs import Owned, flock_within, spawn_detached
+from ...procs import Owned, child_env, flock_within, spawn_detached
 from .. import placement
 from ..link import (
     STATUS_PERIOD,
@@ -56,8 +56,8 @@ def default_server() -> str:
 
 def jack_env(server: str) -> dict[str, str]:
     """Environment for JACK tools: this server, never auto-started, no D-Bus device reservation."""
-    return {**os.environ, "JACK_DEFAULT_SERVER": server, "JACK_NO_START_SERVER": "1",
-            "JACK_NO_AUDIO_RESERVATION": "1"}
+    return child_env({"JACK_DEFAULT_SERVER": server, "JACK_NO_START_SERVER": "1",
+                      "JACK_NO_AUDIO_RESERVATION": "1"})
 
 
 def open_client(server: str, name: str):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ...errors import BridgeError
-from ...procs import Owned, spawn_detached
+from ...procs import Owned, child_env, spawn_detached
 from . import server as pw
 
 
@@ -35,8 +35,7 @@ def start(directory: Path, user: str | None = None, say=print) -> pw.Target:
         ent = pwd.getpwnam(user)
         os.chown(directory, ent.pw_uid, ent.pw_gid)
         prefix = ["runuser", "-u", user, "--"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPEWIRE_", "JACK_", "SUDO_"))}
-    env.update({"XDG_RUNTIME_DIR": str(directory), "DBUS_SESSION_BUS_ADDRESS": "disabled:"})
+    env = child_env({"XDG_RUNTIME_DIR": str(directory), "DBUS_SESSION_BUS_ADDRESS": "disabled:"})
     if user:
         env.update({"HOME": pwd.getpwnam(user).pw_dir, "USER": user})
     log = Path("/tmp") / f"archdsp-pw-{directory.name}.log"

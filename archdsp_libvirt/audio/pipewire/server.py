@@ -35,6 +35,7 @@ from pathlib import Path
 from msgspec import Struct
 
 from ...errors import BridgeError
+from ...procs import child_env
 
 MODULE = "libpipewire-module-netjack2-manager"
 CAPTURE_NODE = "netjack-capture"    # host -> VM: the manager's sink; its ports are send_AUXn
@@ -104,7 +105,7 @@ def _owner(path: Path) -> int | None:
 
 def pw_env(target: Target, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for PipeWire tools and our manager process: that server, and nothing else's."""
-    env = dict(os.environ if base is None else base)
+    env = child_env() if base is None else dict(base)
     env.update({"PIPEWIRE_RUNTIME_DIR": target.runtime_dir, "PIPEWIRE_REMOTE": target.remote,
                 "XDG_RUNTIME_DIR": target.runtime_dir, "PIPEWIRE_PROPS": JACK_PROPS})
     return env
@@ -295,7 +296,8 @@ def logical_ports(port_names: list[str]) -> dict[str, str]:
 
 def interface_of(ip: str) -> str | None:
     try:
-        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10,
+                             env=child_env())
         for link in json.loads(out.stdout or "[]"):
             if any(a.get("local") == ip for a in link.get("addr_info", [])):
                 return link.get("ifname")
@@ -323,7 +325,8 @@ def nft_rules(domain: str, ifname: str, master_ip: str, port: int) -> str:
 
 def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=15)
+        return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=15,
+                              env=child_env())
     except subprocess.TimeoutExpired:
         raise BridgeError("nft did not answer within 15 s") from None
 

@@ -36,7 +36,7 @@ from ..model import HostModel
 from ..sources import local_model
 from .boot import check_boot_files
 from .cpus import check_cpus
-from .memory import MEMLOCK_FIX, check_hugepages, check_memlock
+from .memory import MEMLOCK_FIX, check_hugepages, check_memlock, check_memory_size
 from .neighbours import check_domains, check_netjack_master
 from .passthrough import check_passthrough
 from .platform import IOMMU_PARAMS, check_iommu, check_kvm, check_libvirt
@@ -63,6 +63,7 @@ CHECK_IDS: tuple[str, ...] = (
     "cpu.threadirqs",
     "cpu.smt",
     "cpu.governor",
+    "memory.size",
     "hugepages.free",
     "hugepages.mount",
     "memlock.limit",
@@ -98,6 +99,7 @@ def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool |
         *check_boot_files(cfg, model),
         *check_iommu(cfg, model),
         *check_cpus(cfg, model),
+        *check_memory_size(cfg, model),
         *check_hugepages(cfg, model),
         *check_memlock(cfg, model),
         *check_realtime(cfg, model),

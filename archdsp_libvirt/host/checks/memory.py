@@ -24,6 +24,28 @@ def _mib(n: int) -> str:
     return f"{n // (1024 * 1024)} MiB"
 
 
+# What the host keeps for itself (kernel, libvirtd, QEMU's own memory, the audio server) below which
+# memory.size warns.
+HOST_KEEPS_MB = 1024
+
+
+def check_memory_size(cfg: DspConfig, model: HostModel) -> list[Finding]:
+    """memory_mb against the host's RAM (MemTotal of /proc/meminfo, or libvirt's getInfo remotely)."""
+    expected = f"memory_mb = {cfg.memory_mb} below the host's RAM, leaving it >= {HOST_KEEPS_MB} MiB"
+    if model.memory_kib is None:
+        where = "/proc/meminfo has no MemTotal" if model.files is not None else "libvirt did not say"
+        return [Finding("memory.size", "skip", f"the host's RAM is unknown ({where})", expected)]
+    total_mb = model.memory_kib // 1024
+    seen = f"memory_mb = {cfg.memory_mb} of {total_mb} MiB on {model.where}"
+    if cfg.memory_mb > total_mb:
+        return [Finding("memory.size", "fail", seen + ": more than the host has", expected,
+                        f"set memory_mb <= {max(total_mb - HOST_KEEPS_MB, 1)}")]
+    if total_mb - cfg.memory_mb < HOST_KEEPS_MB:
+        return [Finding("memory.size", "warn", seen + f": the host keeps {total_mb - cfg.memory_mb} MiB", expected,
+                        f"set memory_mb <= {max(total_mb - HOST_KEEPS_MB, 1)}, or run it on a host with more RAM")]
+    return [Finding("memory.size", "ok", seen, expected)]
+
+
 def check_hugepages(cfg: DspConfig, model: HostModel) -> list[Finding]:
     kib = PAGE_SIZES_KIB[cfg.hugepage_size]
     need = -(-cfg.memory_mb * 1024 // kib)
