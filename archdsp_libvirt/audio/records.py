@@ -21,13 +21,6 @@ from ..procs import Owned
 T = TypeVar("T", bound=Struct)
 
 
-class Kind(Struct):
-    """The first look at a state file: which backend wrote it (None: a state file from before the
-    backends were named, which only one of them wrote)."""
-
-    audio_server: str | None = None
-
-
 class BridgeState(Struct, kw_only=True):
     """What ``netjack start`` started and for which link (``netjack-NAME.json``)."""
 
@@ -44,6 +37,16 @@ class BridgeState(Struct, kw_only=True):
     slave: str
     channels: int
     started: float
+
+
+class Kind(Struct):
+    """The first look at a state file: which backend wrote it (None: a state file from before the
+    backends were named, which only one of them wrote)."""
+
+    WHAT: ClassVar[str] = BridgeState.WHAT
+    FIX: ClassVar[str] = BridgeState.FIX
+
+    audio_server: str | None = None
 
 
 class Seen(Struct, kw_only=True):
