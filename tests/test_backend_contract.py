@@ -295,3 +295,45 @@ def test_the_unit_command_refuses_a_pipewire_unit_without_its_user(tmp_path):
     r = CliRunner().invoke(cli, ["netjack", "unit", "--audio-server", "pipewire", str(conf)])
     assert r.exit_code == 2 and "--pipewire-user USER is needed" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "[Service]" not in r.stdout
+
+
+# --- one host model, one master-address rule ---------------------------------------------------------
+
+ROUTE = ("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+         "virbr0\t007AA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n")  # 192.168.122.0/24, no gateway
+FIB = ("Main:\n  +-- 0.0.0.0/0 3 0 5\n     +-- 192.168.122.0/24 2 0 2\n        |-- 192.168.122.0\n"
+       "           /24 link UNICAST\n        |-- 192.168.122.1\n           /32 host LOCAL\n")
+
+
+def _host(tmp_path, fib=True):
+    from archdsp_libvirt.host.files import Host
+    from archdsp_libvirt.host.sources import local_model
+
+    (tmp_path / "proc/net").mkdir(parents=True)
+    (tmp_path / "proc/net/route").write_text(ROUTE)
+    if fib:
+        (tmp_path / "proc/net/fib_trie").write_text(FIB)
+    return local_model(Host(tmp_path))
+
+
+def test_one_interface_of_for_the_check_and_the_bridges(tmp_path):
+    """The routing table's answer, limited to this host's own addresses: a neighbour's address on the
+    VM's network is not the master's (PipeWire's `ip addr` lookup and the check used to disagree)."""
+    files = _host(tmp_path).files
+    assert files.interface_of("192.168.122.1") == "virbr0"
+    assert files.interface_of("192.168.122.5") is None  # on virbr0's network, but a guest's address
+    assert files.interface_of("not an address") is None
+
+
+def test_one_master_address_rule_for_check_and_start(tmp_path):
+    from archdsp_libvirt.audio.link import check_master_address
+    from archdsp_libvirt.host.checks.neighbours import check_netjack_master
+
+    model = _host(tmp_path)
+    assert check_master_address("192.168.122.1", False, model) is None
+    with pytest.raises(BridgeError, match="192.168.122.5 is not an address of this host: start the VM's network"):
+        check_master_address("192.168.122.5", False, model)
+    cfg = parse_config({"name": "m", "isolated_cores": [1], "memory_mb": 256,
+                        "archibaldos": {"netjack": {"enable": True, "master_ip": "192.168.122.5"}}})
+    found = check_netjack_master(cfg, model)[0]
+    assert found.status == "warn" and "on no interface of this host" in found.observed
