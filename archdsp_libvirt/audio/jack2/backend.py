@@ -70,7 +70,8 @@ class Jack2:
         return measure.budget(cfg, host_backend, host_nperiods, target_ms)
 
     def measure(self, cfg: DspConfig, model: HostModel, seconds: float, channel: int) -> dict:
-        return measure.measure(cfg, model, seconds, channel)
+        return measure.measure(cfg, model, lambda domain, timeout: wait_for_link(self, domain, timeout), seconds,
+                               channel)
 
     def set_period(self, domain: str, frames: int) -> None:
         state = bridge.read_state(domain)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ...config import DspConfig
@@ -90,7 +91,8 @@ def _what_would_meet(cfg: DspConfig, target_ms: float, a: int, backend: str, npe
 _IODELAY_LINE = re.compile(r"^\s*([\d.]+) frames\s+([\d.]+) ms total roundtrip latency", re.M)
 
 
-def measure(cfg: DspConfig, model: HostModel, seconds: float = 6.0, channel: int = 1) -> dict:
+def measure(cfg: DspConfig, model: HostModel, wait_for_link: Callable[[str, float], dict], seconds: float = 6.0,
+            channel: int = 1) -> dict:
     """Round trip host -> netjack:capture_N -> DSP in the VM -> netjack:playback_N -> host, with jack_iodelay.
 
     Needs the bridge up (``archdsp-virt netjack start``). Returns the measured frames (the most frequent
@@ -104,16 +106,14 @@ def measure(cfg: DspConfig, model: HostModel, seconds: float = 6.0, channel: int
     from collections import Counter
 
     from ...procs import Owned
-    from ..backend import wait_for_link
     from ..placement import confine_self
     from ..soak import count_link_events
-    from .backend import BACKEND
     from .bridge import ALIAS_CLIENT, jack_env, open_client, status
 
     info = status(cfg.name)
     if not info.get("running"):
         raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
-    wait_for_link(BACKEND, cfg.name, 30)
+    wait_for_link(cfg.name, 30)
     server = info["server"]
     confine_self(model, cfg.isolated_cores)  # our JACK client and jack_iodelay are real-time threads: not on a vCPU's core
     client = open_client(server, "archdsp-latency")

@@ -69,7 +69,7 @@ class PipeWire:
         return measure.budget(cfg, host_backend, host_nperiods, target_ms)
 
     def measure(self, cfg: DspConfig, model: HostModel, seconds: float, channel: int) -> dict:
-        return measure.run(cfg.name, seconds, channel)
+        return measure.run(cfg.name, lambda domain, timeout: wait_for_link(self, domain, timeout), seconds, channel)
 
     def set_period(self, domain: str, frames: int) -> None:
         raise BridgeError("tune sets the host JACK server's period; PipeWire's graph period is PipeWire's own "

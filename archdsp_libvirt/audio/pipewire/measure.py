@@ -15,6 +15,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..budget import Budget, frames_to_ms
@@ -137,21 +138,19 @@ def budget(cfg: DspConfig, host_backend: str = "dummy", host_nperiods: int = 2,
 
 
 
-def run(domain: str, seconds: float, channel: int = 1) -> dict:
+def run(domain: str, wait_for_link: Callable[[str, float], dict], seconds: float, channel: int = 1) -> dict:
     """Measure through the running PipeWire bridge of ``domain`` (a subprocess under pw-jack)."""
     import subprocess
     from collections import Counter
 
     from ...errors import BridgeError
-    from ..backend import wait_for_link
     from . import server as pw
-    from .backend import BACKEND
     from .bridge import status
 
     info = status(domain)
     if not info.get("running"):
         raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
-    wait_for_link(BACKEND, domain, 30)
+    wait_for_link(domain, 30)
     deadline = time.monotonic() + 30  # the join's backlog drains once the supervisor bounded the queue
     while time.monotonic() < deadline:
         info = status(domain)
