@@ -18,7 +18,6 @@ import pytest
 from conftest import archdsp, free_udp_port
 
 from archdsp_libvirt import parse_config
-from archdsp_libvirt.audio.jack2.bridge import systemd_unit
 from archdsp_libvirt.audio.jack2.supervisor import _slave_clients, choose_slave
 from archdsp_libvirt.errors import BridgeError
 from archdsp_libvirt.procs import Owned, spawn_detached
@@ -70,14 +69,15 @@ def test_choose_slave(present, stale, current, chosen, ignored):
 def test_status_names_ignored_slaves(tmp_path, monkeypatch):
     from archdsp_libvirt.audio import link
     from archdsp_libvirt.audio.jack2 import bridge
+    from archdsp_libvirt.audio.jack2.state import JackSeen, JackState
+    from archdsp_libvirt.audio.records import write_record
 
     monkeypatch.setattr(link, "RUN_DIR", tmp_path)
     me = Owned.of(os.getpid())
     state_file, status_file, _log = link.state_paths("dsp1")
-    link.write_json(state_file, {"server": "s", "server_process": None, "supervisor": me.as_dict(),
-                                    "master_ip": "192.168.122.1", "port": 19000, "slave": "dsp", "started": 0})
-    link.write_json(status_file, {"server": "running", "link": "up", "slave": "dsp", "ignored": ["dsp-99"],
-                                     "ports": {}, "xruns": 0, "updated": time.time()})
+    write_record(state_file, JackState(domain="dsp1", server="s", supervisor=me, master_ip="192.168.122.1",
+                                       port=19000, slave="dsp", channels=2, started=0))
+    write_record(status_file, JackSeen(link="up", slave="dsp", ignored=["dsp-99"], updated=time.time()))
     info = bridge.status("dsp1")
     assert info["ignored"] == ["dsp-99"]
     assert "'dsp-99' ignored: the link follows 'dsp'" in info["problem"]
@@ -88,32 +88,6 @@ def test_status_names_ignored_slaves(tmp_path, monkeypatch):
 def _netjack_cfg(name="dsp1"):
     return parse_config({"name": name, "isolated_cores": [1], "memory_mb": 256,
                          "archibaldos": {"netjack": {"enable": True}}})
-
-
-def test_systemd_unit(tmp_path):
-    cfg_path = tmp_path / "dsp.toml"
-    unit = systemd_unit(_netjack_cfg(), cfg_path, "dummy", None)
-    assert "Description=NETJACK bridge to the DSP VM dsp1" in unit
-    assert f'netjack start --server "dummy" "{cfg_path}"' in unit and f'netjack stop "{cfg_path}"' in unit
-    assert "After=libvirtd.service" in unit and "WantedBy=multi-user.target" in unit
-    assert "Type=oneshot" in unit and "RemainAfterExit=yes" in unit
-    assert "KillMode=process" in unit and "KillMode=none" not in unit
-
-
-def test_systemd_unit_quotes_paths_as_systemd_reads_them(tmp_path):
-    odd = tmp_path / 'my dsp %n $HOME "q" back\\slash'
-    odd.mkdir()
-    cfg_path = odd / "dsp.toml"
-    unit = systemd_unit(_netjack_cfg(), cfg_path, "dummy", "jack %i")
-    quoted = '"' + str(cfg_path).replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$") + '"'
-    assert f"netjack stop {quoted}\n" in unit
-    assert '--jack-server "jack %%i"' in unit
-    if not shutil.which("systemd-analyze"):
-        pytest.skip("systemd-analyze is not installed: the unit is not verified by systemd itself")
-    unit_file = tmp_path / "archdsp-test-bridge.service"
-    unit_file.write_text(unit.replace(unit.split("ExecStart=")[1].split(" ")[0], '"/bin/true"'))
-    r = subprocess.run(["systemd-analyze", "verify", str(unit_file)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "Unbalanced" not in r.stderr and "specifier" not in r.stderr, r.stderr
 
 
 def test_systemd_unit_refuses_a_path_with_a_newline(tmp_path):
@@ -176,9 +150,13 @@ def test_a_master_the_lan_reaches_is_refused_unless_allowed(tmp_path):
     assert "Traceback" not in r.stderr and "started jackd" not in r.stdout
     assert not json.loads(archdsp("netjack", "status", "--json", str(cfg), env=env).stdout).get("running")
     # allow_lan turns the refusal into the words a start prints (no socket is opened beyond a bind test)
-    assert "which carries the default route" in check_master_address(ip, allow_lan=True)
+    from archdsp_libvirt.host.files import Host
+    from archdsp_libvirt.host.sources import local_model
+
+    model = local_model(Host())
+    assert "which carries the default route" in check_master_address(ip, True, model)
     with pytest.raises(BridgeError):
-        check_master_address(ip, allow_lan=False)
+        check_master_address(ip, False, model)
 
 
 @pytest.fixture
@@ -347,5 +325,7 @@ def test_the_supervisor_survives_a_status_file_it_cannot_write(tmp_path, capsys)
     from archdsp_libvirt.audio.jack2.supervisor import _report
 
     (tmp_path / "a-file").write_text("")
-    _report(tmp_path / "a-file" / "status.json", {"link": "up"})  # an OSError, as ENOSPC would be
+    from archdsp_libvirt.audio.jack2.state import JackSeen
+
+    _report(tmp_path / "a-file" / "status.json", JackSeen(link="up"))  # an OSError, as ENOSPC would be
     assert "bridge supervisor: cannot write" in capsys.readouterr().err

@@ -82,7 +82,8 @@ def test_a_program_missing_from_path_is_one_line_naming_it(run_dir, tmp_path, mo
 
     d, config = run_dir
     (d / "netjack-archdsp-test-err.json").write_text(json.dumps(
-        {"server": "archdsp-test-none", "supervisor": None, "server_process": None}))
+        {"domain": "archdsp-test-err", "server": "archdsp-test-none", "supervisor": None, "server_process": None,
+         "master_ip": "127.0.0.1", "port": 19000, "slave": "dsp", "channels": 2, "started": 0}))
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setattr(procs, "SAFE_PATH", str(empty))  # as root children get SAFE_PATH, never the caller's
@@ -91,9 +92,25 @@ def test_a_program_missing_from_path_is_one_line_naming_it(run_dir, tmp_path, mo
     assert "cannot run jack_unload: not found on PATH (apt-get install jackd2)" in line
 
 
-def test_a_partial_state_file_is_an_internal_error_line_and_a_traceback_with_debug(run_dir, monkeypatch):
+def test_a_partial_state_file_is_one_line_naming_the_file(run_dir, monkeypatch):
     d, config = run_dir
-    (d / "netjack-archdsp-test-err.json").write_text(json.dumps({"supervisor": None}))  # no "server"
+    state = d / "netjack-archdsp-test-err.json"
+    state.write_text(json.dumps({"supervisor": None}))  # no "server"
+    monkeypatch.delenv("ARCHDSP_DEBUG", raising=False)
+    for verb in ("status", "stop"):
+        line = one_line_error(CliRunner().invoke(cli, ["netjack", verb, str(config)]))
+        assert line.startswith(f"Error: {state}: not a bridge state this version reads") and "missing required field" in line
+        assert "internal error" not in line and "remove the file" in line
+
+
+def test_an_unexpected_error_is_an_internal_error_line_and_a_traceback_with_debug(run_dir, monkeypatch):
+    _d, config = run_dir
+
+    def broken(_name):
+        return {}["server"]
+
+    monkeypatch.setattr(bridge, "status", broken)
+    (_d / "netjack-archdsp-test-err.json").write_text(json.dumps({"audio_server": "jack"}))
     monkeypatch.delenv("ARCHDSP_DEBUG", raising=False)
     line = one_line_error(CliRunner().invoke(cli, ["netjack", "status", str(config)]))
     assert line.startswith("Error: internal error: KeyError: 'server'") and "please report" in line

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from archdsp_libvirt import load_config, parse_config
-from archdsp_libvirt.audio.pipewire import bridge as pwbridge
 from archdsp_libvirt.audio.pipewire import server as pw
 from archdsp_libvirt.audio.latency import budget, format_budget, report
 from archdsp_libvirt.errors import BridgeError
@@ -152,14 +151,20 @@ def test_the_systemd_unit_binds_master_ip_where_the_kernel_can(tmp_path):
     conf = tmp_path / "d.toml"
     conf.write_text('name = "pwunit"\nisolated_cores = [1]\nmemory_mb = 256\n[archibaldos]\nenable = true\n'
                     '[archibaldos.netjack]\nenable = true\nmaster_ip = "127.0.0.1"\nsource_port = 19008\n')
+    from archdsp_libvirt.audio.backend import StartOptions, render_unit
+    from archdsp_libvirt.audio.pipewire.backend import unit as pw_unit
+
+    me = pwd.getpwuid(os.getuid()).pw_name
     r = subprocess.run([sys.executable, "-m", "archdsp_libvirt", "netjack", "unit", "--audio-server", "pipewire",
-                        str(conf)], capture_output=True, text=True, timeout=60)
+                        "--pipewire-user", me, str(conf)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     start = next(ln for ln in r.stdout.splitlines() if ln.startswith("ExecStart="))
-    assert "netjack start --audio-server pipewire" in start and str(conf) in start
+    assert 'netjack start --audio-server "pipewire"' in start and f'--pipewire-user "{me}"' in start
+    assert str(conf) in start
     assert ("--allow-any-address" in start) is (sockhook.available() is not None)
     # On a kernel without the hook the unit starts the manager behind the nftables rule, and says why.
-    unit = pwbridge.systemd_unit(load_config(conf), conf, None, hook_missing="Linux 5.4 has none")
+    cfg = load_config(conf)
+    unit = render_unit(cfg, conf, pw_unit(cfg, StartOptions(user=me), hook_missing="Linux 5.4 has none"))
     assert "--allow-any-address" in unit and unit.startswith("# This kernel cannot bind the manager to 127.0.0.1 "
                                                              "(Linux 5.4 has none)")
 

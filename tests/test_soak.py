@@ -47,7 +47,8 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def pipewire_rep():
-    return {**rep(), "late_cycles": None, "link_lost": None, "dropped_packets": 15, "predicted_max_frames": 896}
+    return {**rep(), "late_cycles": None, "link_lost": None, "dropped_packets": 15, "predicted_max_frames": 896,
+            "reading_label": "impulse reading (pw-jack)"}  # as the PipeWire backend's measurement names its readings
 
 
 def test_format_soak_on_pipewire_counts_the_packets_the_bounded_queue_dropped():

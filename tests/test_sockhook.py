@@ -116,8 +116,8 @@ def test_a_master_ip_the_host_does_not_have_fails_the_bind(hooked):
     (socket.AF_INET6, "::", 19000, "192.168.122.1", "refuse"),
     (socket.AF_INET, "0.0.0.0", 19000, "fd00::1", "refuse"),         # no IPv4 master to bind to
 ])
-def test_decide(family, host, port, master, want):
-    assert sockhook.decide(family, host, port, master, 19000) == want
+def test_bind_action(family, host, port, master, want):
+    assert sockhook.bind_action(family, host, port, master, 19000) == want
 
 
 def test_parse_sockaddr():

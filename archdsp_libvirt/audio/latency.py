@@ -1,153 +1,37 @@
-"""The latency budget of the NETJACK bridge, computed from measured behaviour.
+"""The latency budget of the NETJACK bridge, and the round trip measured through the VM.
 
-One period is ``buffer_size / sample_rate``. A round trip through the bridge
-(host -> VM -> host) takes ``(L + 1 + c)`` periods, where L is the NETJACK
-network latency in periods and c = 1 when the guest's slave runs
-asynchronously (JACK2's default) with a DSP client in its loop, else 0.
-Measured with jack_iodelay at 96 kHz / 128 frames through the demo guest:
-a direct loop gives 128 frames at L=0, 256 at L=1, 384 at L=2; with
-jack_thru in the loop 256 at L=0 and 384 at L=1; a synchronous slave
-(``jackd -d net -S``) with jack_thru 128 at L=0.
-
-A host backend with real hardware adds its own periods on top (JACK's ALSA
-backend: ``nperiods`` periods of playback buffering); the dummy backend adds none.
+Each backend predicts its own round trip from the link's settings (``budget``) and measures it
+(``measure``); this module asks the one :mod:`.servers` names, compares the two and shows them.
 """
 
 from __future__ import annotations
 
-import re
-import time
-
-from msgspec import Struct, structs
+from typing import TYPE_CHECKING
 
 from ..config import DspConfig
 from ..errors import ConfigError
+from . import servers
+from .budget import Budget, frames_to_ms
 
+if TYPE_CHECKING:
+    from ..host.model import HostModel
 
-class Budget(Struct, frozen=True):
-    sample_rate: int
-    buffer_size: int
-    network_latency: int
-    sync_slave: bool
-    dsp_client: bool
-    host_backend: str
-    host_nperiods: int
-    period_ms: float
-    bridge_frames: int
-    host_frames: int
-    predicted_frames: int
-    predicted_ms: float
-    target_ms: float | None
-    meets_target: bool | None
-    notes: tuple[str, ...]
-    audio_server: str = "jack"
-    predicted_max_frames: int | None = None  # PipeWire: the round trip varies between links (a range)
-
-    def as_dict(self) -> dict:
-        d = structs.asdict(self)
-        d["notes"] = list(self.notes)
-        return d
-
-
-def frames_to_ms(frames: float, rate: int) -> float:
-    return frames * 1000.0 / rate
-
-
-# PipeWire's manager: from JACK2's figure, (L + 1 + c) periods, up to PIPEWIRE_SLACK + L periods more (the
-# cycles its bounded receive queue may hold: L it leaves queued by design, one standing after a late cycle,
-# and where the slave's packets cost more than the bound's estimate, more). Measured at 96 kHz / 128, L = 0,
-# 1, 2 (README, PipeWire).
-PIPEWIRE_SLACK = 5
-PIPEWIRE_MEASURED = ("direct loop through veth, 5 cold joins each: L=0 4..5 periods, L=1 5..6, L=2 7..8; "
-                     "the TCG guest's tap with jack_thru, L=0: 3")
+__all__ = ["Budget", "budget", "format_budget", "format_report", "frames_to_ms", "measure", "report"]
 
 
 def budget(cfg: DspConfig, host_backend: str = "dummy", host_nperiods: int = 2,
-           target_ms: float | None = None, audio_server: str = "jack") -> Budget:
-    """The round trip the config predicts, and whether it meets ``target_ms``."""
-    nj = cfg.netjack
-    if not nj.enable:
+           target_ms: float | None = None, audio_server: str | None = None) -> Budget:
+    """The round trip the config predicts on ``audio_server`` (the registry's default when None), and
+    whether it meets ``target_ms``."""
+    if not cfg.netjack.enable:
         raise ConfigError("archibaldos.netjack.enable: the latency budget is for the NETJACK link; set enable = true")
-    if audio_server == "pipewire":
-        return _pipewire_budget(cfg, target_ms)
-    period = nj.buffer_size
-    rate = nj.sample_rate
-    a = 1 + (1 if nj.dsp_client and not nj.sync else 0)
-    bridge = (nj.network_latency + a) * period
-    host = host_nperiods * period if host_backend == "alsa" else 0
-    total = bridge + host
-    total_ms = frames_to_ms(total, rate)
-    period_ms = frames_to_ms(period, rate)
-    notes = [
-        f"one period = {period} / {rate} Hz = {period_ms:.3f} ms (one way through JACK's cycle)",
-        f"bridge round trip = (L + {a}) x period ({'sync' if nj.sync else 'async'} slave, "
-        f"{'a DSP client' if nj.dsp_client else 'no client'} in the guest's loop)"
-        f": ({nj.network_latency} + {a}) x {period} = {bridge} frames "
-        f"= {frames_to_ms(bridge, rate):.3f} ms",
-        f"'2 x buffer / rate' = {frames_to_ms(2 * period, rate):.3f} ms is two periods (a JACK host's own "
-        f"capture + playback), not the bridge's round trip",
-    ]
-    if host:
-        notes.append(f"host ALSA backend: + {host_nperiods} x {period} = {host} frames of playback buffering")
-    meets = None
-    if target_ms is not None:
-        meets = total_ms <= target_ms + 1e-9
-        if not meets:
-            notes.append(f"target {target_ms:g} ms cannot be met: {total_ms:.3f} ms predicted; "
-                         + _what_would_meet(cfg, target_ms, a, host_backend, host_nperiods))
-    return Budget(
-        sample_rate=rate, buffer_size=period, network_latency=nj.network_latency, sync_slave=nj.sync,
-        dsp_client=nj.dsp_client,
-        host_backend=host_backend, host_nperiods=host_nperiods, period_ms=round(period_ms, 4),
-        bridge_frames=bridge, host_frames=host, predicted_frames=total, predicted_ms=round(total_ms, 4),
-        target_ms=target_ms, meets_target=meets, notes=tuple(notes),
-    )
+    return servers.get(audio_server).budget(cfg, host_backend, host_nperiods, target_ms)
 
 
-def _pipewire_budget(cfg: DspConfig, target_ms: float | None) -> Budget:
-    nj = cfg.netjack
-    period, rate = nj.buffer_size, nj.sample_rate
-    c = 1 if nj.dsp_client and not nj.sync else 0
-    el = nj.network_latency
-    lo, hi = (el + 1 + c) * period, (el + 1 + c + PIPEWIRE_SLACK + el) * period
-    notes = [
-        f"one period = {period} / {rate} Hz = {frames_to_ms(period, rate):.3f} ms",
-        f"PipeWire's NETJACK2 manager: round trip = (L + 1 + {c}) .. (L + 1 + {c} + {PIPEWIRE_SLACK} + L) x period "
-        f"with L = {el}: {lo}..{hi} frames = {frames_to_ms(lo, rate):.3f}..{frames_to_ms(hi, rate):.3f} ms; it "
-        f"varies from one join of the slave to the next with the cycles its bounded receive queue holds "
-        f"(measured: {PIPEWIRE_MEASURED})",
-        "JACK2's netmanager for comparison: (L + 1 + client) x period, the same on every join",
-    ]
-    meets = None
-    if target_ms is not None:
-        meets = frames_to_ms(hi, rate) <= target_ms + 1e-9
-        if not meets:
-            notes.append(f"target {target_ms:g} ms is not always met: up to {frames_to_ms(hi, rate):.3f} ms")
-    return Budget(
-        sample_rate=rate, buffer_size=period, network_latency=nj.network_latency, sync_slave=nj.sync,
-        dsp_client=nj.dsp_client, host_backend="pipewire", host_nperiods=0,
-        period_ms=round(frames_to_ms(period, rate), 4), bridge_frames=lo, host_frames=0, predicted_frames=lo,
-        predicted_ms=round(frames_to_ms(lo, rate), 4), target_ms=target_ms, meets_target=meets, notes=tuple(notes),
-        audio_server="pipewire", predicted_max_frames=hi)
-
-
-def _what_would_meet(cfg: DspConfig, target_ms: float, a: int, backend: str, nperiods: int) -> str:
-    nj = cfg.netjack
-    host_periods = nperiods if backend == "alsa" else 0
-    options = []
-    if a == 2 and frames_to_ms((nj.network_latency + 1 + host_periods) * nj.buffer_size, nj.sample_rate) <= target_ms:
-        options.append("sync = true (a synchronous slave)")
-    for latency in range(nj.network_latency - 1, -1, -1):
-        if frames_to_ms((latency + a + host_periods) * nj.buffer_size, nj.sample_rate) <= target_ms:
-            options.append(f"network_latency = {latency}")
-            break
-    size = nj.buffer_size // 2
-    while size >= 16:
-        if frames_to_ms((nj.network_latency + a + host_periods) * size, nj.sample_rate) <= target_ms:
-            options.append(f"buffer_size = {size}")
-            break
-        size //= 2
-    return ("try " + " or ".join(options)) if options else "no buffer size or network latency reaches it"
+def measure(cfg: DspConfig, model: HostModel, seconds: float = 6.0, channel: int = 1) -> dict:
+    """The round trip host -> VM -> host through the running bridge, measured by its backend: the
+    measured frames (the most frequent reading of the settled second half), every reading, the xruns."""
+    return servers.of_domain(cfg.name).measure(cfg, model, seconds, channel)
 
 
 def format_budget(b: Budget) -> str:
@@ -157,156 +41,12 @@ def format_budget(b: Budget) -> str:
         f"host backend {b.host_backend}",
         f"predicted round trip: {b.predicted_frames} frames = {b.predicted_ms:.3f} ms" if b.predicted_max_frames is None
         else f"predicted round trip: {b.predicted_frames}..{b.predicted_max_frames} frames = {b.predicted_ms:.3f}.."
-             f"{frames_to_ms(b.predicted_max_frames, b.sample_rate):.3f} ms (PipeWire)",
+             f"{frames_to_ms(b.predicted_max_frames, b.sample_rate):.3f} ms ({servers.get(b.audio_server).label})",
     ]
     if b.target_ms is not None:
         lines.append(f"target {b.target_ms:g} ms: {'met' if b.meets_target else 'NOT met'}")
     lines.extend(f"  {n}" for n in b.notes)
     return "\n".join(lines) + "\n"
-
-
-# --- measurement ------------------------------------------------------------------------------
-
-_IODELAY_LINE = re.compile(r"^\s*([\d.]+) frames\s+([\d.]+) ms total roundtrip latency", re.M)
-
-
-def measure(cfg: DspConfig, seconds: float = 6.0, channel: int = 1) -> dict:
-    """Round trip host -> netjack:capture_N -> DSP in the VM -> netjack:playback_N -> host, with jack_iodelay.
-
-    Needs the bridge up (``archdsp-virt netjack start``). Returns the measured frames (the most frequent
-    reading of the second half of the run, when the loop has settled), every reading, and the xruns the
-    server reported meanwhile.
-    """
-    import os
-    import selectors
-    import subprocess
-    import threading
-    from collections import Counter
-
-    from ..procs import Owned
-    from . import servers
-    from .jack2.bridge import (
-        ALIAS_CLIENT,
-        BridgeError,
-        jack_env,
-        open_client,
-        status,
-        wait_for_link,
-    )
-
-    if servers.status(cfg.name).get("audio_server") == "pipewire":
-        from .pipewire.measure import run
-
-        return run(cfg.name, seconds, channel)
-
-    from .soak import count_link_events
-
-    info = status(cfg.name)
-    if not info.get("running"):
-        raise BridgeError(f"the bridge is not running ({info.get('problem')}): archdsp-virt netjack start CONFIG")
-    wait_for_link(cfg.name, 30)
-    server = info["server"]
-    from .placement import confine_self
-
-    confine_self(cfg.isolated_cores)  # our JACK client and jack_iodelay are real-time threads: not on a vCPU's core
-    client = open_client(server, "archdsp-latency")
-    xruns = 0
-    xrun_times: list[float] = []
-    t0 = time.monotonic()
-    counting = True  # off once the soak's time is up: stopping jack_iodelay is no part of the soak
-    lock = threading.Lock()
-
-    def on_xrun(_delay):
-        nonlocal xruns
-        with lock:
-            if counting:
-                xruns += 1
-                xrun_times.append(time.monotonic() - t0)
-
-    client.set_xrun_callback(on_xrun)
-    client.activate()
-    proc = subprocess.Popen(["stdbuf", "-oL", "jack_iodelay"],  # line-buffered: it prints with printf
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=jack_env(server), text=True, start_new_session=True)
-    owned = Owned.of(proc.pid)
-    readings: list[float] = []
-    reading_times: list[float] = []
-    log = info.get("log") if info.get("server_started_by_bridge") else None  # jackd's own output is there
-    log_start = os.path.getsize(log) if log and os.path.exists(log) else 0
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            names = {p.name for p in client.get_ports()}
-            if {"jack_delay:out", "jack_delay:in"} <= names:
-                break
-            time.sleep(0.1)
-        else:
-            raise BridgeError("jack_iodelay did not register its ports within 10 s")
-        _connect_loop(client, channel, timeout=20)
-        with lock:
-            xruns = 0
-            xrun_times.clear()
-            t0 = time.monotonic()
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        os.set_blocking(proc.stdout.fileno(), False)
-        buf = ""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if sel.select(timeout=0.2):
-                chunk = proc.stdout.read() or ""
-                buf += chunk
-                for m in _IODELAY_LINE.finditer(buf):
-                    readings.append(float(m.group(1)))
-                    reading_times.append(round(time.monotonic() - t0, 3))
-                buf = buf[buf.rfind("\n") + 1:]
-            if proc.poll() is not None:
-                break
-    finally:
-        with lock:
-            counting = False
-        owned.stop()
-        proc.wait(timeout=10)
-        try:
-            client.deactivate()
-            client.close()
-        except Exception:  # noqa: BLE001
-            pass
-    if not readings:
-        raise BridgeError(f"jack_iodelay saw no signal come back through {ALIAS_CLIENT}:playback_{channel} in "
-                          f"{seconds:g} s: is the DSP loop in the VM connected? (archdsp-virt console)")
-    settled = readings[len(readings) // 2:]
-    measured = Counter(round(r) for r in settled).most_common(1)[0][0]
-    with lock:
-        times = [round(t, 3) for t in xrun_times]
-    return {"measured_frames": measured, "readings": readings, "reading_times": reading_times, "xruns": xruns,
-            "xrun_times": times, "seconds": seconds, "xruns_per_minute": round(xruns * 60.0 / seconds, 2),
-            "server": server, **count_link_events(log, log_start, cfg.netjack.client_name)}
-
-
-def _connect_loop(client, channel: int, timeout: float) -> None:
-    """Connect jack_iodelay through the VM; the aliases may be re-made a moment after a VM rejoins."""
-    import errno
-
-    import jack
-
-    from .jack2.bridge import ALIAS_CLIENT, BridgeError
-
-    pairs = [("jack_delay:out", f"{ALIAS_CLIENT}:capture_{channel}"),
-             (f"{ALIAS_CLIENT}:playback_{channel}", "jack_delay:in")]
-    deadline = time.monotonic() + timeout
-    pending = list(pairs)
-    while pending:
-        src, dst = pending[0]
-        try:
-            client.connect(src, dst)
-        except jack.JackError as exc:
-            if getattr(exc, "code", None) != errno.EEXIST:  # already connected is done
-                if time.monotonic() > deadline:
-                    raise BridgeError(f"cannot connect jack_iodelay through the VM within {timeout:g} s: {exc}") from None
-                time.sleep(0.5)
-                continue
-        pending.pop(0)
 
 
 def report(cfg: DspConfig, b: Budget, measured: dict | None) -> dict:
@@ -317,7 +57,7 @@ def report(cfg: DspConfig, b: Budget, measured: dict | None) -> dict:
         out["measured_ms"] = round(frames_to_ms(measured["measured_frames"], b.sample_rate), 4)
         out["difference_frames"] = measured["measured_frames"] - b.predicted_frames
         out["matches_prediction"] = abs(out["difference_frames"]) <= 1
-        if b.predicted_max_frames is not None:  # PipeWire: a range
+        if b.predicted_max_frames is not None:  # a range
             out["matches_prediction"] = b.predicted_frames - 1 <= measured["measured_frames"] <= b.predicted_max_frames + 1
     return out
 
@@ -325,7 +65,7 @@ def report(cfg: DspConfig, b: Budget, measured: dict | None) -> dict:
 def format_report(rep: dict, b: Budget) -> str:
     text = format_budget(b)
     if "measured_frames" in rep:
-        if rep.get("predicted_max_frames") is not None:  # PipeWire: a range
+        if rep.get("predicted_max_frames") is not None:  # a range
             verdict = f"{'within' if rep['matches_prediction'] else 'OUTSIDE'} the predicted range"
         else:
             verdict = (f"{'matches' if rep['matches_prediction'] else 'DIFFERS FROM'} the prediction, "

@@ -1,12 +1,9 @@
-"""What both bridge backends (JACK2: :mod:`.jack2`, PipeWire: :mod:`.pipewire`) share: the link as the
-config gives it, the master's address rule, the bridge's state files under /run, and the status screen's
-link lines."""
+"""What every bridge backend shares: the link as the config gives it, the master's address rule (as
+``check`` applies it), where the bridge's files under /run are, and the status screen's link lines."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,10 +11,10 @@ from msgspec import Struct
 
 from ..config import DspConfig
 from ..errors import BridgeError, ConfigError
-from ..procs import Owned, run_dir
+from ..procs import run_dir
 
 if TYPE_CHECKING:
-    from ..host.files import Host
+    from ..host.model import HostModel
 
 RUN_DIR = run_dir()  # $ARCHDSP_RUN_DIR only where it is safe (procs.run_dir)
 STATUS_PERIOD = 1.0
@@ -31,24 +28,6 @@ def run_file(name: str) -> Path:
 def state_paths(name: str) -> tuple[Path, Path, Path]:
     return (RUN_DIR / f"netjack-{name}.json", RUN_DIR / f"netjack-{name}.status.json",
             RUN_DIR / f"netjack-{name}.log")
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def owned(entry: dict | None) -> Owned | None:
-    return Owned(entry["pid"], entry["start"]) if entry else None
 
 
 class Link(Struct, frozen=True):
@@ -74,35 +53,27 @@ class Link(Struct, frozen=True):
                    nj.channels, tuple(cfg.isolated_cores), nj.allow_lan, nj.network_latency)
 
 
-def check_master_address(ip: str, allow_lan: bool = False, host: Host | None = None) -> str | None:
-    """Refuse a master address that is not this host's, or that other machines reach (unless
-    ``allow_lan``): NETJACK has no authentication, and JACK names no slave's source address, so any
-    machine that reaches the port can join the link. Returns the exposure allowed by ``allow_lan``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((ip, 0))
-        except OSError:
-            raise BridgeError(
-                f"archibaldos.netjack.master_ip {ip} is not an address of this host: start the VM's network "
-                "(virsh net-start default) or set master_ip to the host's address on the VM's bridge"
-            ) from None
-    if host is None:  # imported here: `netjack status` never needs the host's files
-        from ..host.files import Host
+def check_master_address(ip: str, allow_lan: bool, model: HostModel) -> str | None:
+    """Refuse a master address that is not this host's, or that other machines reach (unless ``allow_lan``),
+    by the rule ``check`` applies (:func:`~..host.checks.neighbours.master_address`), read from ``model``'s
+    files. Returns the exposure ``allow_lan`` accepted."""
+    from ..host.checks.neighbours import master_address  # here: `netjack status` never needs the host's files
 
-        host = Host()
-    exposed = host.lan_exposure(ip)
-    if exposed and not allow_lan:
-        raise BridgeError(
-            f"archibaldos.netjack.master_ip: {exposed}; any machine there could join the link and take host "
-            "audio: set master_ip to the host's address on the VM's bridge (192.168.122.1 on libvirt's default "
-            "network), or allow_lan = true to accept that"
-        )
-    return exposed
+    if model.files is None:
+        raise BridgeError(f"archibaldos.netjack.master_ip {ip}: the bridge runs on this machine, and "
+                          f"{model.where}'s files are not this machine's")
+    rule = master_address(ip, allow_lan, model.files)
+    if rule.interface is None:
+        raise BridgeError(f"archibaldos.netjack.master_ip {ip} is not an address of this host: {rule.fix}")
+    if rule.status == "fail":
+        raise BridgeError(f"archibaldos.netjack.master_ip: {rule.exposed}; any machine there could join the link "
+                          f"and take host audio: {rule.fix}")
+    return rule.exposed
 
 
-def guard_master(link: Link, say) -> None:
+def guard_master(link: Link, model: HostModel, say) -> None:
     """:func:`check_master_address` for a bridge start, saying so when the LAN may join."""
-    if exposed := check_master_address(link.master_ip, link.allow_lan):
+    if exposed := check_master_address(link.master_ip, link.allow_lan, model):
         say(f"warning: {exposed}; the LAN can join the link (archibaldos.netjack.allow_lan = true)")
 
 

@@ -9,8 +9,12 @@ pins the jackd it starts to the housekeeping cores.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ..cpuset import CpuSet
+
+if TYPE_CHECKING:
+    from ..host.model import HostModel
 
 
 def pin_process(pid: int, cores: CpuSet) -> list[int]:
@@ -29,19 +33,16 @@ def pin_process(pid: int, cores: CpuSet) -> list[int]:
     return pinned
 
 
-def housekeeping_cores(vcpu_cores) -> CpuSet | None:
-    """This machine's housekeeping cores as the host model counts them (online, not the VM's, not
+def housekeeping_cores(model: HostModel, vcpu_cores) -> CpuSet | None:
+    """The host's housekeeping cores as ``model`` counts them (online, not the VM's, not
     kernel-isolated): where the audio server belongs (None: no such core, or unknown)."""
-    from ..host.files import Host
-    from ..host.sources import local_model
-
-    return local_model(Host()).housekeeping(frozenset(vcpu_cores)) or None
+    return model.housekeeping(frozenset(vcpu_cores)) or None
 
 
-def confine_self(vcpu_cores) -> CpuSet | None:
+def confine_self(model: HostModel, vcpu_cores) -> CpuSet | None:
     """Keep this process's calling thread, and every thread and process it makes from now on (JACK
     clients' real-time threads, jack_iodelay, the bridge supervisor), off the VM's cores."""
-    keep = housekeeping_cores(vcpu_cores)
+    keep = housekeeping_cores(model, vcpu_cores)
     if keep:
         try:
             os.sched_setaffinity(0, keep)

@@ -88,7 +88,7 @@ def plot(rep: dict, path: str | os.PathLike[str], title: str = "") -> Path:
         ax1.axhline(rep["predicted_ms"], color="tab:green", linestyle="--", zorder=1,
                     label=f"predicted {rep['predicted_ms']:.3f} ms")
     ax1.plot(times, ms, ".", markersize=4, color="tab:blue", zorder=2,
-             label="impulse reading (pw-jack)" if "dropped_packets" in rep else "jack_iodelay reading")
+             label=rep.get("reading_label", "reading"))
     top = max(ms + [rep.get("predicted_ms") or 0.0, hi_ms or 0.0, 0.1])
     ax1.set_ylim(0, top * 1.25)
     ax1.set_ylabel("round trip (ms)")

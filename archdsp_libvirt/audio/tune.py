@@ -14,12 +14,17 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from msgspec import Struct, structs
 
 from ..config import DspConfig
-from ..errors import ArchdspError, ConfigError
-from .latency import frames_to_ms
+from ..errors import ArchdspError, BridgeError, ConfigError
+from . import servers
+from .budget import frames_to_ms
+
+if TYPE_CHECKING:
+    from ..host.model import HostModel
 
 READY = r"ARCHDSP-READY name="
 FAILED = r"ARCHDSP-FAILED"
@@ -60,19 +65,7 @@ def plan_steps(cfg: DspConfig, sizes, latencies, syncs) -> list[Step]:
     return sorted(steps, key=lambda s: (s.predicted_frames, -s.buffer_size, s.sync))
 
 
-def _set_period(server: str, size: int) -> None:
-    from .jack2.bridge import open_client
-
-    client = open_client(server, "archdsp-tune")
-    try:
-        if client.blocksize != size:
-            client.blocksize = size
-    finally:
-        client.close()
-
-
-def _restart_guest(cfg: DspConfig, session, server: str, size: int, latency: int, sync: bool,
-                   timeout: float) -> None:
+def _restart_guest(cfg: DspConfig, session, size: int, latency: int, sync: bool, timeout: float) -> None:
     """Restart the guest's jackd with ``latency``/``sync`` while the host runs at ``size`` frames.
 
     The guest stops its jackd and waits (a master still serving the old slave keeps sending audio to
@@ -87,7 +80,7 @@ def _restart_guest(cfg: DspConfig, session, server: str, size: int, latency: int
         # The old jackd is stopped; the master for it notices within a few cycles and exits by itself.
         # Only then change the host's period (changing it while a master exits can hang JACK2 1.9.21).
         time.sleep(3)
-        _set_period(server, size)
+        servers.of_domain(cfg.name).set_period(cfg.name, size)
         matched, seen = expect(session, cfg.name, f"{READY}|{FAILED}", timeout)
     if not asked or not matched or FAILED in seen:
         tail = " / ".join(seen.strip().splitlines()[-2:]) or "(no output)"
@@ -96,17 +89,16 @@ def _restart_guest(cfg: DspConfig, session, server: str, size: int, latency: int
                            " and a shell on its console")
 
 
-def run_step(cfg: DspConfig, session, server: str, step: Step, seconds: float, say) -> Step:
-    from .jack2.bridge import BridgeError, wait_for_link
+def run_step(cfg: DspConfig, session, model: HostModel, step: Step, seconds: float, say) -> Step:
     from .latency import measure
 
     say(f"step: buffer_size {step.buffer_size}, network_latency {step.network_latency}, "
         f"sync {str(step.sync).lower()} (predicted {step.predicted_frames} frames = {step.predicted_ms:.3f} ms)")
-    _restart_guest(cfg, session, server, step.buffer_size, step.network_latency, step.sync, timeout=120)
+    _restart_guest(cfg, session, step.buffer_size, step.network_latency, step.sync, timeout=120)
     try:
-        wait_for_link(cfg.name, 60)
+        servers.wait_for_link(cfg.name, 60)
         time.sleep(2)  # the loop settles
-        m = measure(_with(cfg, step), seconds=seconds)
+        m = measure(_with(cfg, step), model, seconds=seconds)
     except BridgeError as err:
         return structs.replace(step, seconds=seconds, problem=str(err))
     held = m["xruns"] == 0
@@ -125,21 +117,19 @@ def _with(cfg: DspConfig, step: Step) -> DspConfig:
     return structs.replace(cfg, archibaldos=structs.replace(cfg.archibaldos, netjack=nj))
 
 
-def tune(cfg: DspConfig, session, sizes, latencies, syncs, seconds: float, every: bool = False,
+def tune(cfg: DspConfig, session, model: HostModel, sizes, latencies, syncs, seconds: float, every: bool = False,
          max_steps: int = 24, say=print) -> dict:
-    from .jack2.bridge import status
-
-    info = status(cfg.name)
+    info = servers.status(cfg.name)
     if not info.get("running") or info.get("link") != "up":
         raise ArchdspError(f"tune needs the VM and the bridge up with the link joined (link: {info.get('link')}, "
                            f"{info.get('problem', '')}): archdsp-virt up CONFIG; archdsp-virt netjack start CONFIG")
-    server = info["server"]
+    servers.of_domain(cfg.name).set_period(cfg.name, cfg.netjack.buffer_size)  # the link's own: refused where tune cannot run
     steps = plan_steps(cfg, sizes, latencies, syncs)[:max_steps]
     done: list[Step] = []
     best = None
     try:
         for step in steps:
-            result = run_step(cfg, session, server, step, seconds, say)
+            result = run_step(cfg, session, model, step, seconds, say)
             done.append(result)
             if result.held and best is None:
                 best = result
@@ -150,7 +140,7 @@ def tune(cfg: DspConfig, session, sizes, latencies, syncs, seconds: float, every
         say(f"restoring the config's settings: buffer_size {nj.buffer_size}, network_latency {nj.network_latency}, "
             f"sync {str(nj.sync).lower()}")
         try:
-            _restart_guest(cfg, session, server, nj.buffer_size, nj.network_latency, nj.sync, timeout=120)
+            _restart_guest(cfg, session, nj.buffer_size, nj.network_latency, nj.sync, timeout=120)
         except ArchdspError as err:
             say(f"warning: could not restore the link's settings: {err}")
     return {"steps": [s.as_dict() for s in done], "best": best.as_dict() if best else None,

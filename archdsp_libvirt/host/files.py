@@ -311,12 +311,20 @@ class Host:
 
     def interface_of(self, ip: str) -> str | None:
         """The interface holding the local IPv4 address ``ip``: the one whose connected route (no gateway)
-        holds it, the longest prefix winning; ``lo`` for 127/8."""
+        holds it, the longest prefix winning; ``lo`` for 127/8. None when ``ip`` is no address of this
+        host (the kernel's ``/proc/net/fib_trie`` lists its own as ``/32 host LOCAL``; a host tree without
+        that file is asked for the route alone). The one answer for ``check`` and both bridge backends."""
         import ipaddress
 
-        addr = ipaddress.IPv4Address(ip)
+        try:
+            addr = ipaddress.IPv4Address(ip)
+        except ValueError:
+            return None
         if addr.is_loopback:
             return "lo"
+        local = self.local_addresses()
+        if local is not None and ip not in local:
+            return None
         best: tuple[int, str] | None = None
         for line in (self.read("/proc/net/route") or "").splitlines()[1:]:
             f = line.split()
@@ -331,6 +339,20 @@ class Host:
             if addr in net and (best is None or net.prefixlen > best[0]):
                 best = (net.prefixlen, f[0])
         return best[1] if best else None
+
+    def local_addresses(self) -> set[str] | None:
+        """This host's own IPv4 addresses as the kernel's FIB lists them (None: no fib_trie to read)."""
+        text = self.read("/proc/net/fib_trie")
+        if text is None:
+            return None
+        found, last = set(), None
+        for line in text.splitlines():
+            words = line.split()
+            if len(words) == 2 and words[0] == "|--":
+                last = words[1]
+            elif last and words[:1] == ["/32"] and "LOCAL" in words:
+                found.add(last)
+        return found
 
     def lan_exposure(self, ip: str) -> str | None:
         """Why other machines can reach ``ip`` (a NETJACK master's address), or None when it sits on a

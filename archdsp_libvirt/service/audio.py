@@ -6,15 +6,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import ConfigError, load_config
-from ..errors import BridgeError
+from ..config import ConfigError, DspConfig, load_config
+from ..host.model import HostModel
+
+
+def _local_model(cfg: DspConfig) -> HostModel:
+    """The host model of an audio command: the bridge runs on this machine, so this machine's files."""
+    from .domain import host_model
+
+    return host_model(cfg, None)
 
 
 def netjack_start(config: Path, say, **options) -> None:
     """``netjack start``: join the host's audio server and start the NETJACK master for CONFIG's VM."""
+    from ..audio.link import Link
     from ..audio.servers import start
 
-    start(load_config(config), say=say, **options)
+    cfg = load_config(config)
+    Link.of(cfg)  # netjack.enable, before the host is read
+    start(cfg, _local_model(cfg), say=say, **options)
 
 
 def netjack_stop(config: Path, say) -> None:
@@ -24,9 +34,12 @@ def netjack_stop(config: Path, say) -> None:
 
 
 def netjack_restart(config: Path, say, wait: float = 0.0, **options) -> None:
+    from ..audio.link import Link
     from ..audio.servers import restart
 
-    restart(load_config(config), wait=wait, say=say, **options)
+    cfg = load_config(config)
+    Link.of(cfg)
+    restart(cfg, _local_model(cfg), wait=wait, say=say, **options)
 
 
 def netjack_status(config: Path, as_json: bool) -> str:
@@ -38,38 +51,25 @@ def netjack_status(config: Path, as_json: bool) -> str:
 
 def netjack_unit(config: Path, audio_server: str, pipewire_user: str | None, jack_server: str | None,
                  start_server: str | None) -> str:
-    """A systemd unit that runs the bridge at boot (JACK2 or PipeWire)."""
-    from ..audio.jack2.bridge import systemd_unit
+    """A systemd unit that runs the bridge at boot, on the backend ``audio_server`` names."""
+    from ..audio import servers
+    from ..audio.backend import StartOptions, render_unit
     from ..audio.link import Link
 
     cfg = load_config(config)
     Link.of(cfg)
-    if audio_server == "pipewire":
-        from ..audio.pipewire.bridge import systemd_unit as pw_unit
-        from ..audio.pipewire.sockhook import available
-
-        return pw_unit(cfg, config, pipewire_user, hook_missing=available())
-    return systemd_unit(cfg, config, start_server, jack_server)
+    options = StartOptions(user=pipewire_user, server=jack_server, start_server=start_server)
+    return render_unit(cfg, config, servers.get(audio_server).unit(cfg, options))
 
 
 def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool, note) -> str:
     """The PipeWire drop-in (or its NixOS form) that loads the NETJACK2 manager with the config's link."""
-    from ..audio.pipewire import server as pw
     from ..audio.link import Link
+    from ..audio.servers import dropin
 
     cfg = load_config(config)
-    link = Link.of(cfg)
-    if not allow_any_address:
-        raise BridgeError(f"PipeWire's netjack2 manager listens on 0.0.0.0:{link.port}/udp, not only on "
-                          f"{link.master_ip}: pass --allow-any-address to print the drop-in anyway (and keep the "
-                          "port to the VM's bridge with a firewall; the NixOS form opens it there only)")
-    args = pw.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
-    latency = cfg.netjack.network_latency
-    if nixos:
-        return pw.nixos(link.domain, args, latency, pw.interface_of(link.master_ip) or "virbr0")
-    note(f"install as ~/.config/pipewire/pipewire.conf.d/{pw.dropin_name(link.domain)} "
-         "(then: systemctl --user restart pipewire)")
-    return pw.dropin(link.domain, args, latency)
+    Link.of(cfg)
+    return dropin(cfg, _local_model(cfg) if nixos else None, nixos, allow_any_address, note)
 
 
 def latency_command(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
@@ -78,12 +78,12 @@ def latency_command(config: Path, measure: bool, seconds: float, target_ms: floa
     from ..audio.latency import budget, format_report, measure as do_measure, report
 
     cfg = load_config(config)
-    if audio_server == "auto":
-        from ..audio.servers import status
+    if audio_server == "auto":  # the running bridge's backend (the default where none runs)
+        from ..audio.servers import of_domain
 
-        audio_server = status(cfg.name).get("audio_server", "jack") if cfg.netjack.enable else "jack"
+        audio_server = of_domain(cfg.name).name if cfg.netjack.enable else None
     b = budget(cfg, host_backend=host_backend, host_nperiods=nperiods, target_ms=target_ms, audio_server=audio_server)
-    rep = report(cfg, b, do_measure(cfg, seconds=seconds) if measure else None)
+    rep = report(cfg, b, do_measure(cfg, _local_model(cfg), seconds=seconds) if measure else None)
     if plot_path:
         from ..audio.soak import plot
 
@@ -127,7 +127,7 @@ def tune_command(config: Path, uri: str | None, sizes, latencies, syncs, seconds
         raise ConfigError(f"{config}: archibaldos.netjack.enable: tune sweeps the NETJACK link; set enable = true")
     ensure_event_loop()
     with Session(uri) as session:
-        rep = tune(cfg, session, sizes, latencies, syncs, seconds, every=every, say=say)
+        rep = tune(cfg, session, _local_model(cfg), sizes, latencies, syncs, seconds, every=every, say=say)
     text = format_tune(rep)
     rep["applied"] = None  # the config is written only with --apply
     if plot_path and rep["steps"]:

@@ -28,23 +28,19 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ...config import DspConfig
+from typing import TYPE_CHECKING
+
 from ...cpuset import format_cpuset
 from ...errors import BridgeError
 from ...procs import Owned, child_env, flock_within, spawn_detached
-from .. import placement
-from ..link import (
-    STATUS_PERIOD,
-    Link,
-    guard_master,
-    ignored_problem,
-    link_lines,
-    owned,
-    read_json,
-    run_file,
-    state_paths,
-    write_json,
-)
+from .. import placement, sockets
+from ..backend import StartOptions, wait_until
+from ..link import STATUS_PERIOD, Link, guard_master, ignored_problem, link_lines, run_file, state_paths
+from ..records import read_record, write_record
+from .state import JackSeen, JackState, Stale
+
+if TYPE_CHECKING:
+    from ...host.model import HostModel
 
 ALIAS_CLIENT = "netjack"
 SUPERVISOR_CLIENT = "archdsp-bridge"
@@ -75,7 +71,8 @@ def open_client(server: str, name: str):
         raise BridgeError(f"no JACK server '{server}' is running") from None
 
 
-def _start_server(link: Link, server: str, kind: str, device: str, nperiods: int, log: Path, say) -> Owned:
+def _start_server(link: Link, model: HostModel, server: str, kind: str, device: str, nperiods: int, log: Path,
+                  say) -> Owned:
     if not shutil.which("jackd"):
         raise BridgeError("jackd is not installed: apt-get install jackd2")
     driver = ["-d", "dummy", "-r", str(link.rate), "-p", str(link.period)]
@@ -84,28 +81,31 @@ def _start_server(link: Link, server: str, kind: str, device: str, nperiods: int
     argv = ["jackd", "-n", server, "-R", "-t", "5000", *driver]
     proc = spawn_detached(argv, log, env=jack_env(server))
     say(f"started jackd '{server}' ({kind}, {link.rate} Hz, {link.period} frames), pid {proc.pid}")
-    keep = placement.housekeeping_cores(link.vcpu_cores)
+    keep = placement.housekeeping_cores(model, link.vcpu_cores)
     if keep:  # off the vCPUs' cores: a FIFO jackd thread there preempts the FIFO vCPU every period
         placement.pin_process(proc.pid, keep)
         say(f"jackd '{server}' pinned to the housekeeping cores {format_cpuset(keep)} (the VM's: "
             f"{format_cpuset(link.vcpu_cores)})")
     else:
         say(f"jackd '{server}' not pinned: no core outside the VM's {format_cpuset(link.vcpu_cores)}")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         if not proc.alive():
             lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
             why = lines[-2:] if lines else ["(no output)"]
             raise BridgeError(f"jackd '{server}' exited at start: {' / '.join(why)} (see {log})")
         try:
             open_client(server, "archdsp-probe").close()
-            if keep:  # the threads jackd made before the first pin
-                placement.pin_process(proc.pid, keep)
-            return proc
         except BridgeError:
-            time.sleep(0.2)
-    proc.stop()
-    raise BridgeError(f"jackd '{server}' did not answer within 10 s; see {log}")
+            return False
+        return True
+
+    if not wait_until(answers, 10, step=0.2):
+        proc.stop()
+        raise BridgeError(f"jackd '{server}' did not answer within 10 s; see {log}")
+    if keep:  # the threads jackd made before the first pin
+        placement.pin_process(proc.pid, keep)
+    return proc
 
 
 def _jack_tool(argv: list[str], server: str, timeout: float = 15) -> subprocess.CompletedProcess:
@@ -147,19 +147,10 @@ def _start_lock(domain: str, timeout: float = 60.0):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def start(cfg: DspConfig, server: str | None = None, start_server: str | None = None, device: str = "hw:0",
-          nperiods: int = 2, wait: float = 0.0, say=print) -> dict:
-    """Bring the host side of the link up (idempotent); wait up to ``wait`` s for the VM to join."""
-    link = Link.of(cfg)
+def start(link: Link, options: StartOptions, model: HostModel, say=print) -> tuple[JackState, bool]:
+    """Bring the host side of the link up (idempotent): the state, and whether this call started it."""
     with _start_lock(link.domain):
-        state = _start(link, server, start_server, device, nperiods, say)
-    if wait and state.get("_fresh"):
-        wait_for_link(link.domain, wait)
-        say(f"link up: slave '{link.slave}' joined")
-    elif wait:
-        wait_for_link(link.domain, wait)
-    state.pop("_fresh", None)
-    return state
+        return _start(link, options, model, say)
 
 
 LOG_MAX_BYTES = 1024 * 1024
@@ -175,26 +166,30 @@ def rotate_log(log: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
         pass
 
 
-def _start(link: Link, server: str | None, start_server: str | None, device: str, nperiods: int, say) -> dict:
+def read_state(domain: str) -> JackState | None:
+    return read_record(state_paths(domain)[0], JackState)
+
+
+def _start(link: Link, options: StartOptions, model: HostModel, say) -> tuple[JackState, bool]:
     state_file, status_file, log = state_paths(link.domain)
     rotate_log(log)
-    state = read_json(state_file)
-    if state and (sup := owned(state.get("supervisor"))) and sup.alive():
-        say(f"bridge for {link.domain} already running on JACK server '{state['server']}'")
-        return state
-    server = server or (state or {}).get("server") or default_server()
-    guard_master(link, say)
-    placement.confine_self(link.vcpu_cores)  # what this starts (jackd, the supervisor) stays off the VM's cores
+    state = read_state(link.domain)
+    if state and state.supervisor and state.supervisor.alive():
+        say(f"bridge for {link.domain} already running on JACK server '{state.server}'")
+        return state, False
+    server = options.server or (state.server if state else None) or default_server()
+    guard_master(link, model, say)
+    placement.confine_self(model, link.vcpu_cores)  # what this starts (jackd, the supervisor) stays off the VM's cores
     # A jackd an earlier start made is still ours when its supervisor died: keep it on the record, so that
     # stop stops it.
-    earlier = owned((state or {}).get("server_process"))
+    earlier = state.server_process if state else None
     owned_server = earlier if earlier is not None and earlier.alive() else None
     if owned_server is not None:
         say(f"the bridge's supervisor had died; jackd '{server}' (pid {owned_server.pid}) it started is kept")
     started: list[Owned] = [owned_server] if owned_server is not None else []
     try:
-        return _start_owned(link, server, start_server, device, nperiods, say, owned_server, log, status_file,
-                            state_file, started)
+        return _start_owned(link, model, server, options, say, owned_server, log, status_file, state_file,
+                            started), True
     except BaseException:
         # Whatever stopped us before the state was written (a JACK error, Ctrl-C, a full /run): leave no
         # jackd with a master and no supervisor behind.
@@ -203,16 +198,16 @@ def _start(link: Link, server: str | None, start_server: str | None, device: str
         raise
 
 
-def _start_owned(link: Link, server: str, start_server: str | None, device: str, nperiods: int, say,
-                 owned_server: Owned | None, log: Path, status_file: Path, state_file: Path,
-                 started: list[Owned]) -> dict:
+def _start_owned(link: Link, model: HostModel, server: str, options: StartOptions, say, owned_server: Owned | None,
+                 log: Path, status_file: Path, state_file: Path, started: list[Owned]) -> JackState:
     try:
         probe = open_client(server, "archdsp-probe")
     except BridgeError:
-        if start_server is None:
+        if options.start_server is None:
             raise BridgeError(f"no JACK server '{server}' is running: start yours (jackd, or PipeWire's JACK), "
                               "or pass --server dummy (or --server alsa) to start one") from None
-        owned_server = _start_server(link, server, start_server, device, nperiods, log, say)
+        owned_server = _start_server(link, model, server, options.start_server, options.device, options.nperiods,
+                                     log, say)
         started.append(owned_server)
         probe = open_client(server, "archdsp-probe")
     try:
@@ -246,37 +241,14 @@ def _start_owned(link: Link, server: str, start_server: str | None, device: str,
         log, env=jack_env(server),
     )
     started.append(sup)
-    state = {
-        "domain": link.domain, "server": server, "server_process": owned_server.as_dict() if owned_server else None,
-        "server_kind": start_server, "device": device, "nperiods": nperiods,
-        "supervisor": sup.as_dict(), "master_ip": link.master_ip, "port": link.port, "slave": link.slave,
-        "channels": link.channels, "started": time.time(),
-    }
-    write_json(state_file, state)
+    state = JackState(domain=link.domain, server=server, server_process=owned_server, server_kind=options.start_server,
+                      device=options.device, nperiods=options.nperiods, supervisor=sup, master_ip=link.master_ip,
+                      port=link.port, slave=link.slave, channels=link.channels, started=time.time())
+    write_record(state_file, state)
     started.clear()  # on the record now: stop stops them
     say(f"bridge supervisor pid {sup.pid}: VM ports as {ALIAS_CLIENT}:capture_N (host -> VM) and "
         f"{ALIAS_CLIENT}:playback_N (VM -> host)")
-    return {**state, "_fresh": True}
-
-
-def wait_for_link(domain: str, timeout: float) -> dict:
-    """Block until the VM's slave has joined, or :class:`BridgeError` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    info: dict = {}
-    while time.monotonic() < deadline:
-        info = status(domain)
-        if info.get("link") == "up":
-            return info
-        if not info.get("running"):
-            break
-        time.sleep(0.25)
-    state = read_json(state_paths(domain)[0]) or {}
-    raise BridgeError(
-        f"the guest side of the link is missing: no NETJACK slave '{state.get('slave', '?')}' joined "
-        f"{state.get('master_ip', '?')}:{state.get('port', '?')} within {timeout:g} s "
-        f"(is the VM up and its JACK running? archdsp-virt status / console)"
-        if info.get("running") else f"the bridge for {domain} is not running: {info.get('problem', 'stopped')}"
-    )
+    return state
 
 
 def stop(domain: str, say=print) -> bool:
@@ -287,15 +259,15 @@ def stop(domain: str, say=print) -> bool:
 
 def _stop(domain: str, say) -> bool:
     state_file, status_file, _log = state_paths(domain)
-    state = read_json(state_file)
+    state = read_state(domain)
     if not state:
         say(f"bridge for {domain} is not running")
         return False
-    sup = owned(state.get("supervisor"))
+    sup = state.supervisor
     if sup and sup.stop():
         say(f"stopped bridge supervisor (pid {sup.pid})")
-    server = state["server"]
-    srv = owned(state.get("server_process"))
+    server = state.server
+    srv = state.server_process
     if srv is None:  # someone else's server: take our master out of it, leave the server alone
         try:
             r = _jack_tool(["jack_unload", "netmanager", server], server, timeout=20)
@@ -317,11 +289,10 @@ def forget_slave(domain: str, say=print) -> list[str]:
     ``NAME-01``. The supervisor then ignores the stale ones, and the aliases follow the new slave.
     (Unloading the master instead can deadlock JACK2 1.9.21 while a master is exiting.)
     """
-    _state_file, status_file, _log = state_paths(domain)
-    seen = read_json(status_file) or {}
-    stale = sorted(seen.get("clients", []))
+    seen = read_record(state_paths(domain)[1], JackSeen) or JackSeen()
+    stale = sorted(seen.clients)
     if stale:
-        write_json(_exclude_path(domain), {"stale": stale})
+        write_record(_exclude_path(domain), Stale(stale))
         say(f"bridge: the old NETJACK slave {', '.join(stale)} is stale; the VM's new slave takes the aliases")
     return stale
 
@@ -330,49 +301,50 @@ def _exclude_path(domain: str) -> Path:
     return run_file(f"netjack-{domain}.stale.json")
 
 
-def restart(cfg: DspConfig, wait: float = 0.0, say=print, **overrides) -> dict:
-    """Stop and start again with the options of the last start (``dsp-netjack-restart``)."""
-    state = read_json(state_paths(cfg.name)[0]) or {}
-    stop(cfg.name, say=say)
-    opts = {"server": state.get("server"), "start_server": state.get("server_kind"),
-            "device": state.get("device", "hw:0"), "nperiods": state.get("nperiods", 2)}
-    opts.update({k: v for k, v in overrides.items() if v is not None})
-    return start(cfg, wait=wait, say=say, **opts)
+def listening(state: JackState) -> list[str]:
+    """Where the master's port is bound, as the kernel says: the sockets of the jackd the bridge started,
+    else (a server it joined, whose PID it does not know) every socket on the port."""
+    if state.server_process is not None:
+        return sockets.listening(state.server_process.pid, state.port)
+    return sockets.bound(state.port)
 
 
 def status(domain: str) -> dict:
     """The bridge as data: server, link up/down, ports, xruns since start."""
-    state_file, status_file, log = state_paths(domain)
-    state = read_json(state_file)
+    _state_file, status_file, log = state_paths(domain)
+    state = read_state(domain)
     if not state:
         return {"running": False, "problem": "not started (archdsp-virt netjack start CONFIG)"}
-    sup = owned(state.get("supervisor"))
-    srv = owned(state.get("server_process"))
-    seen = read_json(status_file) or {}
+    sup, srv = state.supervisor, state.server_process
+    got = read_record(status_file, JackSeen)
+    seen = got or JackSeen()
+    where = listening(state)
     info = {
         "running": bool(sup and sup.alive()),
-        "server": state["server"],
+        "audio_server": state.audio_server,
+        "server": state.server,
         "server_pid": srv.pid if srv else None,
         "server_started_by_bridge": srv is not None,
-        "server_alive": seen.get("server") == "running" if srv is None else srv.alive(),
-        "master": f"{state['master_ip']}:{state['port']}/udp",
-        "slave": seen.get("slave"),
-        "ignored": seen.get("ignored", []),
-        "link": seen.get("link", "down"),
-        "ports": seen.get("ports", {}),
-        "xruns": seen.get("xruns", 0),
-        "since": state["started"],
-        "link_changed": seen.get("link_changed"),
+        "server_alive": seen.server == "running" if srv is None else srv.alive(),
+        "master": f"{state.master_ip}:{state.port}/udp",
+        "listening": ", ".join(f"{a}/udp" for a in where) if where else "?",
+        "slave": seen.slave,
+        "ignored": seen.ignored,
+        "link": seen.link,
+        "ports": seen.ports,
+        "xruns": seen.xruns,
+        "since": state.started,
+        "link_changed": seen.link_changed,
         "log": str(log),
     }
     if not info["running"]:
         info["link"] = "down"
         info["problem"] = ("the JACK server went away (archdsp-virt netjack restart)"
-                           if seen.get("server") == "gone" else "the bridge supervisor is not running")
-    elif seen and time.time() - seen.get("updated", 0) > 5 * STATUS_PERIOD + 5:
+                           if seen.server == "gone" else "the bridge supervisor is not running")
+    elif got and time.time() - seen.updated > 5 * STATUS_PERIOD + 5:
         info["problem"] = "the bridge supervisor stopped reporting"
     elif info["ignored"]:
-        info["problem"] = ignored_problem(info["ignored"], info["slave"], state["slave"], state["master_ip"])
+        info["problem"] = ignored_problem(info["ignored"], info["slave"], state.slave, state.master_ip)
     return info
 
 
@@ -381,49 +353,6 @@ def format_status(info: dict) -> list[str]:
     if not info.get("running") and "server" not in info:
         return lines + [f"  {info.get('problem')}"]
     owner = f"started by the bridge, pid {info['server_pid']}" if info["server_started_by_bridge"] else "external"
-    lines.append(f"  server: JACK '{info['server']}' ({owner})   master: {info['master']}")
+    lines.append(f"  server: JACK '{info['server']}' ({owner})   master: {info['master']}   "
+                 f"listening: {info.get('listening', '?')}")
     return lines + link_lines(info)
-
-
-def systemd_unit(cfg: DspConfig, config_path: Path, server_kind: str | None, server: str | None) -> str:
-    """A unit that runs the bridge like the original design's dsp-netjack-bridge.service.
-
-    Every word of the command lines is quoted as systemd.syntax(7) and systemd.service(5) read them
-    (``"..."`` with ``\\`` and ``\"`` escaped, ``%`` as ``%%``, ``$`` as ``$$``); a word with a
-    control character (a newline would start a new directive) is refused.
-    """
-    import re
-
-    from ...errors import UsageError
-
-    def word(what: str, value: str) -> str:
-        if re.search(r"[\x00-\x1f\x7f]", value):
-            raise UsageError(f"{what} {value!r} holds a control character, which a systemd unit cannot carry; "
-                             "use a path without one")
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
-        return f'"{escaped}"'
-
-    exe = word("the archdsp-virt path", shutil.which("archdsp-virt") or "archdsp-virt")
-    opts = "".join([f" --jack-server {word('--jack-server', server)}" if server else "",
-                    f" --server {word('--server', server_kind)}" if server_kind else ""])
-    cfg_path = word("the config path", str(Path(config_path).resolve()))
-    description = cfg.name.replace("%", "%%")
-    return (
-        "[Unit]\n"
-        f"Description=NETJACK bridge to the DSP VM {description}\n"
-        "After=libvirtd.service sound.target\n"
-        "Wants=libvirtd.service\n\n"
-        "[Service]\n"
-        "Type=oneshot\n"
-        "RemainAfterExit=yes\n"
-        f"ExecStart={exe} netjack start{opts} {cfg_path}\n"
-        f"ExecStop={exe} netjack stop {cfg_path}\n"
-        f"ExecReload={exe} netjack restart {cfg_path}\n"
-        "# `netjack start` exits once the bridge runs; the supervisor and a jackd it started stay in this\n"
-        "# unit's cgroup (detached into sessions of their own, which does not take them out of it).\n"
-        "# ExecStop stops them by PID, the NETJACK master first; KillMode=process leaves the rest of the\n"
-        "# cgroup to it instead of SIGTERMing jackd mid-unload (and is not the deprecated 'none').\n"
-        "KillMode=process\n\n"
-        "[Install]\n"
-        "WantedBy=multi-user.target\n"
-    )

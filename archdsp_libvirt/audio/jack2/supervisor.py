@@ -19,15 +19,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ...errors import ArchdspError
+from ..link import STATUS_PERIOD
+from ..records import read_record, write_record
 from .bridge import ALIAS_CLIENT, SUPERVISOR_CLIENT, open_client
-from ..link import STATUS_PERIOD, read_json, write_json
+from .state import JackSeen, Stale
 
 
-def _report(path: Path, data: dict) -> None:
+def _report(path: Path, seen: JackSeen) -> None:
     """Write the status file; a full or read-only /run (ENOSPC, EROFS) skips one report, it does not end the
     supervisor (the aliases matter more than the screen)."""
     try:
-        write_json(path, data)
+        write_record(path, seen)
     except OSError as exc:
         print(f"bridge supervisor: cannot write {path}: {exc.strerror}", file=sys.stderr)
 
@@ -95,12 +97,15 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
     try:
         while not stop_flag.is_set():
             if gone.is_set():
-                _report(status_file, {"server": "gone", "link": "down", "xruns": xruns, "updated": time.time(),
-                                          "since": started, "link_changed": time.time(), "ports": {}})
+                _report(status_file, JackSeen(server="gone", link="down", xruns=xruns, updated=time.time(),
+                                              since=started, link_changed=time.time()))
                 return 3
             names = [p.name for p in client.get_ports()]
             clients = _slave_clients(names, slave)
-            stale = set((read_json(exclude_file) or {}).get("stale", []))
+            try:
+                stale = set((read_record(exclude_file, Stale) or Stale()).stale)
+            except ArchdspError:  # not what the bridge writes: no slave is stale
+                stale = set()
             if stale and not stale & set(clients):
                 exclude_file.unlink(missing_ok=True)  # the stale slaves are gone
                 stale = set()
@@ -121,10 +126,9 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
             now_up = "up" if current and len(ports) == 2 * channels else "down"
             if now_up != link:
                 link, changed = now_up, time.time()
-            _report(status_file, {"server": "running", "link": link, "slave": current, "ports": ports,
-                                      "clients": sorted(clients), "ignored": ignored,
-                                      "xruns": xruns, "updated": time.time(), "since": started,
-                                      "link_changed": changed})
+            _report(status_file, JackSeen(server="running", link=link, slave=current, ports=ports,
+                                          clients=sorted(clients), ignored=ignored, xruns=xruns,
+                                          updated=time.time(), since=started, link_changed=changed))
             stop_flag.wait(STATUS_PERIOD if link == "up" else 0.25)
     finally:
         try:

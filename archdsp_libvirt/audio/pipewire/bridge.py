@@ -16,22 +16,21 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from ...errors import BridgeError
 from ...procs import spawn_detached
-from . import server as pw
+from ..backend import StartOptions, wait_until
+from ..link import STATUS_PERIOD, Link, guard_master, ignored_problem, link_lines, state_paths
+from ..records import read_record, write_record
 from . import rxqueue, sockhook
-from ..link import (
-    STATUS_PERIOD,
-    Link,
-    guard_master,
-    ignored_problem,
-    link_lines,
-    owned,
-    read_json,
-    state_paths,
-    write_json,
-)
+from . import server as pw
+from .state import Joined, PipeWireSeen, PipeWireState
+
+if TYPE_CHECKING:
+    from ...host.model import HostModel
 
 
 def _conf_path(domain: str) -> Path:
@@ -55,17 +54,24 @@ def resolve(user: str | None, remote: str | None = None) -> tuple[pw.Target, dic
     return target, info
 
 
-def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: float = 0.0, say=print,
-          remote: str | None = None) -> dict:
-    link = Link.of(cfg)
+def read_state(domain: str) -> PipeWireState | None:
+    return read_record(state_paths(domain)[0], PipeWireState)
+
+
+def read_seen(domain: str) -> PipeWireSeen | None:
+    return read_record(state_paths(domain)[1], PipeWireSeen)
+
+
+def start(link: Link, options: StartOptions, model: HostModel, say=print) -> tuple[PipeWireState, bool]:
+    """Start the manager for ``link`` in the user's PipeWire (idempotent): the state, and whether this
+    call started it."""
+    user, remote, allow_any_address = options.user, options.remote, options.allow_any_address
     state_file, status_file, log = state_paths(link.domain)
-    state = read_json(state_file)
-    if state and (sup := owned(state.get("supervisor"))) and sup.alive():
-        say(f"bridge for {link.domain} already running on PipeWire ({state['pipewire']['remote']})")
-        if wait:
-            wait_for_link(link.domain, wait)
-        return state
-    guard_master(link, say)
+    state = read_state(link.domain)
+    if state and state.supervisor and state.supervisor.alive():
+        say(f"bridge for {link.domain} already running on PipeWire ({state.pipewire.remote})")
+        return state, False
+    guard_master(link, model, say)
     if not pw.module_installed():
         raise BridgeError(f"this PipeWire has no {pw.MODULE} (PipeWire >= 1.2 has it; on Debian 12 run "
                           "scripts/install-test-deps, which takes PipeWire from bookworm-backports)")
@@ -73,7 +79,7 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     version = core.get("version", "?")
     say(f"PipeWire {version} of user {core.get('user-name') or target.user or '?'} at {target.remote} "
         f"(found by {target.how})")
-    ifname = pw.interface_of(link.master_ip)
+    ifname = model.files.interface_of(link.master_ip) if model.files is not None else None
     if ifname is None:
         raise BridgeError(f"archibaldos.netjack.master_ip {link.master_ip} is on no interface of this host: start "
                           "the VM's network (virsh net-start default)")
@@ -102,61 +108,41 @@ def start(cfg, user: str | None = None, allow_any_address: bool = False, wait: f
     if shutil.which("pw-jack"):
         argv = ["pw-jack", *argv]
     sup = spawn_detached(argv, log, env=pw.pw_env(target))
-    state = {"domain": link.domain, "audio_server": "pipewire", "server": f"PipeWire {version}",
-             "pipewire": {"remote": target.remote, "user": core.get("user-name") or target.user, "how": target.how,
-                          "version": version},
-             "supervisor": sup.as_dict(), "master_ip": link.master_ip, "port": link.port, "slave": link.slave,
-             "channels": link.channels, "nft_table": table, "interface": ifname,
-             "allow_any_address": allow_any_address, "started": time.time()}
-    write_json(state_file, state)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (read_json(status_file) or {}).get("manager"):
-        if not sup.alive():
-            break
-        time.sleep(0.2)
-    seen = read_json(status_file) or {}
-    if not seen.get("manager"):
+    state = PipeWireState(
+        domain=link.domain, server=f"PipeWire {version}",
+        pipewire=Joined(remote=target.remote, user=core.get("user-name") or target.user, how=target.how,
+                        version=version),
+        supervisor=sup, master_ip=link.master_ip, port=link.port, slave=link.slave, channels=link.channels,
+        nft_table=table, interface=ifname, allow_any_address=allow_any_address, started=time.time())
+    write_record(state_file, state)
+
+    def manager() -> object:
+        seen = read_seen(link.domain)
+        return (seen and seen.manager) or not sup.alive()
+
+    wait_until(manager, 10, step=0.2)
+    seen = read_seen(link.domain)
+    if not (seen and seen.manager):
         stop(link.domain, say=lambda _m: None)
         raise BridgeError(f"the NETJACK2 manager did not start in PipeWire; see {log}")
-    say(f"NETJACK2 master (PipeWire's {pw.MODULE}, pid {seen['manager']['pid']}) for slaves at "
+    say(f"NETJACK2 master (PipeWire's {pw.MODULE}, pid {seen.manager.pid}) for slaves at "
         f"{link.master_ip}:{link.port}/udp; supervisor pid {sup.pid}")
     say(f"VM ports: {pw.CAPTURE_NODE}:send_AUXn (host -> VM) and {pw.PLAYBACK_NODE}:receive_AUXn (VM -> host); "
         f"JACK clients see these names with PIPEWIRE_PROPS='{pw.JACK_PROPS}' pw-jack ...")
-    if wait:
-        wait_for_link(link.domain, wait)
-        say(f"link up: slave '{link.slave}' joined")
-    return state
-
-
-def wait_for_link(domain: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    info: dict = {}
-    while time.monotonic() < deadline:
-        info = status(domain)
-        if info.get("link") == "up" or not info.get("running"):
-            break
-        time.sleep(0.25)
-    if info.get("link") == "up":
-        return info
-    state = read_json(state_paths(domain)[0]) or {}
-    raise BridgeError(
-        f"the guest side of the link is missing: no NETJACK slave joined PipeWire's manager at "
-        f"{state.get('master_ip', '?')}:{state.get('port', '?')} within {timeout:g} s "
-        f"(is the VM up and its JACK running? archdsp-virt status / console)"
-        if info.get("running") else f"the bridge for {domain} is not running: {info.get('problem', 'stopped')}")
+    return state, True
 
 
 def stop(domain: str, say=print) -> bool:
     state_file, status_file, _log = state_paths(domain)
-    state = read_json(state_file)
+    state = read_state(domain)
     if not state:
         say(f"bridge for {domain} is not running")
         return False
-    seen = read_json(status_file) or {}
-    sup = owned(state.get("supervisor"))
+    seen = read_seen(domain) or PipeWireSeen()
+    sup = state.supervisor
     if sup and sup.stop():
         say(f"stopped bridge supervisor (pid {sup.pid})")
-    mgr = owned(seen.get("manager"))
+    mgr = seen.manager
     if mgr and mgr.stop(timeout=5):
         say(f"stopped the NETJACK2 manager (pid {mgr.pid}); its nodes left PipeWire with it")
     if pw.drop_guard(domain):
@@ -168,57 +154,64 @@ def stop(domain: str, say=print) -> bool:
 
 def forget_slave(domain: str, say=print) -> list[str]:
     """The VM is about to (re)start: restart the manager, so its old slave's nodes go."""
-    seen = read_json(state_paths(domain)[1]) or {}
-    _restart_request(domain).write_text("restart\n")
-    deadline = time.monotonic() + 10
-    while _restart_request(domain).exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    seen = read_seen(domain) or PipeWireSeen()
+    request = _restart_request(domain)
+    request.write_text("restart\n")
+    wait_until(lambda: not request.exists(), 10, step=0.2)
     say("bridge: restarted PipeWire's NETJACK2 manager for the VM's new slave")
-    return [seen["slave"]] if seen.get("slave") else []
+    return [seen.slave] if seen.slave else []
 
 
 def status(domain: str) -> dict:
-    state_file, status_file, log = state_paths(domain)
-    state = read_json(state_file) or {}
-    sup = owned(state.get("supervisor"))
-    seen = read_json(status_file) or {}
+    _state_file, _status_file, log = state_paths(domain)
+    state = read_state(domain)
+    if state is None:
+        return {"running": False, "audio_server": "pipewire", "problem": "not started (archdsp-virt netjack start CONFIG)"}
+    got = read_seen(domain)
+    seen = got or PipeWireSeen()
+    sup = state.supervisor
     info = {
-        "running": bool(sup and sup.alive()), "audio_server": "pipewire", "server": state.get("server"),
-        "pipewire": state.get("pipewire"), "server_pid": None, "server_started_by_bridge": False,
-        "server_alive": seen.get("server") == "running",
-        "master": f"{state.get('master_ip')}:{state.get('port')}/udp",
-        "listening": listening_text(state, seen.get("listening")),
-        "slave": seen.get("slave"), "ignored": seen.get("ignored", []), "link": seen.get("link", "down"),
-        "ports": seen.get("ports", {}),
-        "pairs": seen.get("pairs", 0), "nodes": seen.get("nodes", []), "manager_restarts": seen.get("restarts", 0),
-        "manager_pid": (seen.get("manager") or {}).get("pid"), "queues": seen.get("queues", []),
-        "joins": seen.get("joins"),
-        "xruns": seen.get("xruns", 0), "since": state.get("started"), "link_changed": seen.get("link_changed"),
+        "running": bool(sup and sup.alive()), "audio_server": state.audio_server, "server": state.server,
+        "pipewire": msgspec.to_builtins(state.pipewire), "server_pid": None, "server_started_by_bridge": False,
+        "server_alive": seen.server == "running",
+        "master": f"{state.master_ip}:{state.port}/udp",
+        "listening": listening_text(state, seen.listening),
+        "slave": seen.slave, "ignored": seen.ignored, "link": seen.link, "ports": seen.ports,
+        "pairs": seen.pairs, "nodes": msgspec.to_builtins(seen.nodes), "manager_restarts": seen.restarts,
+        "manager_pid": seen.manager.pid if seen.manager else None, "queues": msgspec.to_builtins(seen.queues),
+        "joins": msgspec.to_builtins(seen.joins),
+        "xruns": seen.xruns, "since": state.started, "link_changed": seen.link_changed,
         "log": str(log),
     }
     if not info["running"]:
         info["link"] = "down"
-        info["problem"] = seen.get("problem") or "the bridge supervisor is not running"
-    elif seen and time.time() - seen.get("updated", 0) > 5 * STATUS_PERIOD + 10:
+        info["problem"] = seen.problem or "the bridge supervisor is not running"
+    elif got and time.time() - seen.updated > 5 * STATUS_PERIOD + 10:
         info["problem"] = "the bridge supervisor stopped reporting"
     elif info["ignored"]:
-        info["problem"] = ignored_problem(info["ignored"], info["slave"], state.get("slave", "?"),
-                                          state.get("master_ip", "?"))
-    elif seen.get("queue_problem"):
-        info["problem"] = seen["queue_problem"]
+        info["problem"] = ignored_problem(info["ignored"], info["slave"], state.slave, state.master_ip)
+    elif seen.queue_problem:
+        info["problem"] = seen.queue_problem
     return info
 
 
-def listening_text(state: dict, seen: list[str] | None) -> str:
+def listening(state: PipeWireState) -> list[str]:
+    """Where the manager's port is bound, as the supervisor last read it from /proc/PID/net/udp."""
+    seen = read_seen(state.domain)
+    return seen.listening if seen else []
+
+
+def listening_text(state: PipeWireState, seen: list[str] | None) -> str:
     """Where the manager listens, as the supervisor saw it in /proc, and what keeps it there."""
     where = ", ".join(f"{a}/udp" for a in seen) if seen else "?"
-    if state.get("nft_table"):
-        return (f"{where} (nftables table inet {state['nft_table']}: only {state.get('interface')} to "
-                f"{state.get('master_ip')})")
+    if state.nft_table:
+        return f"{where} (nftables table inet {state.nft_table}: only {state.interface} to {state.master_ip})"
     return f"{where} (bound by the bridge)"
 
 
 def format_status(info: dict) -> list[str]:
+    if "server" not in info:
+        return ["=== NETJACK Bridge ===", f"  {info.get('problem')}"]
     p = info.get("pipewire") or {}
     lines = ["=== NETJACK Bridge ===",
              f"  server: {info['server']} (user {p.get('user')}, {p.get('remote')}, found by {p.get('how')})",
@@ -230,41 +223,3 @@ def format_status(info: dict) -> list[str]:
     joins = f"   joins: {j['new']}, old pairs let go {j['let_go']}, repeats refused {j['refused']}" if j else ""
     return lines + link_lines(info, f"   node pairs: {info['pairs']}   manager pid {info.get('manager_pid')}, "
                                     f"restarted {info['manager_restarts']}x{joins}{queues}")
-
-
-def systemd_unit(cfg, config_path: Path, user: str | None, hook_missing: str | None = None) -> str:
-    """A system unit running the bridge against USER's PipeWire (which must run at boot: loginctl enable-linger).
-    Where this host's kernel cannot bind the manager to master_ip (``hook_missing`` says why), the unit
-    starts it behind the nftables rule (``--allow-any-address``) and says so."""
-    exe = shutil.which("archdsp-virt") or "archdsp-virt"
-    who = f" --pipewire-user {user}" if user else ""
-    if hook_missing:
-        who = f" --allow-any-address{who}"
-    cfg_path = Path(config_path).resolve()
-    uid = ""
-    if user:
-        import pwd
-
-        try:
-            uid = str(pwd.getpwnam(user).pw_uid)
-        except KeyError:
-            raise BridgeError(f"--pipewire-user {user}: no such user on this host") from None
-    after = f" user@{uid}.service" if uid else ""
-    why = (f"# This kernel cannot bind the manager to {cfg.netjack.master_ip} ({hook_missing}): it listens on every\n"
-           "# address behind an nftables rule that keeps the port to the VM's bridge.\n" if hook_missing else "")
-    return (
-        why + "[Unit]\n"
-        f"Description=NETJACK bridge to the DSP VM {cfg.name} (PipeWire{' of ' + user if user else ''})\n"
-        f"After=libvirtd.service network-online.target{after}\n"
-        "Wants=libvirtd.service\n\n"
-        "[Service]\n"
-        "Type=oneshot\n"
-        "RemainAfterExit=yes\n"
-        f"ExecStart={exe} netjack start --audio-server pipewire{who} --wait 0 {cfg_path}\n"
-        f"ExecStop={exe} netjack stop {cfg_path}\n"
-        f"ExecReload={exe} netjack restart {cfg_path}\n"
-        "Restart=on-failure\nRestartSec=10\n"
-        "KillMode=none\n\n"
-        "[Install]\n"
-        "WantedBy=multi-user.target\n"
-    )

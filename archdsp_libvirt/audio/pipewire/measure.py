@@ -15,6 +15,14 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..budget import Budget, frames_to_ms
+from .state import NAME
+
+if TYPE_CHECKING:
+    from ...config import DspConfig
 
 EVERY = 100  # periods between impulses: longer than any round trip seen (47 periods, with no bound on the queue)
 POLL_STATUS = 1.2  # the bridge's supervisor reads the manager's socket once a second
@@ -89,14 +97,55 @@ def measure(send_port: str, receive_port: str, seconds: float) -> dict:
             "xrun_times": xruns, "period": period, "rate": rate, "replayed_cycles": stale}
 
 
-def run(domain: str, seconds: float, channel: int = 1) -> dict:
+# PipeWire's manager: from JACK2's figure, (L + 1 + c) periods, up to PIPEWIRE_SLACK + L periods more (the
+# cycles its bounded receive queue may hold: L it leaves queued by design, one standing after a late cycle,
+# and where the slave's packets cost more than the bound's estimate, more). Measured at 96 kHz / 128, L = 0,
+# 1, 2 (README, PipeWire).
+PIPEWIRE_SLACK = 5
+PIPEWIRE_MEASURED = ("direct loop through veth, 5 cold joins each: L=0 4..5 periods, L=1 5..6, L=2 7..8; "
+                     "the TCG guest's tap with jack_thru, L=0: 3")
+
+
+def budget(cfg: DspConfig, host_backend: str = "dummy", host_nperiods: int = 2,
+           target_ms: float | None = None) -> Budget:
+    """The round trip range the config predicts on PipeWire's manager (its own graph: no host backend
+    periods), and whether its upper end meets ``target_ms``."""
+    nj = cfg.netjack
+    period, rate = nj.buffer_size, nj.sample_rate
+    c = 1 if nj.dsp_client and not nj.sync else 0
+    el = nj.network_latency
+    lo, hi = (el + 1 + c) * period, (el + 1 + c + PIPEWIRE_SLACK + el) * period
+    notes = [
+        f"one period = {period} / {rate} Hz = {frames_to_ms(period, rate):.3f} ms",
+        f"PipeWire's NETJACK2 manager: round trip = (L + 1 + {c}) .. (L + 1 + {c} + {PIPEWIRE_SLACK} + L) x period "
+        f"with L = {el}: {lo}..{hi} frames = {frames_to_ms(lo, rate):.3f}..{frames_to_ms(hi, rate):.3f} ms; it "
+        f"varies from one join of the slave to the next with the cycles its bounded receive queue holds "
+        f"(measured: {PIPEWIRE_MEASURED})",
+        "JACK2's netmanager for comparison: (L + 1 + client) x period, the same on every join",
+    ]
+    meets = None
+    if target_ms is not None:
+        meets = frames_to_ms(hi, rate) <= target_ms + 1e-9
+        if not meets:
+            notes.append(f"target {target_ms:g} ms is not always met: up to {frames_to_ms(hi, rate):.3f} ms")
+    return Budget(
+        sample_rate=rate, buffer_size=period, network_latency=nj.network_latency, sync_slave=nj.sync,
+        dsp_client=nj.dsp_client, host_backend="pipewire", host_nperiods=0,
+        period_ms=round(frames_to_ms(period, rate), 4), bridge_frames=lo, host_frames=0, predicted_frames=lo,
+        predicted_ms=round(frames_to_ms(lo, rate), 4), target_ms=target_ms, meets_target=meets, notes=tuple(notes),
+        audio_server=NAME, predicted_max_frames=hi)
+
+
+
+
+def run(domain: str, wait_for_link: Callable[[str, float], dict], seconds: float, channel: int = 1) -> dict:
     """Measure through the running PipeWire bridge of ``domain`` (a subprocess under pw-jack)."""
     import subprocess
     from collections import Counter
 
     from ...errors import BridgeError
     from . import server as pw
-    from .bridge import status, wait_for_link
+    from .bridge import status
 
     info = status(domain)
     if not info.get("running"):
@@ -140,7 +189,7 @@ def run(domain: str, seconds: float, channel: int = 1) -> dict:
             "reading_times": out["reading_times"], "xruns": out["xruns"], "xrun_times": out["xrun_times"],
             "xruns_per_minute": round(out["xruns"] * 60.0 / seconds, 2), "dropped_packets": dropped,
             "replayed_cycles": out["replayed_cycles"],
-            "seconds": seconds, "server": info["server"], "method": "two JACK clients through pw-jack (impulse)",
+            "seconds": seconds, "server": info["server"], "method": "two JACK clients through pw-jack (impulse)", "reading_label": "impulse reading (pw-jack)",
             "graph_period": out["period"], "graph_rate": out["rate"]}
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from msgspec import Struct
 
 from ...procs import fd_of
+from ..sockets import listening, parse_udp_table, udp_sockets  # noqa: F401  (rxqueue.listening: the tests' name)
 
 HEADER = 48       # struct nj2_packet_header (packed)
 IP_UDP = 64       # what JACK2 and the module reserve for the IP and UDP headers of a packet
@@ -42,67 +43,10 @@ class QueuedSocket(Struct, frozen=True):
     drops: int = 0  # datagrams the kernel dropped because the queue was full
 
 
-def _addr(hexaddr: str) -> tuple[str, int]:
-    ip, port = hexaddr.split(":")
-    raw = bytes.fromhex(ip)
-    if len(raw) == 4:
-        text = socket.inet_ntop(socket.AF_INET, raw[::-1])
-    else:  # /proc prints IPv6 as four host-order 32-bit words
-        text = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-    return text, int(port, 16)
-
-
-def parse_udp_table(text: str) -> dict[int, tuple[str, int, int, int, str]]:
-    """``/proc/net/udp`` (or udp6) rows by inode: (remote address, remote port, rx_queue bytes, drops,
-    local ``address:port``)."""
-    rows = {}
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 13:
-            continue
-        try:
-            remote, rport = _addr(f[2])
-            local, lport = _addr(f[1])
-            rx = int(f[4].split(":")[1], 16)
-            rows[int(f[9])] = (remote, rport, rx, int(f[12]), f"[{local}]:{lport}" if ":" in local else f"{local}:{lport}")
-        except (ValueError, IndexError):
-            continue
-    return rows
-
-
-def udp_sockets(pid: int, proc: Path = Path("/proc")) -> list[tuple[int, int, tuple[str, int, int, int, str]]]:
-    """Process ``pid``'s UDP sockets: (descriptor, inode, its /proc/net/udp row)."""
-    table: dict[int, tuple[str, int, int, int, str]] = {}
-    for name in ("udp", "udp6"):
-        try:
-            table.update(parse_udp_table((proc / str(pid) / "net" / name).read_text()))
-        except OSError:
-            pass
-    try:
-        fds = list((proc / str(pid) / "fd").iterdir())
-    except OSError:
-        return []
-    found = []
-    for link in fds:
-        try:
-            target = os.readlink(link)
-        except OSError:
-            continue
-        if target.startswith("socket:[") and (row := table.get(int(target[8:-1]))):
-            found.append((int(link.name), int(target[8:-1]), row))
-    return sorted(found)
-
-
 def data_sockets(pid: int, port: int, proc: Path = Path("/proc")) -> list[QueuedSocket]:
     """The manager's UDP sockets connected to a slave's ``port`` (one per slave), with their queues."""
     return [QueuedSocket(fd, inode, f"{row[0]}:{row[1]}", row[2], row[3])
             for fd, inode, row in udp_sockets(pid, proc) if row[1] == port]
-
-
-def listening(pid: int, port: int, proc: Path = Path("/proc")) -> list[str]:
-    """Where process ``pid`` listens on UDP ``port`` (``address:port`` of its unconnected sockets)."""
-    return [row[4] for _fd, _inode, row in udp_sockets(pid, proc)
-            if row[1] == 0 and row[4].rsplit(":", 1)[1] == str(port)]
 
 
 def packet_cost(ifname: str | None, sysfs: Path = Path("/sys/class/net")) -> int:

@@ -294,18 +294,6 @@ def logical_ports(port_names: list[str]) -> dict[str, str]:
 
 # --- keeping the port to the VM's bridge (nftables) -------------------------------------------
 
-def interface_of(ip: str) -> str | None:
-    try:
-        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10,
-                             env=child_env())
-        for link in json.loads(out.stdout or "[]"):
-            if any(a.get("local") == ip for a in link.get("addr_info", [])):
-                return link.get("ifname")
-    except (subprocess.TimeoutExpired, ValueError, OSError):
-        pass
-    return None
-
-
 def nft_table(domain: str) -> str:
     return "archdsp_netjack_" + re.sub(r"[^A-Za-z0-9_]", "_", domain)
 

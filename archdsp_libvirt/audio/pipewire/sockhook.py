@@ -205,7 +205,7 @@ class Joins:
         self.accepted[remote] = Pair(now, inode, now)
 
 
-def decide(family: int, host: str, port: int, master_ip: str, want_port: int) -> str:
+def bind_action(family: int, host: str, port: int, master_ip: str, want_port: int) -> str:
     """``rebind`` a wildcard IPv4 bind of the manager's port, ``refuse`` a wildcard IPv6 one, ``pass`` the rest."""
     if port != want_port:
         return "pass"
@@ -294,7 +294,7 @@ class Hook:
         return self._bind(fd, family, host, port, asked)
 
     def _bind(self, fd: int, family: int, host: str, port: int, asked: str) -> tuple[int, int]:
-        action = decide(family, host, port, self.master_ip, self.port)
+        action = bind_action(family, host, port, self.master_ip, self.port)
         if action == "pass":
             return 0, _CONTINUE
         if action == "refuse":

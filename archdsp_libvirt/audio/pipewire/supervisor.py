@@ -24,8 +24,10 @@ from pathlib import Path
 from ...errors import BridgeError
 from ...procs import Owned, spawn_detached
 from . import server as pw
+from .. import sockets
 from . import rxqueue, sockhook
-from ..link import write_json
+from ..records import write_record
+from .state import Joins, Node, PipeWireSeen, Queue
 
 POLL = 1.0
 # A restart of the manager waits until more than one pair stayed this long: a slave whose master vanishes
@@ -102,8 +104,9 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                 if mgr is not None:
                     quick_deaths = quick_deaths + 1 if time.time() - mgr_started < 5 else 0
                     if quick_deaths >= 3:
-                        write_json(status_file, {"server": "running", "link": "down", "updated": time.time(),
-                                                  "problem": f"the NETJACK2 manager keeps exiting (see {log})"})
+                        write_record(status_file, PipeWireSeen(
+                            link="down", updated=time.time(),
+                            problem=f"the NETJACK2 manager keeps exiting (see {log})"))
                         return 1
                 mgr, mgr_started = launch(), time.time()
             nodes = pw.netjack_nodes(pw.dump(target), mgr.pid) if target else []
@@ -128,17 +131,17 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
             now_up, now_slave, ignored = link_state(nodes, vm_slave)
             if now_up != link or now_slave != slave:
                 link, slave, changed = now_up, now_slave, time.time()
-            write_json(status_file, {"server": "running", "link": link, "slave": slave, "ignored": ignored,
-                                      "ports": ports,
-                                      "pairs": n, "nodes": nodes, "manager": mgr.as_dict(), "restarts": restarts,
-                                      "queues": queues, "queue_problem": queue_problem,
-                                      "listening": rxqueue.listening(mgr.pid, port) if port else [],
-                                      "joins": hook.counts() if hook else None,
-                                      "xruns": xruns if client is not None else None, "updated": time.time(),
-                                      "since": started, "link_changed": changed})
+            write_record(status_file, PipeWireSeen(
+                link=link, slave=slave, ignored=ignored, ports=ports, pairs=n,
+                nodes=[Node(**x) for x in nodes], manager=mgr, restarts=restarts,
+                queues=[Queue(**q) for q in queues], queue_problem=queue_problem,
+                listening=sockets.listening(mgr.pid, port) if port else [],
+                joins=Joins(**hook.counts()) if hook else None,
+                xruns=xruns if client is not None else None, updated=time.time(), since=started,
+                link_changed=changed))
             stop_flag.wait(POLL)
     except BridgeError as e:
-        write_json(status_file, {"server": "running", "link": "down", "updated": time.time(), "problem": str(e)})
+        write_record(status_file, PipeWireSeen(link="down", updated=time.time(), problem=str(e)))
         return 1
     finally:
         if mgr is not None:

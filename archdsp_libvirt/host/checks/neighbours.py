@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from msgspec import Struct
+
 from ...config import PAGE_SIZES_KIB, DspConfig
 from ...cpuset import format_cpuset
 from ..findings import Finding
 from ..model import HostModel
+
+if TYPE_CHECKING:
+    from ..files import Host
 
 
 def check_domains(cfg: DspConfig, model: HostModel) -> list[Finding]:
@@ -60,8 +67,37 @@ def check_domains(cfg: DspConfig, model: HostModel) -> list[Finding]:
     return out
 
 
+LAN_FIX = ("set archibaldos.netjack.master_ip to the host's address on the VM's bridge (192.168.122.1 on libvirt's "
+           "default network), or allow_lan = true to accept that")
+NO_INTERFACE_FIX = ("start the VM's network (virsh net-start default), or set archibaldos.netjack.master_ip to the "
+                    "host's address on the VM's bridge")
+
+
+class MasterAddress(Struct, frozen=True):
+    """The master-address rule's answer for one address (``check`` and ``netjack start`` both ask it)."""
+
+    status: str                # ok, warn (LAN reach allowed by allow_lan, or no interface now) or fail
+    interface: str | None      # the interface holding the address; None: not an address of this host now
+    exposed: str | None        # why other machines reach it, or None
+    fix: str | None = None
+
+
+def master_address(ip: str, allow_lan: bool, host: Host) -> MasterAddress:
+    """The master-address rule: NETJACK has no authentication and JACK names no slave's source address, so
+    any machine that reaches the master's port can join the link and take host audio. The address must be
+    this host's, on a network only VMs reach (a libvirt bridge, not a LAN NIC or the default route), unless
+    ``allow_lan`` accepts the LAN."""
+    iface = host.interface_of(ip)
+    if iface is None:
+        return MasterAddress("warn", None, None, NO_INTERFACE_FIX)
+    exposed = host.lan_exposure(ip)
+    if exposed and not allow_lan:
+        return MasterAddress("fail", iface, exposed, LAN_FIX)
+    return MasterAddress("warn" if exposed else "ok", iface, exposed)
+
+
 def check_netjack_master(cfg: DspConfig, model: HostModel) -> list[Finding]:
-    """The master's address: this host's, on a network only VMs reach (NETJACK has no authentication)."""
+    """The master's address: this host's, on a network only VMs reach (:func:`master_address`)."""
     nj = cfg.netjack
     expected = "master_ip on this host's VM-only network (a libvirt bridge, not a LAN NIC or the default route)"
     if not nj.enable:
@@ -69,16 +105,13 @@ def check_netjack_master(cfg: DspConfig, model: HostModel) -> list[Finding]:
     host = model.files
     if host is None:
         return [Finding("netjack.master", "skip", model.unknown(f"the interface of {nj.master_ip}"), expected)]
-    iface = host.interface_of(nj.master_ip)
-    if iface is None:
+    rule = master_address(nj.master_ip, nj.allow_lan, host)
+    if rule.interface is None:
         return [Finding("netjack.master", "warn", f"{nj.master_ip} is on no interface of this host now", expected,
-                        "start the VM's network (virsh net-start default), or set archibaldos.netjack.master_ip "
-                        "to the host's address on the VM's bridge")]
-    exposed = host.lan_exposure(nj.master_ip)
-    if exposed and not nj.allow_lan:
-        return [Finding("netjack.master", "fail", exposed + ": other machines can join the link", expected,
-                        "set archibaldos.netjack.master_ip to the host's address on the VM's bridge "
-                        "(192.168.122.1 on libvirt's default network), or allow_lan = true to accept that")]
-    if exposed:
-        return [Finding("netjack.master", "warn", exposed + " (allow_lan = true)", expected)]
-    return [Finding("netjack.master", "ok", f"{nj.master_ip} on {iface}", expected)]
+                        rule.fix)]
+    if rule.status == "fail":
+        return [Finding("netjack.master", "fail", f"{rule.exposed}: other machines can join the link", expected,
+                        rule.fix)]
+    if rule.exposed:
+        return [Finding("netjack.master", "warn", f"{rule.exposed} (allow_lan = true)", expected)]
+    return [Finding("netjack.master", "ok", f"{nj.master_ip} on {rule.interface}", expected)]

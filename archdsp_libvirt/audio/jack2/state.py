@@ -1,0 +1,33 @@
+"""The JACK2 bridge's records under /run: its state, its supervisor's status and the stale slaves."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from msgspec import Struct
+
+from ...procs import Owned
+from ..records import BridgeState, Seen
+
+NAME = "jack"  # the registry's key, and the state file's audio_server
+
+
+class JackState(BridgeState, kw_only=True):
+    audio_server: str = NAME
+    server_process: Owned | None = None  # a jackd the bridge started (stopped with it)
+    server_kind: str | None = None       # the driver it was started with (--server)
+    device: str = "hw:0"
+    nperiods: int = 2
+
+
+class JackSeen(Seen, kw_only=True):
+    clients: list[str] = []  # every client that may be the slave (NAME, NAME-01, ...)
+
+
+class Stale(Struct):
+    """Slave clients marked stale (their VM is gone or restarting): the aliases follow another."""
+
+    WHAT: ClassVar[str] = "list of stale NETJACK slaves"
+    FIX: ClassVar[str] = "remove the file"
+
+    stale: list[str] = []
