@@ -695,9 +695,10 @@ def test_host_services_asks_the_same_rt_verdict_as_check(fake, machine, needs_fi
         cgroup_v1(fake, machine="0" if machine == "fixed" else machine)
     if machine == "fixed":
         fake.file("/etc/libvirt/qemu.conf", 'cgroup_controllers = [ "cpuset", "memory", "devices", "blkio", "cpuacct" ]\n')
-    r = subprocess.run([sys.executable, "-m", "archdsp_libvirt.host.prepare", "--host-root", str(fake.root),
-                        "rt-budget"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "archdsp_libvirt", "host", "prepare", "rt-budget", "--host-root",
+                        str(fake.root)], capture_output=True, text=True, timeout=60)
     status = check(fake)["rt.cgroup"].status
+    assert r.returncode == (0 if needs_fix else 3), (r.stdout, r.stderr)  # 3 is "no": never an error's 1 or 2
     assert (r.returncode == 0) is needs_fix is (status != "ok"), (r.stdout, r.stderr, status)
     assert r.stdout.startswith(f"{status}: ")
 

@@ -144,3 +144,30 @@ def latency(config: Path, measure: bool, seconds: float, target_ms: float | None
         raise click.UsageError("--plot draws a measurement: add --measure")
     click.echo(latency_command(config, measure, seconds, target_ms, host_backend, nperiods, audio_server, as_json,
                                plot_path), nl=False)
+
+
+# --- netjack headless: a headless PipeWire of our own for scripts/demo (plumbing, hidden from --help) -----
+
+@netjack.group("headless", hidden=True)
+def netjack_headless() -> None:
+    """A headless PipeWire + WirePlumber in a runtime directory of its own (for scripts/demo --pipewire)."""
+
+
+@netjack_headless.command("start")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--user", metavar="USER", help="Run PipeWire and WirePlumber as USER (default: the caller).")
+def netjack_headless_start(directory: Path, user: str | None) -> None:
+    """Start pipewire and wireplumber with XDG_RUNTIME_DIR=DIR (their PIDs in DIR/pids.json)."""
+    from ..service.host import headless_pipewire_start
+
+    headless_pipewire_start(directory, user, say=click.echo)
+
+
+@netjack_headless.command("stop")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+def netjack_headless_stop(directory: Path) -> None:
+    """Stop the headless PipeWire started in DIR (by the PIDs in DIR/pids.json)."""
+    from ..service.host import headless_pipewire_stop
+
+    if not headless_pipewire_stop(directory, say=click.echo):
+        click.echo(f"no headless PipeWire recorded in {directory}")

@@ -1,4 +1,5 @@
-"""``check``, ``host kernel-params`` and ``vfio``: the host side of the CLI.
+"""``check``, ``host kernel-params``, ``vfio`` and ``host prepare`` (hidden: what scripts/host-services asks):
+the host side of the CLI.
 
 Thin, like the rest of it: each command parses its options and calls one
 library function. ``--host-root`` (hidden) reads a fake host tree instead
@@ -106,3 +107,58 @@ def vfio_unbind(obj, pci: str, dry_run: bool, force: bool, host_root: Path) -> N
     writes = unbind(pci, host_root, dry_run=dry_run, uri=getattr(obj, "uri", None), force=force,
                     say=lambda m: click.echo(m, err=True))
     _print_writes(writes, dry_run, f"{pci}: not bound to vfio-pci")
+
+
+# --- host prepare: what scripts/host-services asks (plumbing, hidden from --help) ----------------------
+
+NO = 3  # the answer "no" (nothing to fix, not ours, no such process): never 1 (an error) or 2 (bad input)
+pid_argument = click.argument("pid", type=click.IntRange(min=1))
+
+
+@host.group("prepare", hidden=True)
+def prepare() -> None:
+    """What scripts/host-services asks the package: exit 0 for yes, 3 for no, anything else is an error."""
+
+
+@prepare.command("rt-budget")
+@host_root_option
+def prepare_rt_budget(host_root: Path) -> None:
+    """Exit 0 when SCHED_FIFO vCPUs need the qemu.conf cgroup fix, 3 when not; print what was seen."""
+    from ..service.host import qemu_conf_fix
+
+    needed, seen = qemu_conf_fix(host_root)
+    click.echo(seen)
+    if not needed:
+        raise click.exceptions.Exit(NO)
+
+
+@prepare.command("qemu-conf-line")
+def prepare_qemu_conf_line() -> None:
+    """The cgroup_controllers line the qemu.conf fix writes."""
+    from ..service.host import qemu_conf_line
+
+    click.echo(qemu_conf_line())
+
+
+@prepare.command("start-time")
+@pid_argument
+def prepare_start_time(pid: int) -> None:
+    """PID's start time (clock ticks since boot); exit 3 when there is no such process."""
+    from ..service.host import process_start_time
+
+    ticks = process_start_time(pid)
+    if ticks is None:
+        raise click.exceptions.Exit(NO)
+    click.echo(ticks)
+
+
+@prepare.command("owned")
+@click.argument("name")
+@pid_argument
+@click.argument("start", type=click.IntRange(min=0))
+def prepare_owned(name: str, pid: int, start: int) -> None:
+    """Exit 0 when PID is still the NAME process that started at START, 3 when not (a reused PID is not)."""
+    from ..service.host import daemon_still_ours
+
+    if not daemon_still_ours(name, pid, start):
+        raise click.exceptions.Exit(NO)

@@ -1,62 +1,33 @@
 """What ``scripts/host-services`` asks the package, so that the script keeps no copy of its logic.
 
-::
-
-    python -m archdsp_libvirt.host.prepare rt-budget              exit 0 when SCHED_FIFO vCPUs need the qemu.conf
-                                                                  fix (check's rt.cgroup is fail or warn), 1 when not;
-                                                                  prints what was seen
-    python -m archdsp_libvirt.host.prepare qemu-conf-line         the cgroup_controllers line that fix writes
-    python -m archdsp_libvirt.host.prepare start-time PID         the process's start time (clock ticks since boot)
-    python -m archdsp_libvirt.host.prepare owned NAME PID START   exit 0 when PID is still the NAME process that
-                                                                  started at START (a reused PID is not)
-
-``--host-root DIR`` (before the command) reads a fake host tree, as ``check --host-root`` does.
+The script asks through the installed CLI, ``archdsp-virt host prepare ...`` (hidden plumbing, see
+:mod:`archdsp_libvirt.cli.host`): whether the qemu.conf cgroup fix is needed, the line it writes, and
+whether a recorded PID is still the daemon the script started.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-from ..procs import Owned, start_time
+from ..procs import Owned
 from .checks import QEMU_CGROUP_LINE, rt_cgroup
 from .files import Host
 
+__all__ = ["QEMU_CGROUP_LINE", "needs_qemu_conf_fix", "still_ours"]
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m archdsp_libvirt.host.prepare", description=__doc__.split("\n")[0])
-    ap.add_argument("--host-root", default="/")
-    sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("rt-budget")
-    sub.add_parser("qemu-conf-line")
-    st = sub.add_parser("start-time")
-    st.add_argument("pid", type=int)
-    ow = sub.add_parser("owned")
-    ow.add_argument("name")
-    ow.add_argument("pid", type=int)
-    ow.add_argument("start", type=int)
-    args = ap.parse_args(argv)
-    if args.command == "rt-budget":
-        status, seen = rt_cgroup(Host(args.host_root))
-        print(f"{status}: {seen}")
-        return 0 if status != "ok" else 1
-    if args.command == "qemu-conf-line":
-        print(QEMU_CGROUP_LINE)
-        return 0
-    if args.command == "start-time":
-        ticks = start_time(args.pid)
-        if ticks is None:
-            return 1
-        print(ticks)
-        return 0
-    # owned: the recorded process, by PID, start time and name
+
+def needs_qemu_conf_fix(host: Host) -> tuple[bool, str]:
+    """Whether SCHED_FIFO vCPUs need the qemu.conf fix (check's rt.cgroup is fail or warn), and
+    ``"STATUS: what was seen"``: the verdict ``check`` reports, never a copy of it."""
+    status, seen = rt_cgroup(host)
+    return status != "ok", f"{status}: {seen}"
+
+
+def still_ours(name: str, pid: int, start: int) -> bool:
+    """Whether PID is still the NAME process that started at START (clock ticks since boot): a
+    reused PID, or another program under it, is not."""
     try:
-        comm = Path(f"/proc/{args.pid}/comm").read_text().strip()
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
-        return 1
-    return 0 if comm == args.name and Owned(args.pid, args.start).alive() else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return False
+    return comm == name and Owned(pid, start).alive()

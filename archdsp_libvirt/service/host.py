@@ -1,4 +1,5 @@
-"""The host's commands: kernel parameters and VFIO (``check`` is a domain command: it needs the config's host)."""
+"""The host's commands: kernel parameters, VFIO, what scripts/host-services asks, and a headless PipeWire for
+the demo (``check`` is a domain command: it needs the config's host)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,43 @@ def vfio_unbind(pci: str, host_root: Path, dry_run: bool, uri: str | None, force
     from ..virt.hostfacts import domains_holding
 
     return unbind(Host(host_root), pci, dry_run=dry_run, uri=uri, force=force, in_use=domains_holding, say=say)
+
+
+# What scripts/host-services asks (``archdsp-virt host prepare``): the verdicts are the package's own.
+
+def qemu_conf_fix(host_root: Path) -> tuple[bool, str]:
+    from ..host.prepare import needs_qemu_conf_fix
+
+    return needs_qemu_conf_fix(Host(host_root))
+
+
+def qemu_conf_line() -> str:
+    from ..host.prepare import QEMU_CGROUP_LINE
+
+    return QEMU_CGROUP_LINE
+
+
+def process_start_time(pid: int) -> int | None:
+    from ..procs import start_time
+
+    return start_time(pid)
+
+
+def daemon_still_ours(name: str, pid: int, start: int) -> bool:
+    from ..host.prepare import still_ours
+
+    return still_ours(name, pid, start)
+
+
+# A headless PipeWire of our own for the demo and the tests (``archdsp-virt netjack headless``).
+
+def headless_pipewire_start(directory: Path, user: str | None, say) -> None:
+    from ..audio.pipewire.headless import start
+
+    start(directory, user, say=say)
+
+
+def headless_pipewire_stop(directory: Path, say) -> bool:
+    from ..audio.pipewire.headless import stop
+
+    return stop(directory, say=say)

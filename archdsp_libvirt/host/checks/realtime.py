@@ -22,7 +22,7 @@ def rt_cgroup(host: Host) -> tuple[Status, str]:
     a cgroup v1 cpu controller hands libvirt's machine cgroup (or the VMs' below it) no RT budget.
 
     The one place this is decided: ``check`` reports it, ``scripts/host-services`` applies the fix
-    (``python -m archdsp_libvirt.host.prepare rt-budget``).
+    (``archdsp-virt host prepare rt-budget``).
     """
     mounts = host.mounts()
     cpu_v1 = next((m for m in mounts if m.fstype == "cgroup" and "cpu" in m.options), None)

@@ -1,30 +1,31 @@
-#!/usr/bin/env python3
-"""scripts/pipewire_joins.py: PipeWire's round trip over cold joins, at network latency 0, 1 and 2.
+"""PipeWire's round trip over cold joins, at network latency 0, 1 and 2: a measurement, not a check.
 
 For each L, five times: the bridge started afresh on a headless PipeWire of its own, a NETJACK2 slave
 (`jackd -d net -l L`, a direct loop) started in a network namespace of its own (a veth pair, no route
 out), the round trip measured with `archdsp-virt latency --measure` (3 s), the slave stopped. Prints
 one line per join (frames, readings, cycles PipeWire replayed, late packets dropped, manager restarts,
-the receive queue and its bound) and the frames per L as JSON at the end. About three minutes.
+the receive queue and its bound) and the frames per L as JSON at the end. About three minutes, so it
+runs only when asked:
 
-    sudo /opt/archdsp-libvirt/venv/bin/python scripts/pipewire_joins.py  # the venv of scripts/install-test-deps
+    sudo ARCHDSP_PIPEWIRE_JOINS=1 /opt/archdsp-libvirt/venv/bin/python -m pytest -s -m real tests/test_real_pipewire_joins.py
 
-The suite's tests/test_real_pipewire.py provides the namespace, the PipeWire and the slave.
+It uses tests/test_real_pipewire.py's namespace, PipeWire and slave (the module's fixture and helpers).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-import sys
 import time
-from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
-sys.path.insert(0, str(TESTS))
+import pytest
 
-from conftest import archdsp  # noqa: E402
-from test_real_pipewire import Slave, env, measure, status, wait  # noqa: E402,F401 - env is the fixture
+from conftest import archdsp
+from test_real_pipewire import Slave, env, measure, pytestmark, status, wait  # noqa: F401 - env is the fixture
+
+pytestmark = [*pytestmark, pytest.mark.skipif(os.environ.get("ARCHDSP_PIPEWIRE_JOINS") != "1",
+                                              reason="a three-minute measurement: ARCHDSP_PIPEWIRE_JOINS=1 runs it")]
 
 JOINS = 5
 
@@ -55,8 +56,3 @@ def test_round_trip_over_cold_joins(env):  # noqa: F811 - the fixture imported a
             time.sleep(1)
     print(json.dumps(out))
 
-
-if __name__ == "__main__":
-    import pytest
-
-    sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", "--rootdir", str(TESTS), __file__]))
