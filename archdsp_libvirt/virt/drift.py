@@ -9,7 +9,7 @@ from __future__ import annotations
 from lxml import etree
 
 from ..cpuset import format_cpuset, parse_cpuset
-from .render import QEMU_NS
+from ..domain.render import QEMU_NS
 
 
 def _norm(cpuset: str | None) -> str:
