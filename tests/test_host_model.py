@@ -159,3 +159,37 @@ def test_gather_over_a_local_uri_reads_files_and_asks_libvirt(test_uri, tmp_path
     assert model.is_local and model.source == "local"
     assert model.online_cpus == frozenset(range(6))  # from the files, not the test node's map
     assert model.libvirt_version and model.passt is False
+
+
+def test_the_local_model_is_local(tmp_path):
+    online = tmp_path / "online"
+    online.write_text("0-5\n")
+    model = HostModel.local(sysfs_online=str(online))
+    assert model.source == "local" and model.is_local, model
+    assert model.online_cpus == frozenset(range(6))
+    assert model.files is not None  # this machine's files are its local source
+    assert not HostModel(uri="qemu+ssh://dsp-host/system", source="libvirt").is_local
+
+
+def test_one_memlock_margin_for_the_renderer_and_the_check(tmp_path):
+    from lxml import etree
+
+    from archdsp_libvirt.host.checks.memory import check_memlock
+    from archdsp_libvirt.host.model import memlock_limit_mb
+
+    cfg = parse_config(config("memlock", memory_mb=3000, realtime={"mlock": True}))
+    root = etree.fromstring(render_domain(cfg, HostModel(online_cpus=frozenset(range(4)))).xml.encode())
+    limit = int(root.findtext("memtune/hard_limit"))
+    assert limit == memlock_limit_mb(3000) > 3000
+    # The check asks the host for exactly the limit the domain is rendered with.
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/limits").write_text(
+        "Limit                     Soft Limit           Hard Limit           Units\n"
+        f"Max locked memory         {limit * 1024 * 1024}           {limit * 1024 * 1024}           bytes\n")
+    (tmp_path / "proc/self/status").write_text("CapEff:\t0000000000000000\n")
+    model = HostModel(online_cpus=frozenset(range(4)), source="local", files=Host(tmp_path))
+    assert check_memlock(cfg, model)[0].status == "ok"
+    (tmp_path / "proc/self/limits").write_text(
+        "Limit                     Soft Limit           Hard Limit           Units\n"
+        f"Max locked memory         {(limit - 1) * 1024 * 1024}           {(limit - 1) * 1024 * 1024}           bytes\n")
+    assert check_memlock(cfg, model)[0].status == "fail"

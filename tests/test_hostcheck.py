@@ -89,6 +89,13 @@ class FakeHost:
     def path(self, p: str) -> Path:
         return self.root / p.lstrip("/")
 
+    @property
+    def model(self):
+        """The host model of this tree, as a command on this machine builds it (libvirt not asked)."""
+        from archdsp_libvirt.virt.hostfacts import gather
+
+        return gather(None, files=self.host)
+
     def file(self, p: str, text: str) -> None:
         path = self.path(p)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,11 +220,11 @@ def by_id(findings: list[Finding]) -> dict[str, Finding]:
 
 
 def check(fake: FakeHost, config=None, reachable: bool | None = True) -> dict[str, Finding]:
-    return by_id(run_checks(config or cfg(), fake.host, reachable))
+    return by_id(run_checks(config or cfg(), fake.model, reachable))
 
 
 def test_the_good_host_passes_every_check(fake):
-    found = run_checks(cfg(), fake.host, True)
+    found = run_checks(cfg(), fake.model, True)
     assert [f.id for f in found] == list(CHECK_IDS)
     assert {f.id: f.status for f in found} == {i: "ok" for i in CHECK_IDS}
     assert all(f.fix == "" for f in found)
@@ -227,7 +234,7 @@ def test_the_good_host_passes_every_check(fake):
 def test_every_finding_that_is_not_ok_says_how_to_fix_it(fake):
     fake.cmdline("quiet")
     fake.file("/sys/devices/system/cpu/isolated", "\n")
-    found = run_checks(cfg(), fake.host, False)
+    found = run_checks(cfg(), fake.model, False)
     for f in found:
         if f.status in ("warn", "fail"):
             assert f.fix, f
@@ -620,7 +627,7 @@ def test_passthrough_checks_skipped_when_disabled(fake):
 
 def test_preflight_turns_skipped_ids_into_recorded_skips(fake):
     fake.hugepages(2048, nr=1024, free=0)
-    found = by_id(preflight(cfg(), fake.host, True, skip={"hugepages.free", "cpu"}))
+    found = by_id(preflight(cfg(), fake.model, True, skip={"hugepages.free", "cpu"}))
     f = found["hugepages.free"]
     assert f.status == "skip" and f.observed.startswith("skipped on request (was fail:")
     assert found["cpu.online"].status == "skip"
@@ -629,12 +636,12 @@ def test_preflight_turns_skipped_ids_into_recorded_skips(fake):
 
 def test_preflight_rejects_unknown_ids(fake):
     with pytest.raises(UsageError, match="hugepage.free"):
-        preflight(cfg(), fake.host, True, skip={"hugepage.free"})
+        preflight(cfg(), fake.model, True, skip={"hugepage.free"})
 
 
 def test_format_and_json(fake):
     fake.hugepages(2048, nr=1024, free=0)
-    found = run_checks(cfg(), fake.host, True)
+    found = run_checks(cfg(), fake.model, True)
     text = format_findings(found)
     assert text.splitlines()[0].split()[:2] == ["STATUS", "ID"]
     assert "fail    hugepages.free" in text

@@ -226,13 +226,21 @@ def _host(tmp: Path, qemu_conf: str = "") -> Host:
     return Host(root)
 
 
+def _model(host: Host | Path, qemu_conf: str = ""):
+    """The host model of a fake tree (a :class:`Host`, or the folder to make one in): the boot check
+    reads its files through the model."""
+    from archdsp_libvirt.virt.hostfacts import gather
+
+    return gather(None, files=host if isinstance(host, Host) else _host(host, qemu_conf))
+
+
 def _cfg(**archibaldos):
     return parse_config({"isolated_cores": [1], "memory_mb": 256,
                          "archibaldos": {"disk_image": "/images/dsp.qcow2", **archibaldos}})
 
 
 def test_boot_files_missing_disk_fails_with_the_fix(tmp_path):
-    (f,) = check_boot_files(_cfg(), _host(tmp_path))
+    (f,) = check_boot_files(_cfg(), _model(tmp_path))
     assert f.status == "fail" and "no such file" in f.observed and "qemu-img create" in f.fix
 
 
@@ -241,7 +249,7 @@ def test_boot_files_root_owned_0600_image_is_fine_with_dynamic_ownership(tmp_pat
     image = host.path("/images/dsp.qcow2")
     image.write_bytes(b"QFI\xfb")
     os.chmod(image, 0o600)
-    (f,) = check_boot_files(_cfg(), host)
+    (f,) = check_boot_files(_cfg(), _model(host))
     assert f.status == "ok" and "dynamic_ownership" in f.observed
 
 
@@ -250,23 +258,23 @@ def test_boot_files_unreadable_without_dynamic_ownership(tmp_path):
     image = host.path("/images/dsp.qcow2")
     image.write_bytes(b"QFI\xfb")
     os.chmod(image, 0o600)
-    (f,) = check_boot_files(_cfg(), host)
+    (f,) = check_boot_files(_cfg(), _model(host))
     assert f.status == "fail" and "chown libvirt-qemu" in f.fix
-    assert check_boot_files(_cfg(), _host(tmp_path / "r", 'user = "root"\ndynamic_ownership = 0\n'))[0].status == "fail"
+    assert check_boot_files(_cfg(), _model(tmp_path / "r", 'user = "root"\ndynamic_ownership = 0\n'))[0].status == "fail"
 
 
 def test_boot_files_folder_the_qemu_user_cannot_enter(tmp_path):
     host = _host(tmp_path)
     host.path("/images/dsp.qcow2").write_bytes(b"QFI\xfb")
     os.chmod(host.path("/images"), 0o700)
-    (f,) = check_boot_files(_cfg(), host)
+    (f,) = check_boot_files(_cfg(), _model(host))
     assert f.status == "fail" and "cannot enter /images" in f.observed and "chmod o+x /images" in f.fix
 
 
 def test_boot_files_not_a_regular_file_and_root_qemu(tmp_path):
     host = _host(tmp_path, 'user = "root"\n')
     host.path("/images/dsp.qcow2").mkdir()
-    (f,) = check_boot_files(_cfg(), host)
+    (f,) = check_boot_files(_cfg(), _model(host))
     assert f.status == "fail" and "not a regular file" in f.observed
 
 

@@ -9,10 +9,22 @@ from archdsp_libvirt import parse_config
 from archdsp_libvirt.virt import lifecycle
 from archdsp_libvirt.virt.connection import LibvirtFailure, Session, is_transient
 from archdsp_libvirt.errors import ArchdspError
-from archdsp_libvirt.virt.lifecycle import down, up
-from archdsp_libvirt.virt.status import format_status, status
+from archdsp_libvirt.domain.build import render_domain
+from archdsp_libvirt.service.domain import host_model
+from archdsp_libvirt.virt.lifecycle import down, up as lifecycle_up
+from archdsp_libvirt.virt.status import format_status, status as status_of
 
 PASST_ACCEPTED = libvirt.getVersion() >= 9_002_000
+
+
+def up(cfg, session, **kw):
+    """``up`` as ``archdsp-virt up`` calls it: on the command's one host model, rendering for it."""
+    model = host_model(cfg, session)
+    return lifecycle_up(cfg, session, model, lambda uuid: render_domain(cfg, model, uuid=uuid), **kw)
+
+
+def status(cfg, session):
+    return status_of(cfg, session, host_model(cfg, session))
 
 
 def make_cfg(name, **over):

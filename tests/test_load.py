@@ -17,10 +17,18 @@ import pytest
 
 from archdsp_libvirt import parse_config
 from archdsp_libvirt.virt.connection import Session
-from archdsp_libvirt.virt.lifecycle import down, up
+from archdsp_libvirt.domain.build import render_domain
+from archdsp_libvirt.service.domain import host_model
+from archdsp_libvirt.virt.lifecycle import down, up as lifecycle_up
 from conftest import SYSTEM_URI, virsh
 
 CYCLES = 200
+
+
+def up(cfg, session, **kw):
+    """``up`` as ``archdsp-virt up`` calls it: on the command's one host model, rendering for it."""
+    model = host_model(cfg, session)
+    return lifecycle_up(cfg, session, model, lambda uuid: render_domain(cfg, model, uuid=uuid), **kw)
 
 
 def open_fds() -> int:

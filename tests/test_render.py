@@ -197,17 +197,33 @@ def test_uuid_is_rendered_when_given():
 
 
 def test_disk_format(tmp_path):
+    from archdsp_libvirt.host.files import Host
+
     q = tmp_path / "img.raw"
     q.write_bytes(b"QFI\xfb" + b"\0" * 60)
-    assert detect_disk_format(str(q), None) == "qcow2"  # the header wins over the extension
+    assert detect_disk_format(str(q), None, Host().head(str(q), 4)) == "qcow2"  # the header wins over the extension
     r = tmp_path / "img.qcow2"
     r.write_bytes(b"\0" * 64)
-    assert detect_disk_format(str(r), None) == "raw"
-    assert detect_disk_format(str(tmp_path / "missing.qcow2"), None) == "qcow2"
+    assert detect_disk_format(str(r), None, Host().head(str(r), 4)) == "raw"
+    assert detect_disk_format(str(tmp_path / "missing.qcow2"), None, Host().head(str(tmp_path / "missing.qcow2"), 4)) == "qcow2"
     assert detect_disk_format(str(tmp_path / "missing.img"), None) == "raw"
-    assert detect_disk_format(str(r), "qcow2") == "qcow2"
+    assert detect_disk_format(str(r), "qcow2", b"\0\0\0\0") == "qcow2"
     with pytest.raises(ConfigError, match="archibaldos.disk_format"):
         detect_disk_format(str(tmp_path / "missing.bin"), None)
+
+
+def test_disk_header_is_read_only_through_the_hosts_own_files(tmp_path):
+    """A local model reads the image's header; a remote one cannot (this machine's file of that name is
+    another file) and goes by the extension."""
+    from archdsp_libvirt.host.files import Host
+
+    image = tmp_path / "img.raw"
+    image.write_bytes(b"QFI\xfb" + b"\0" * 60)
+    c = cfg(archibaldos={"disk_image": str(image)})
+    local = HostFacts(online_cpus=frozenset(range(4)), source="local", files=Host())
+    remote = HostFacts(online_cpus=frozenset(range(4)), source="libvirt", uri="qemu+ssh://far/system")
+    assert plan(c, local).disk_format == "qcow2"
+    assert plan(c, remote).disk_format == "raw"
 
 
 def test_rendering_needs_no_disk_image():

@@ -1,4 +1,4 @@
-"""The domain: policy (decisions), render (mapping to XML), schema (libvirt's RelaxNG) and drift.
+"""The domain: policy (decisions), render (mapping to XML) and schema (libvirt's RelaxNG).
 
 :mod:`.build` runs them in that order: config + host model -> plan -> XML -> validated.
 """

@@ -20,6 +20,9 @@ from ..host.model import HostModel
 
 QCOW2_MAGIC = b"QFI\xfb"
 HOSTFWD_NETDEV = "archdspfwd0"
+# The host facts :func:`plan` reads (the host model's field names): a command that only renders asks
+# for these alone. The disk image's header is read through the model's files, where it has them.
+PLAN_FACTS = frozenset({"online_cpus", "isolated_cpus", "passt"})
 
 
 class VcpuPin(Struct, frozen=True):
@@ -90,17 +93,13 @@ def mac_for(name: str, index: int) -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
-def detect_disk_format(path: str, forced: str | None) -> str:
-    """qcow2 or raw: the ``disk_format`` key, else the file's header, else its extension."""
+def detect_disk_format(path: str, forced: str | None, head: bytes | None = None) -> str:
+    """qcow2 or raw: the ``disk_format`` key, else the file's header (``head``, its first bytes as the
+    host that runs the domain has them; None when unknown), else its extension."""
     if forced:
         return forced
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError:
-        head = None
     if head is not None:
-        return "qcow2" if head == QCOW2_MAGIC else "raw"
+        return "qcow2" if head[:4] == QCOW2_MAGIC else "raw"
     suffix = Path(path).suffix.lower()
     if suffix == ".qcow2":
         return "qcow2"
@@ -192,7 +191,10 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
     disk_path = disk_format = None
     if cfg.disk_image:
         disk_path = os.path.expanduser(cfg.disk_image)
-        disk_format = detect_disk_format(disk_path, cfg.archibaldos.disk_format)
+        # The header only where the host's files are at hand: over a remote URI this machine's file of
+        # the same name is another file.
+        head = host.files.head(disk_path, 4) if host.files is not None and not cfg.archibaldos.disk_format else None
+        disk_format = detect_disk_format(disk_path, cfg.archibaldos.disk_format, head)
 
     kernel = os.path.expanduser(cfg.boot.kernel) if cfg.boot.kernel else None
     initrd = os.path.expanduser(cfg.boot.initrd) if cfg.boot.initrd else None

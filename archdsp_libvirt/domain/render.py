@@ -11,7 +11,7 @@ from lxml import etree
 from lxml.builder import ElementMaker
 
 from ..cpuset import format_cpuset
-from ..host.model import METADATA_NS
+from ..host.model import METADATA_NS, memlock_limit_mb
 from .policy import Nic, Plan
 
 
@@ -40,11 +40,11 @@ def memtune(plan: Plan) -> list[etree._Element]:
     """<memtune><hard_limit unit='MiB'>N</hard_limit></memtune>, only with locked memory.
 
     libvirt advises a hard limit with <locked/>: the guest's memory plus
-    1 GiB for QEMU itself.
+    1 GiB for QEMU itself (:func:`~archdsp_libvirt.host.model.memlock_limit_mb`).
     """
     if not plan.config.realtime.mlock:
         return []
-    return [E.memtune(E.hard_limit(str(plan.config.memory_mb + 1024), unit="MiB"))]
+    return [E.memtune(E.hard_limit(str(memlock_limit_mb(plan.config.memory_mb)), unit="MiB"))]
 
 
 def memoryBacking(plan: Plan) -> list[etree._Element]:

@@ -117,6 +117,14 @@ class Host:
         except OSError:
             return None
 
+    def head(self, p: str, size: int) -> bytes | None:
+        """The first ``size`` bytes of the file, or None when it is missing or unreadable."""
+        try:
+            with open(self.path(p), "rb") as fh:
+                return fh.read(size)
+        except OSError:
+            return None
+
     def read_int(self, p: str) -> int | None:
         text = self.read(p)
         try:

@@ -28,6 +28,14 @@ if TYPE_CHECKING:
     from .files import PciDevice
 
 SYSFS_ONLINE = "/sys/devices/system/cpu/online"
+# libvirt's advice for locked memory: a hard limit of the guest's memory plus 1 GiB for QEMU itself.
+MEMLOCK_MARGIN_MB = 1024
+
+
+def memlock_limit_mb(memory_mb: int) -> int:
+    """The locked-memory limit a guest of ``memory_mb`` needs: the memtune hard_limit the renderer
+    writes, and the RLIMIT_MEMLOCK the memory check asks of the host."""
+    return memory_mb + MEMLOCK_MARGIN_MB
 # How a domain this tool defined says so in its XML (see domain.render.metadata).
 METADATA_NS = "https://archdsp-libvirt.invalid/xmlns/dsp/1"
 
@@ -72,16 +80,20 @@ class HostModel(Struct, frozen=True):
 
     @classmethod
     def local(cls, passt: bool = False, sysfs_online: str = SYSFS_ONLINE) -> HostModel:
-        """This machine's online CPUs alone (for rendering without libvirt)."""
+        """This machine, known by its online CPUs alone (for rendering without libvirt); its files are
+        the local source of every other fact, so it is a local model (:attr:`is_local`)."""
+        from .files import Host
+
         try:
             with open(sysfs_online) as fh:
                 cpus: CpuSet | None = parse_cpuset(fh.read())
         except (OSError, ValueError):
             cpus = None
-        return cls(online_cpus=cpus, passt=passt, source="local")
+        return cls(online_cpus=cpus, passt=passt, source="local", files=Host())
 
     @property
     def is_local(self) -> bool:
+        """Whether this machine is the host (its files are the local source)."""
         return self.files is not None
 
     @property

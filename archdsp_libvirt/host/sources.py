@@ -1,25 +1,29 @@
 """The local source of the host model: what this machine's files say.
 
-The other source, libvirt, is :mod:`archdsp_libvirt.virt.hostfacts`; the
-service layer (:func:`archdsp_libvirt.service.host_model`) joins them, once
-per command.
+The other source, libvirt, is :mod:`archdsp_libvirt.virt.hostfacts`, whose
+``gather`` joins the two; the service layer
+(:func:`archdsp_libvirt.service.domain.host_model`) calls it once per command.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from .files import Host
-from .model import HostModel, HugePool
+from .model import HugePool
 
 _HUGEPAGE_DIR = re.compile(r"^hugepages-(\d+)kB$")
 
 
 # --- local: /proc and /sys ------------------------------------------------------------------------
 
+# Every fact the host model has, by its field name; a command asks only for those it needs.
+ALL_FACTS = frozenset({"online_cpus", "isolated_cpus", "hugepages", "memory_kib", "pci", "kvm",
+                       "libvirt_version", "domains", "passt"})
 
-def file_facts(files: Host) -> dict:
-    """What this machine's files say: CPUs, isolation, hugepage pools, memory, PCI devices."""
+
+def _pools(files: Host) -> tuple[HugePool, ...]:
     pools = []
     for entry in files.listdir("/sys/kernel/mm/hugepages"):
         m = _HUGEPAGE_DIR.match(entry)
@@ -27,19 +31,26 @@ def file_facts(files: Host) -> dict:
             base = f"/sys/kernel/mm/hugepages/{entry}"
             pools.append(HugePool(int(m[1]), files.read_int(f"{base}/nr_hugepages"),
                                   files.read_int(f"{base}/free_hugepages")))
+    return tuple(sorted(pools, key=lambda p: p.size_kib))
+
+
+def _memory_kib(files: Host) -> int | None:
     mem = re.search(r"^MemTotal:\s*(\d+)\s*kB", files.read("/proc/meminfo") or "", re.M)
-    isolated = files.cpus("isolated")
-    return {
-        "online_cpus": files.cpus("online"),
-        # An unreadable isolated list (no sysfs) is unknown; an empty one is "none isolated".
-        "isolated_cpus": isolated,
-        "hugepages": tuple(sorted(pools, key=lambda p: p.size_kib)),
-        "memory_kib": int(mem[1]) if mem else None,
-        "pci": tuple(files.pci_devices()),
-        "kvm": files.exists("/dev/kvm"),
-    }
+    return int(mem[1]) if mem else None
 
 
-def local_model(files: Host) -> HostModel:
-    """A host model from this machine's files alone (no libvirt)."""
-    return HostModel(source="local", files=files, **file_facts(files))
+_FILE_FACTS = {
+    "online_cpus": lambda files: files.cpus("online"),
+    # An unreadable isolated list (no sysfs) is unknown; an empty one is "none isolated".
+    "isolated_cpus": lambda files: files.cpus("isolated"),
+    "hugepages": _pools,
+    "memory_kib": _memory_kib,
+    "pci": lambda files: tuple(files.pci_devices()),
+    "kvm": lambda files: files.exists("/dev/kvm"),
+}
+
+
+def file_facts(files: Host, wanted: Collection[str] = ALL_FACTS) -> dict:
+    """What this machine's files say of the ``wanted`` facts: CPUs, isolation, hugepage pools, memory,
+    PCI devices, /dev/kvm. Only those wanted are read."""
+    return {key: read(files) for key, read in _FILE_FACTS.items() if key in wanted}

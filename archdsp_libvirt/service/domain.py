@@ -1,7 +1,12 @@
-"""The domain's commands: the host model, xml, up, down, status, console and check."""
+"""The domain's commands: the host model, xml, up, down, status, console and check.
+
+Each command builds the host model once (:func:`host_model`) and passes it down, with the rendered
+domain, to the rooms below; nothing below builds another.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from pathlib import Path
@@ -10,38 +15,48 @@ import msgspec
 
 from ..domain.build import Rendered, render_domain
 from ..config import ConfigError, DspConfig, load_config
-from ..cpuset import parse_cpuset
-from ..errors import ArchdspError, HostError, RenderError, UsageError
-from ..domain.policy import forced_passt
+from ..cpuset import CpuSet, parse_cpuset
+from ..errors import ArchdspError, RenderError, UsageError
+from ..domain.policy import PLAN_FACTS, forced_passt
 from ..host.model import HostModel
+from ..host.sources import ALL_FACTS
+from ..virt.uri import is_local_uri
 
 if TYPE_CHECKING:
     from ..virt.connection import Session
 
 
+def _host_cpus(host_cpus: str | None) -> CpuSet | None:
+    if host_cpus is None:
+        return None
+    try:
+        cpus = parse_cpuset(host_cpus)
+    except ValueError as exc:
+        raise UsageError(f"--host-cpus: {exc}; expected a CPU list such as 0-7") from None
+    if not cpus:
+        raise UsageError("--host-cpus: empty CPU list; expected a CPU list such as 0-7")
+    return cpus
+
+
 def host_model(cfg: DspConfig, session: Session | None, host_cpus: str | None = None,
-               notes: list[str] | None = None, host_root: str = "/", reachable: bool = True) -> HostModel:
+               notes: list[str] | None = None, host_root: str = "/", reachable: bool = True,
+               wanted: Collection[str] = ALL_FACTS, uri: str | None = None) -> HostModel:
     """The one host model of a command: this machine's files and libvirt when ``session`` reaches this
-    machine, libvirt alone when it names another host; ``host_cpus`` renders for a host given by hand."""
+    machine, libvirt alone when it names another host; ``host_cpus`` renders for a host given by hand.
+    Without a session (nothing asked of libvirt), ``uri`` says which host it is. Only the ``wanted``
+    facts are read."""
     from ..host.files import Host
-
-    cpus = None
-    if host_cpus is not None:
-        try:
-            cpus = parse_cpuset(host_cpus)
-        except ValueError as exc:
-            raise UsageError(f"--host-cpus: {exc}; expected a CPU list such as 0-7") from None
-        if not cpus:
-            raise UsageError("--host-cpus: empty CPU list; expected a CPU list such as 0-7")
-    if session is not None and not reachable:
-        from ..virt.uri import is_local_uri
-
-        if not is_local_uri(session.uri):  # a remote host we cannot reach: nothing is known of it
-            return HostModel(uri=session.uri, source="libvirt")
-        session = None
     from ..virt.hostfacts import gather
 
-    return gather(session, files=Host(host_root), passt=forced_passt(cfg), online_cpus=cpus, notes=notes)
+    cpus = _host_cpus(host_cpus)
+    if session is not None and not reachable:
+        if not session.is_local:  # a remote host we cannot reach: nothing is known of it
+            return HostModel(uri=session.uri, source="libvirt")
+        session = None
+    local = session.is_local if session is not None else is_local_uri(uri)
+    # This machine's files only for this machine: a remote URI describes the remote host, never this one.
+    files = Host(host_root) if local else None
+    return gather(session, files=files, passt=forced_passt(cfg), online_cpus=cpus, notes=notes, wanted=wanted)
 
 
 @contextmanager
@@ -57,22 +72,27 @@ def _naming(config: Path):
 
 def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
                    port_forwards: str | None = None, uuid: str | None = None) -> tuple[Rendered, list[str]]:
-    """Load ``config`` and render it for the host, with the notes to show the user."""
+    """Load ``config`` and render it for the host, with the notes to show the user.
+
+    Only what the XML needs is read or asked (the CPUs, and passt where the config leaves it to the
+    host). libvirt is asked only for what this machine's files cannot say (a remote host's CPUs, or
+    whether it has passt), read-only and without retries: rendering must not wait on a daemon that is
+    down. With ``host_cpus`` the host is given by hand and libvirt is not asked at all.
+    """
     cfg = load_config(config)
     if port_forwards:
         cfg = msgspec.structs.replace(cfg, network=msgspec.structs.replace(cfg.network, port_forward_backend=port_forwards))
     notes: list[str] = []
-    from ..virt.uri import is_local_uri
-
-    # libvirt is asked only for what this machine's files cannot say: the facts of a remote host, or
-    # whether it has passt. Read-only and without retries: rendering must not wait on a daemon that is down.
-    if (is_local_uri(uri) or host_cpus is not None) and forced_passt(cfg) is not None:
-        model = host_model(cfg, None, host_cpus=host_cpus, notes=notes)
+    if host_cpus is not None or (is_local_uri(uri) and forced_passt(cfg) is not None):
+        model = host_model(cfg, None, host_cpus=host_cpus, notes=notes, wanted=PLAN_FACTS, uri=uri)
+        if forced_passt(cfg) is None:
+            notes.append("note: --host-cpus renders for a host given by hand: libvirt is not asked whether it "
+                         "has passt; port forwards use hostfwd (--port-forwards passt to choose passt)")
     else:
         from ..virt.connection import Session
 
         with Session(uri, readonly=True, attempts=1) as session:
-            model = host_model(cfg, session, host_cpus=host_cpus, notes=notes)
+            model = host_model(cfg, session, host_cpus=host_cpus, notes=notes, wanted=PLAN_FACTS)
     with _naming(config):
         rendered = render_domain(cfg, model, uuid=uuid)
     backend = rendered.plan.port_forward_backend
@@ -85,21 +105,26 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
 
 def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, skip: set[str],
                preflight: bool, say) -> None:
-    """``archdsp-virt up``: preflight, define, start, verify."""
+    """``archdsp-virt up``: preflight, define, start, verify, on one host model."""
+    from ..host.checks import require
+    from ..virt.connection import Session
     from ..virt.lifecycle import up
 
-    from ..virt.connection import Session
-
     cfg = load_config(config)
-    with Session(uri) as session:
-        model = host_model(cfg, session)
-        if not model.is_local:
-            say(f"host: {session.uri} (facts from libvirt; nothing of this machine is read)")
-        if preflight:
-            run_preflight(cfg, session, model, skip, say)
-        with _naming(config):
-            up(cfg, session, model=model, restart=restart, autostart=autostart, say=say,
-               before_start=(lambda: _fresh_master(cfg, say)) if model.is_local else None)
+
+    def before_start() -> None:  # on this machine only: the bridge's host side runs here
+        _fresh_master(cfg, say)
+
+    with _naming(config):
+        with Session(uri) as session:
+            model = host_model(cfg, session)
+            if not model.is_local:
+                say(f"host: {session.uri} (facts from libvirt; nothing of this machine is read)")
+            if preflight:
+                reachable, detail = _reach(session)
+                require(cfg, model, reachable, skip, libvirt_detail=detail, say=say)
+            up(cfg, session, model, lambda uuid: render_domain(cfg, model, uuid=uuid), restart=restart,
+               autostart=autostart, say=say, before_start=before_start if model.is_local else None)
 
 
 def _fresh_master(cfg: DspConfig, say) -> None:
@@ -113,29 +138,22 @@ def _fresh_master(cfg: DspConfig, say) -> None:
         forget_slave(cfg.name, say=say)
 
 
+def _reach(session: Session) -> tuple[bool, str]:
+    """Whether libvirt answers through ``session`` (a daemon that is restarting gets its bounded retries),
+    and what was seen."""
+    try:
+        version = session.run("connecting", lambda conn: conn.getLibVersion())
+    except ArchdspError as err:
+        return False, str(err)
+    return True, f"connected to {session.uri} (libvirt {version // 1_000_000}.{version // 1000 % 1000})"
+
+
 def run_preflight(cfg: DspConfig, session: Session, model: HostModel, skip: set[str], say) -> None:
     """Refuse to go on when a host check fails (unless skipped, which is said)."""
-    from ..host.checks import failures, preflight
+    from ..host.checks import require
 
-    try:  # through the session: a daemon that is restarting gets its bounded retries
-        version = session.run("connecting", lambda conn: conn.getLibVersion())
-        reachable, detail = True, f"connected to {session.uri} (libvirt {version // 1_000_000}.{version // 1000 % 1000})"
-    except ArchdspError as err:
-        reachable, detail = False, str(err)
-    findings = preflight(cfg, model, reachable, skip, libvirt_detail=detail)
-    for f in findings:
-        if f.observed.startswith("skipped on request"):
-            say(f"preflight: {f.id} {f.observed} (--skip-check)")
-    failed = failures(findings)
-    if failed:
-        first = failed[0]
-        more = f" (and {len(failed) - 1} more: see 'archdsp-virt check')" if len(failed) > 1 else ""
-        raise HostError(
-            f"preflight {first.id} failed: {first.observed}; expected {first.expected}; fix: {first.fix}{more}"
-            f" (or --skip-check {first.id}); nothing was defined or started"
-        )
-    warned = sum(f.status == "warn" for f in findings)
-    say(f"preflight: {len(findings)} checks, none failed" + (f", {warned} warnings (archdsp-virt check)" if warned else ""))
+    reachable, detail = _reach(session)
+    require(cfg, model, reachable, skip, libvirt_detail=detail, say=say)
 
 
 def down_command(config: Path, uri: str | None, timeout: float, force: bool, undefine: bool, say) -> None:
@@ -157,7 +175,7 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
     cfg = load_config(config)
     with Session(uri) as session:
         model = host_model(cfg, session)
-        info = status(cfg, session, model=model)
+        info = status(cfg, session, model)
     if cfg.netjack.enable and model.is_local:
         from ..audio.servers import format_status as format_bridge, status as bridge_status
 
@@ -197,15 +215,14 @@ def console_command(config: Path, uri: str | None, force: bool, pattern: str | N
 
 def probe_libvirt(uri: str | None) -> tuple[bool, str]:
     """Whether a read-only libvirt connection to ``uri`` opens now (no retries), and what was seen."""
-    from ..virt.connection import open_connection, resolve_uri
+    from ..virt.connection import Session
 
-    target = resolve_uri(uri)
-    try:
-        conn = open_connection(target, readonly=True, retry=False)
-    except ArchdspError as err:
-        return False, str(err)
-    conn.close()
-    return True, f"connected to {target.split('?', 1)[0]} (read-only)"
+    with Session(uri, readonly=True, attempts=1) as session:
+        try:
+            session.connect()
+        except ArchdspError as err:
+            return False, str(err)
+        return True, f"connected to {session.uri.split('?', 1)[0]} (read-only)"
 
 
 def check_command(config: Path, uri: str | None, host_root: str = "/", as_json: bool = False) -> tuple[str, bool]:

@@ -1,1 +1,2 @@
-"""The libvirt side: the connection (errors translated once), lifecycle, status, console and threads."""
+"""The libvirt side: the connection (errors translated once), lifecycle (define, start, stop), inspection
+and drift (read-only), post-start verification, status, console and threads."""

@@ -128,15 +128,17 @@ def call(uri: str, doing: str, fn: Callable[..., T], *args: Any) -> T:
         raise translate(err, uri, doing) from None
 
 
-def open_connection(uri: str | None = None, readonly: bool = False, retry: bool = True) -> libvirt.virConnect:
-    """Open a libvirt connection the way virsh would, retrying only while the daemon comes up."""
-    target = resolve_uri(uri)
-    opener = libvirt.openReadOnly if readonly else libvirt.open
+def _open(uri: str, readonly: bool) -> libvirt.virConnect:
+    """Open a libvirt connection the way virsh would (only :class:`Session` opens connections)."""
+    return call(uri, f"connecting to {uri}", libvirt.openReadOnly if readonly else libvirt.open, uri)
 
-    def attempt() -> libvirt.virConnect:
-        return call(target, f"connecting to {target}", opener, target)
 
-    return with_retries(attempt) if retry else attempt()
+def quietly(fn: Callable[..., Any], *args: Any) -> None:
+    """A best-effort libvirt call whose failure changes nothing (closing, removing a callback)."""
+    try:
+        fn(*args)
+    except libvirt.libvirtError:
+        pass
 
 
 # Errors that mean "this driver or daemon cannot answer that question": no passt, as far as we can tell.
@@ -203,16 +205,21 @@ class Session:
     @property
     def conn(self) -> libvirt.virConnect:
         if self._conn is None:
-            self._conn = open_connection(self.uri, readonly=self.readonly, retry=False)
+            self._conn = _open(self.uri, self.readonly)
         return self._conn
 
     def _drop(self) -> None:
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except libvirt.libvirtError:
-                pass
+            quietly(self._conn.close)
         self._conn = None
+
+    def connect(self) -> None:
+        """Open the connection now (retrying transient failures as :meth:`run` does)."""
+        self.run("connecting", lambda _conn: None)
+
+    def call(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
+        """One libvirt call that is not retried (a stream's send, a console's open), translated once."""
+        return call(self.uri, doing, fn, *args)
 
     def run(self, doing: str, fn: Callable[[libvirt.virConnect], T]) -> T:
         """``fn(conn)`` with transient failures retried on a fresh connection."""

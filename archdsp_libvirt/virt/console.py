@@ -16,7 +16,7 @@ import time
 
 import libvirt
 
-from .connection import LibvirtFailure, Session, translate
+from .connection import LibvirtFailure, Session, quietly
 from ..errors import ArchdspError
 
 ESCAPE = b"\x1d"  # Ctrl-]
@@ -49,20 +49,18 @@ class ConsoleStream:
         self.name = name
         self.chunks: queue.Queue[bytes | None] = queue.Queue()
         flags = libvirt.VIR_DOMAIN_CONSOLE_FORCE if force else libvirt.VIR_DOMAIN_CONSOLE_SAFE
+        doing = f"opening the console of {name}"
         conn = session.conn
-        self.stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+        self.stream = session.call(doing, conn.newStream, libvirt.VIR_STREAM_NONBLOCK)
         try:
-            dom = conn.lookupByName(name)
-            dom.openConsole(None, self.stream, flags)
-        except libvirt.libvirtError as err:
-            failure = translate(err, session.uri, f"opening the console of {name}")
-            if "active console session" in str(err) or err.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED:
-                failure = LibvirtFailure(
-                    f"the console of {name} is in use by another session: use --force to take it over",
-                    code=err.get_error_code() or 0,
-                )
-            raise failure from None
-        self.stream.eventAddCallback(
+            dom = session.call(doing, conn.lookupByName, name)
+            session.call(doing, dom.openConsole, None, self.stream, flags)
+        except LibvirtFailure as err:
+            if err.code != libvirt.VIR_ERR_OPERATION_FAILED:  # libvirt's code for "an active console session"
+                raise
+            raise LibvirtFailure(f"the console of {name} is in use by another session: use --force to take it over",
+                                 code=err.code) from None
+        session.call(doing, self.stream.eventAddCallback,
             libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP,
             self._on_event,
             None,
@@ -72,9 +70,9 @@ class ConsoleStream:
         if events & libvirt.VIR_STREAM_EVENT_READABLE:
             while True:
                 try:
-                    data = stream.recv(4096)
-                except libvirt.libvirtError:
-                    data = b""
+                    data = self.session.call("reading the console", stream.recv, 4096)
+                except LibvirtFailure:
+                    data = b""  # the stream broke: the end
                 if data == -2:  # would block
                     break
                 if not data:
@@ -85,27 +83,15 @@ class ConsoleStream:
             self._finish()
 
     def _finish(self) -> None:
-        try:
-            self.stream.eventRemoveCallback()
-        except libvirt.libvirtError:
-            pass
+        quietly(self.stream.eventRemoveCallback)
         self.chunks.put(None)
 
     def send(self, data: bytes) -> None:
-        try:
-            self.stream.send(data)
-        except libvirt.libvirtError as err:
-            raise translate(err, self.session.uri, "writing to the console") from None
+        self.session.call("writing to the console", self.stream.send, data)
 
     def close(self) -> None:
-        try:
-            self.stream.eventRemoveCallback()
-        except libvirt.libvirtError:
-            pass
-        try:
-            self.stream.finish()
-        except libvirt.libvirtError:
-            pass
+        quietly(self.stream.eventRemoveCallback)
+        quietly(self.stream.finish)
 
 
 def expect(session: Session, name: str, pattern: str, timeout: float, force: bool = False,

@@ -9,13 +9,14 @@ are read only when the URI names this machine.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from ..cpuset import CpuSet, parse_cpuset
 from ..errors import ArchdspError, HostError
 from ..host.files import Host, PciDevice
 from ..host.model import METADATA_NS, DspDomain, HostModel, HugePool
-from ..host.sources import file_facts
+from ..host.sources import ALL_FACTS, file_facts
 from .uri import is_local_uri
 
 if TYPE_CHECKING:
@@ -81,34 +82,41 @@ def _kvm(caps) -> bool:
     return bool(caps.xpath("guest/arch/domain[@type='kvm']"))
 
 
-def libvirt_facts(conn: libvirt.virConnect) -> dict:
-    """What libvirt says of the host behind ``conn`` (getCPUMap, capabilities, getFreePages, getInfo,
-    domain capabilities, node devices)."""
+def libvirt_facts(conn: libvirt.virConnect, wanted: Collection[str] = ALL_FACTS) -> dict:
+    """What libvirt says of the ``wanted`` facts of the host behind ``conn`` (getCPUMap, capabilities,
+    getFreePages, getInfo, node devices, the version); only those wanted are asked."""
     from lxml import etree
 
-    caps = etree.fromstring(conn.getCapabilities().encode())
-    version = conn.getLibVersion()
-    return {
-        "online_cpus": _online_cpus(conn),
-        "isolated_cpus": None,  # isolcpus is the host kernel's: libvirt does not say
-        "hugepages": _pools(conn, caps),
-        "memory_kib": conn.getInfo()[1] * 1024,
-        "pci": _pci_devices(conn),
-        "kvm": _kvm(caps),
-        "libvirt_version": f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}",
+    caps = (etree.fromstring(conn.getCapabilities().encode())
+            if {"hugepages", "kvm"} & set(wanted) else None)
+    asked = {
+        "online_cpus": lambda: _online_cpus(conn),
+        "isolated_cpus": lambda: None,  # isolcpus is the host kernel's: libvirt does not say
+        "hugepages": lambda: _pools(conn, caps),
+        "memory_kib": lambda: conn.getInfo()[1] * 1024,
+        "pci": lambda: _pci_devices(conn),
+        "kvm": lambda: _kvm(caps),
+        "libvirt_version": lambda: _version(conn),
     }
+    return {key: ask() for key, ask in asked.items() if key in wanted}
+
+
+def _version(conn: libvirt.virConnect) -> str:
+    version = conn.getLibVersion()
+    return f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
 
 
 def dsp_domains(conn: libvirt.virConnect) -> tuple[DspDomain, ...]:
     """Every domain this tool defined on the host behind ``conn`` (it carries our metadata)."""
-    import libvirt
     from lxml import etree
+
+    from .connection import call
 
     out = []
     for dom in conn.listAllDomains(0):
         try:
-            root = etree.fromstring(dom.XMLDesc(0).encode())
-        except libvirt.libvirtError:  # undefined meanwhile
+            root = etree.fromstring(call("libvirt", "reading a definition", dom.XMLDesc, 0).encode())
+        except ArchdspError:  # undefined meanwhile
             continue
         meta = root.find(f"metadata/{{{METADATA_NS}}}dsp")
         if meta is None:
@@ -138,33 +146,36 @@ def dsp_domains(conn: libvirt.virConnect) -> tuple[DspDomain, ...]:
 
 
 def gather(session: Session | None, *, files: Host | None = None, passt: bool | None = None,
-           online_cpus: CpuSet | None = None, notes: list[str] | None = None) -> HostModel:
-    """The host model for a command.
+           online_cpus: CpuSet | None = None, notes: list[str] | None = None,
+           wanted: Collection[str] = ALL_FACTS) -> HostModel:
+    """The host model for a command: the one place its two sources are joined.
 
     ``session`` is the libvirt connection (None: do not ask libvirt). ``files`` is this machine's file
     source, used only when the connection reaches this machine (or there is none). ``passt`` is the
     config's own decision on port forwards, None when libvirt must be asked. ``online_cpus`` renders
-    for a host given by hand (``--host-cpus``). What cannot be had is noted in ``notes``.
+    for a host given by hand (``--host-cpus``). Only the ``wanted`` facts are read or asked (rendering
+    needs the CPUs and passt alone). What cannot be had is noted in ``notes``.
     """
     notes = notes if notes is not None else []
     uri = session.uri if session is not None else None
     local = session is None or is_local_uri(uri)
+    wanted = set(wanted) - ({"online_cpus"} if online_cpus is not None else set())
     facts: dict = {}
     if local and files is not None:
-        facts.update(file_facts(files))
+        facts.update(file_facts(files, wanted))
     source = "local" if local else "libvirt"
     if session is not None:
         from .connection import supports_passt
 
         try:
             if not local:
-                facts.update(session.run("reading the host's facts", libvirt_facts))
-            else:
-                version = session.run("reading the libvirt version", lambda c: c.getLibVersion())
-                facts["libvirt_version"] = f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
-            if passt is None:
+                facts.update(session.run("reading the host's facts", lambda c: libvirt_facts(c, wanted)))
+            elif "libvirt_version" in wanted:
+                facts["libvirt_version"] = session.run("reading the libvirt version", _version)
+            if passt is None and "passt" in wanted:
                 passt = session.run("reading domain capabilities", supports_passt)
-            facts["domains"] = session.run("listing the host's DSP domains", dsp_domains)
+            if "domains" in wanted:
+                facts["domains"] = session.run("listing the host's DSP domains", dsp_domains)
         except ArchdspError as err:
             if not local:
                 raise
@@ -176,43 +187,36 @@ def gather(session: Session | None, *, files: Host | None = None, passt: bool | 
     return HostModel(uri=uri, source=source, passt=bool(passt), files=files if local else None, **facts)
 
 
+def _pci_address(a) -> str | None:
+    try:
+        return (f"{int(a.get('domain', '0'), 0):04x}:{int(a.get('bus'), 0):02x}:"
+                f"{int(a.get('slot'), 0):02x}.{int(a.get('function'), 0):x}")
+    except (TypeError, ValueError):
+        return None
+
+
 def domains_holding(address: str, uri: str | None) -> list[str]:
     """Names of the running libvirt domains with a PCI ``<hostdev>`` at ``address``.
 
     Raises :class:`HostError` when libvirt cannot be asked."""
+    import libvirt
     from lxml import etree
 
-    import libvirt
+    from .connection import Session, call
 
-    from .connection import call, open_connection, resolve_uri
-
-    target = resolve_uri(uri)
-    try:
-        conn = open_connection(target, readonly=True, retry=False)
-    except ArchdspError as err:
-        raise HostError(f"cannot ask libvirt ({target}) whether a running domain holds {address}: {err}") from None
-    try:
-        doms = call(target, "listing running domains", conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    def holders(conn: libvirt.virConnect) -> list[str]:
         users = []
-        for dom in doms:
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             try:
-                root = etree.fromstring(dom.XMLDesc(0).encode())
-            except libvirt.libvirtError:
+                root = etree.fromstring(call(session.uri, "reading a definition", dom.XMLDesc, 0).encode())
+            except ArchdspError:
                 continue  # it stopped meanwhile
-            for a in root.iterfind("devices/hostdev[@type='pci']/source/address"):
-                try:
-                    addr = (f"{int(a.get('domain', '0'), 0):04x}:{int(a.get('bus'), 0):02x}:"
-                            f"{int(a.get('slot'), 0):02x}.{int(a.get('function'), 0):x}")
-                except (TypeError, ValueError):
-                    continue
-                if addr == address:
-                    users.append(dom.name())
-                    break
+            if any(_pci_address(a) == address for a in root.iterfind("devices/hostdev[@type='pci']/source/address")):
+                users.append(dom.name())
         return users
-    except ArchdspError as err:
-        raise HostError(f"cannot ask libvirt ({target}) whether a running domain holds {address}: {err}") from None
-    finally:
+
+    with Session(uri, readonly=True, attempts=1) as session:
         try:
-            conn.close()
-        except libvirt.libvirtError:
-            pass
+            return session.run("listing running domains", holders)
+        except ArchdspError as err:
+            raise HostError(f"cannot ask libvirt ({session.uri}) whether a running domain holds {address}: {err}") from None

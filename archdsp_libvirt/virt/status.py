@@ -13,13 +13,14 @@ import libvirt
 
 from ..config import DspConfig
 from ..cpuset import format_cpuset
-from ..domain.drift import differences
 from ..errors import ArchdspError
 from ..procs import age
 from ..host.model import HostModel
 from . import threads as qthreads
 from .connection import Session
-from .lifecycle import SHUTOFF_REASONS, STATE_NAMES, _has_qemu_namespace, _inactive_xml, _is_updated, host_model
+from .drift import differences
+from .inspect import (SHUTOFF_REASONS, STATE_NAMES, has_qemu_namespace, inactive_xml, is_updated, live_xml,
+                      uuid_of, vcpu_placement)
 
 UNKNOWN = "unknown"
 
@@ -45,11 +46,9 @@ def _hugepages(cfg: DspConfig, model: HostModel) -> dict:
     }
 
 
-def status(cfg: DspConfig, session: Session, proc: str = "/proc", model: HostModel | None = None) -> dict:
-    """The ``dsp-status`` screen as data: domain, vCPUs, isolation, hugepages, memory, console, drift."""
-    from .lifecycle import vcpu_placement
-
-    model = model if model is not None else host_model(session, cfg)
+def status(cfg: DspConfig, session: Session, model: HostModel, proc: str = "/proc") -> dict:
+    """The ``dsp-status`` screen as data: domain, vCPUs, isolation, hugepages, memory, console, drift.
+    ``model`` is the host behind ``session``, the one the command built."""
     name = cfg.name
     info: dict = {"name": name, "uri": session.uri, "defined": False, "host": model.source,
                   "isolation": _isolation(cfg, model), "hugepages": _hugepages(cfg, model)}
@@ -58,13 +57,13 @@ def status(cfg: DspConfig, session: Session, proc: str = "/proc", model: HostMod
         return info
     info["defined"] = True
     state, reason = session.dom(name, "reading state", lambda d: d.state())
-    info["uuid"] = session.dom(name, "reading the UUID", lambda d: d.UUIDString())
+    info["uuid"] = uuid_of(session, name)
     info["state"] = STATE_NAMES.get(state, str(state))
     if state == libvirt.VIR_DOMAIN_SHUTOFF:
         info["reason"] = SHUTOFF_REASONS.get(reason, str(reason))
     info["autostart"] = bool(session.dom(name, "reading autostart", lambda d: d.autostart()))
-    xml_live = session.dom(name, "reading the definition", lambda d: d.XMLDesc(0))
-    xml_inactive = _inactive_xml(session, name)
+    xml_live = live_xml(session, name)
+    xml_inactive = inactive_xml(session, name)
     from lxml import etree
 
     root = etree.fromstring(xml_live.encode())
@@ -84,7 +83,7 @@ def status(cfg: DspConfig, session: Session, proc: str = "/proc", model: HostMod
             info["cpu_time_s"] = round(stats[4] / 1e9, 3)
         except ArchdspError:
             pass
-        local_qemu = model.is_local and _has_qemu_namespace(session)
+        local_qemu = model.is_local and has_qemu_namespace(session)
         pid = qthreads.qemu_pid(name) if local_qemu else None
         info["qemu_pid"] = pid if pid is not None else (UNKNOWN if not local_qemu else None)
         threads: dict[int, qthreads.Thread] = {}
@@ -118,10 +117,10 @@ def status(cfg: DspConfig, session: Session, proc: str = "/proc", model: HostMod
         from ..domain.build import render_domain
 
         wanted = render_domain(cfg, model, uuid=info["uuid"]).xml
-        info["drift"] = differences(wanted, xml_inactive, with_commandline=_has_qemu_namespace(session))
+        info["drift"] = differences(wanted, xml_inactive, with_commandline=has_qemu_namespace(session))
     except ArchdspError as err:
         info["drift"] = [f"cannot compare with the config: {err}"]
-    info["stale"] = active and _is_updated(session, name)
+    info["stale"] = active and is_updated(session, name)
     return info
 
 

@@ -28,12 +28,10 @@ from collections.abc import Iterable
 from msgspec import structs
 
 from ...config import DspConfig
-from ...errors import UsageError
+from ...errors import HostError, UsageError
 from ..audiothreads import check_audio_threads
-from ..files import Host
 from ..findings import STATUSES, Finding
 from ..model import HostModel
-from ..sources import local_model
 from .boot import check_boot_files
 from .cpus import check_cpus
 from .memory import MEMLOCK_FIX, check_hugepages, check_memlock, check_memory_size
@@ -83,16 +81,15 @@ CHECK_IDS: tuple[str, ...] = (
 )
 
 
-def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool | None = None, *,
+def run_checks(cfg: DspConfig, host: HostModel, libvirt_reachable: bool | None = None, *,
                libvirt_detail: str = "") -> list[Finding]:
     """Every host condition ``cfg`` needs, in :data:`CHECK_IDS` order.
 
-    ``host`` is the host model (a bare :class:`Host` file tree is taken as a local host with no
-    libvirt facts). ``libvirt_reachable`` is the caller's verdict (it opens the connection; None:
+    ``host`` is the command's host model. ``libvirt_reachable`` is the caller's verdict (it opens the connection; None:
     not asked), ``libvirt_detail`` what it saw (the URI, or libvirt's error).
     """
 
-    model = host if isinstance(host, HostModel) else local_model(host)
+    model = host
     return [
         *check_kvm(cfg, model),
         *check_libvirt(libvirt_reachable, libvirt_detail),
@@ -110,7 +107,7 @@ def run_checks(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool |
     ]
 
 
-def preflight(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool | None, skip: Iterable[str] = (), *,
+def preflight(cfg: DspConfig, host: HostModel, libvirt_reachable: bool | None, skip: Iterable[str] = (), *,
               libvirt_detail: str = "") -> list[Finding]:
     """:func:`run_checks`, with the ids in ``skip`` turned into status skip (and saying so).
 
@@ -128,6 +125,27 @@ def preflight(cfg: DspConfig, host: HostModel | Host, libvirt_reachable: bool | 
             f = Finding(f.id, "skip", f"skipped on request (was {f.status}: {f.observed})", f.expected, f.fix)
         out.append(f)
     return out
+
+
+def require(cfg: DspConfig, host: HostModel, libvirt_reachable: bool | None, skip: Iterable[str] = (), *,
+            libvirt_detail: str = "", say=lambda _line: None) -> list[Finding]:
+    """:func:`preflight`, refusing with a :class:`HostError` (naming the first failed check, its fix and
+    how to skip it) when any check fails; says what was skipped and how many warned."""
+    findings = preflight(cfg, host, libvirt_reachable, skip, libvirt_detail=libvirt_detail)
+    for f in findings:
+        if f.observed.startswith("skipped on request"):
+            say(f"preflight: {f.id} {f.observed} (--skip-check)")
+    failed = failures(findings)
+    if failed:
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more: see 'archdsp-virt check')" if len(failed) > 1 else ""
+        raise HostError(
+            f"preflight {first.id} failed: {first.observed}; expected {first.expected}; fix: {first.fix}{more}"
+            f" (or --skip-check {first.id}); nothing was defined or started"
+        )
+    warned = sum(f.status == "warn" for f in findings)
+    say(f"preflight: {len(findings)} checks, none failed" + (f", {warned} warnings (archdsp-virt check)" if warned else ""))
+    return findings
 
 
 def failures(findings: Iterable[Finding]) -> list[Finding]:

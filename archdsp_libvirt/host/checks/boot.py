@@ -9,7 +9,6 @@ from ...config import DspConfig
 from ..files import Host
 from ..findings import Finding
 from ..model import HostModel
-from ..sources import local_model
 
 
 def _qemu_ids(host: Host, user: str) -> tuple[int | None, set[int]]:
@@ -38,7 +37,7 @@ def _may(st: os.stat_result, uid: int | None, gids: set[int], bits: int) -> bool
     return mode & bits == bits
 
 
-def check_boot_files(cfg: DspConfig, model: HostModel | Host) -> list[Finding]:
+def check_boot_files(cfg: DspConfig, model: HostModel) -> list[Finding]:
     """The disk image, kernel and initrd exist, are regular files, and the QEMU user can reach them.
 
     QEMU runs as qemu.conf's ``user`` (default libvirt-qemu). With
@@ -50,7 +49,6 @@ def check_boot_files(cfg: DspConfig, model: HostModel | Host) -> list[Finding]:
     root reads everything.
     """
     fid = "boot.files"
-    model = model if isinstance(model, HostModel) else local_model(model)
     host = model.files
     files = [(key, os.path.expanduser(path), role) for key, path, role in (
         ("archibaldos.disk_image", cfg.disk_image, "disk"), ("boot.kernel", cfg.boot.kernel, "kernel"),

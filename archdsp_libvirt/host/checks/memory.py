@@ -8,10 +8,7 @@ import resource
 from ...config import PAGE_SIZES_KIB, DspConfig
 from ..files import Host, page_size_kib
 from ..findings import Finding
-from ..model import HostModel
-
-# libvirt's memtune hard_limit for locked memory is memory + 1 GiB (see render.memtune).
-MEMLOCK_MARGIN_MB = 1024
+from ..model import HostModel, memlock_limit_mb
 
 CAP_SYS_RESOURCE = 24
 
@@ -102,7 +99,7 @@ def _default_hugepage_kib(host: Host) -> int:
 
 
 def check_memlock(cfg: DspConfig, model: HostModel) -> list[Finding]:
-    need_mb = cfg.memory_mb + MEMLOCK_MARGIN_MB
+    need_mb = memlock_limit_mb(cfg.memory_mb)  # the memtune hard_limit the domain is rendered with
     expected = f"hard RLIMIT_MEMLOCK >= {need_mb} MiB (memory_mb + 1 GiB) or CAP_SYS_RESOURCE"
     if not cfg.realtime.mlock:
         return [Finding("memlock.limit", "skip", "realtime.mlock = false", expected)]

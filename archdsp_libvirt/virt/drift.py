@@ -9,7 +9,7 @@ from __future__ import annotations
 from lxml import etree
 
 from ..cpuset import format_cpuset, parse_cpuset
-from .render import QEMU_NS
+from ..domain.render import QEMU_NS
 
 
 def _norm(cpuset: str | None) -> str:
@@ -20,7 +20,7 @@ def _attrs(root: etree._Element, path: str, *names: str) -> list[tuple[str | Non
     return [tuple(el.get(n) for n in names) for el in root.iterfind(path)]
 
 
-def owned(xml: str, with_commandline: bool = True) -> dict[str, object]:
+def managed_parts(xml: str, with_commandline: bool = True) -> dict[str, object]:
     """The parts of a domain definition that come from the DSP config, in comparable form.
 
     ``with_commandline`` is False for drivers that have no QEMU namespace
@@ -64,6 +64,6 @@ def owned(xml: str, with_commandline: bool = True) -> dict[str, object]:
 
 
 def differences(wanted: str, actual: str, with_commandline: bool = True) -> list[str]:
-    """One line per owned part that differs: ``'vcpupin: wanted [...], libvirt has [...]'``."""
-    a, b = owned(wanted, with_commandline), owned(actual, with_commandline)
+    """One line per managed part that differs: ``'vcpupin: wanted [...], libvirt has [...]'``."""
+    a, b = managed_parts(wanted, with_commandline), managed_parts(actual, with_commandline)
     return [f"{key}: config wants {a[key]!r}, libvirt has {b[key]!r}" for key in a if a[key] != b[key]]
