@@ -307,13 +307,13 @@ FIB = ("Main:\n  +-- 0.0.0.0/0 3 0 5\n     +-- 192.168.122.0/24 2 0 2\n        |
 
 def _host(tmp_path, fib=True):
     from archdsp_libvirt.host.files import Host
-    from archdsp_libvirt.host.sources import local_model
+    from archdsp_libvirt.host.model import HostModel
 
     (tmp_path / "proc/net").mkdir(parents=True)
     (tmp_path / "proc/net/route").write_text(ROUTE)
     if fib:
         (tmp_path / "proc/net/fib_trie").write_text(FIB)
-    return local_model(Host(tmp_path))
+    return HostModel(source="local", files=Host(tmp_path))
 
 
 def test_one_interface_of_for_the_check_and_the_bridges(tmp_path):

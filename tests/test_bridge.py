@@ -151,9 +151,9 @@ def test_a_master_the_lan_reaches_is_refused_unless_allowed(tmp_path):
     assert not json.loads(archdsp("netjack", "status", "--json", str(cfg), env=env).stdout).get("running")
     # allow_lan turns the refusal into the words a start prints (no socket is opened beyond a bind test)
     from archdsp_libvirt.host.files import Host
-    from archdsp_libvirt.host.sources import local_model
+    from archdsp_libvirt.host.model import HostModel
 
-    model = local_model(Host())
+    model = HostModel(source="local", files=Host())
     assert "which carries the default route" in check_master_address(ip, True, model)
     with pytest.raises(BridgeError):
         check_master_address(ip, False, model)
