@@ -225,12 +225,12 @@ def _start_owned(link: Link, model: HostModel, server: str, options: StartOption
     probe.close()
 
     try:
-        options = _load_master(server, link.master_ip, link.port)
+        netmanager = _load_master(server, link.master_ip, link.port)
     except BridgeError:
         if owned_server:
             owned_server.stop()
         raise
-    say(f"NETJACK master listening on {link.master_ip}:{link.port}/udp (netmanager {options})")
+    say(f"NETJACK master listening on {link.master_ip}:{link.port}/udp (netmanager {netmanager})")
 
     status_file.unlink(missing_ok=True)
     _exclude_path(link.domain).unlink(missing_ok=True)
