@@ -6,7 +6,6 @@ and calls one library function. Errors become one line and an exit code
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -14,7 +13,10 @@ from pathlib import Path
 import click
 
 from ..errors import ArchdspError
+from ..service import console_command, down_command, render_for_cli, status_command, up_command
+from .audio import latency, netjack
 from .options import Finite, config_argument, json_option
+from .rt import rt_test, tune
 
 
 class Failure(click.ClickException):
@@ -26,20 +28,23 @@ class Failure(click.ClickException):
 
 
 class Group(click.Group):
-    """The top-level group: our errors become one line, and the commands of the other rooms
-    (``check``, ``host``, ``vfio`` in cli/host.py; ``netjack``, ``latency`` in cli/audio.py;
-    ``rt-test``, ``tune`` in cli/rt.py) are imported only when one of them runs or help lists them."""
+    """The top-level group: our errors become one line, with their own exit code.
 
-    lazy = {"check": "host", "host": "host", "vfio": "host", "netjack": "audio", "latency": "audio",
-            "rt-test": "rt", "tune": "rt"}
+    The host's commands (``check``, ``host``, ``vfio`` in cli/host.py) are added when one of them runs
+    or help lists them: their options need the kernel-parameter model, which the other commands
+    do not pay for. The commands of cli/audio.py and cli/rt.py are added below, at import."""
+
+    host_commands = ("check", "host", "vfio")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy})
+        return sorted({*super().list_commands(ctx), *self.host_commands})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.lazy and name not in self.commands:
-            module = importlib.import_module(f".{self.lazy[name]}", __package__)
-            self.add_command(getattr(module, name.replace("-", "_")))
+        if name in self.host_commands and name not in self.commands:
+            from . import host
+
+            for command in (host.check, host.host, host.vfio):
+                self.add_command(command)
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
@@ -120,8 +125,6 @@ class Ctx:
         self.uri = uri
 
 
-
-
 def warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
@@ -158,8 +161,6 @@ def cli(ctx: click.Context, uri: str | None) -> None:
 @click.pass_obj
 def xml(obj: Ctx, config: Path, host_cpus: str | None, port_forwards: str | None) -> None:
     """Print the libvirt domain XML for CONFIG (for virsh define)."""
-    from ..service import render_for_cli
-
     rendered, notes = render_for_cli(config, obj.uri, host_cpus=host_cpus, port_forwards=port_forwards)
     for line in notes:
         note(line)
@@ -178,8 +179,6 @@ def xml(obj: Ctx, config: Path, host_cpus: str | None, port_forwards: str | None
 @click.pass_obj
 def up(obj: Ctx, config: Path, restart: bool, no_autostart: bool, skip_checks: tuple[str, ...], no_check: bool) -> None:
     """Define CONFIG's domain (keeping its UUID) and start it."""
-    from ..service import up_command
-
     up_command(config, obj.uri, restart=restart, autostart=not no_autostart, skip=set(skip_checks),
                preflight=not no_check, say=click.echo)
 
@@ -193,8 +192,6 @@ def up(obj: Ctx, config: Path, restart: bool, no_autostart: bool, skip_checks: t
 @click.pass_obj
 def down(obj: Ctx, config: Path, timeout: float, force: bool, undefine: bool) -> None:
     """Shut CONFIG's domain down (ACPI, then destroy after --timeout)."""
-    from ..service import down_command
-
     down_command(config, obj.uri, timeout=timeout, force=force, undefine=undefine, say=click.echo)
 
 
@@ -204,8 +201,6 @@ def down(obj: Ctx, config: Path, timeout: float, force: bool, undefine: bool) ->
 @click.pass_obj
 def status(obj: Ctx, config: Path, as_json: bool) -> None:
     """The DSP VM's state, vCPUs, isolation, hugepages, console log and drift."""
-    from ..service import status_command
-
     click.echo(status_command(config, obj.uri, as_json=as_json), nl=False)
 
 
@@ -219,10 +214,12 @@ def status(obj: Ctx, config: Path, as_json: bool) -> None:
 @click.pass_obj
 def console(obj: Ctx, config: Path, force: bool, pattern: str | None, timeout: float, send: str | None) -> None:
     """Attach to the serial console (Ctrl-] leaves), or wait for --expect REGEX."""
-    from ..service import console_command
-
     console_command(config, obj.uri, force=force, pattern=pattern, timeout=timeout,
                     echo=lambda t: click.echo(t, nl=False), send=send)
+
+
+for _command in (netjack, latency, rt_test, tune):  # the commands of cli/audio.py and cli/rt.py
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:
