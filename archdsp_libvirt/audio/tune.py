@@ -18,6 +18,7 @@ from pathlib import Path
 from msgspec import Struct, structs
 
 from ..config import DspConfig
+from ..config.paths import write_output
 from ..errors import ArchdspError, ConfigError
 from .latency import frames_to_ms
 
@@ -231,6 +232,6 @@ def plot(rep: dict, path) -> str:
     ax.legend(loc="upper left", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_output(path, lambda f: fig.savefig(f, dpi=100, format="png"))  # never through a planted link
     plt.close(fig)
     return str(path)

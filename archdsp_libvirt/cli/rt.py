@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 
 from ..service import rt_test_command, tune_command
-from .options import Finite, config_argument, json_option
+from .options import Finite, config_argument, json_option, plot_file
 
-plot_option = click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
-                           help="Draw the result into this PNG (matplotlib).")
+plot_option = click.option("--plot", "plot_path", type=plot_file,
+                           help="Draw the result into this PNG (matplotlib: the [plot] extra).")
 
 
 def _ints(text: str, what: str, lo: int, hi: int) -> list[int]:
