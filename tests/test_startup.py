@@ -80,7 +80,7 @@ def test_a_transient_failure_brings_in_the_retry_policy():
 
 PKG = "archdsp_libvirt."
 WATCHED = HEAVY + ["jack", "matplotlib", PKG + "service.domain", PKG + "service.audio", PKG + "audio.servers",
-                   PKG + "virt.connection", PKG + "cli.host", PKG + "host.kernelparams"]
+                   PKG + "virt.connection", PKG + "cli.host", PKG + "cli.audio", PKG + "cli.rt", PKG + "host.kernelparams"]
 GUEST = (REPO / "domains" / "archibaldos-dsp.toml").read_text()  # forwards a port: passt or hostfwd to decide
 NAME = "archdsp-test-startup"  # no bridge, no domain of this name: nothing of another run is read
 
@@ -98,13 +98,15 @@ STARTUP = {
                 PKG + "service.audio", PKG + "audio.servers", PKG + "virt.connection"}),
     "netjack status": (["netjack", "status", "CONFIG"], {PKG + "config", PKG + "audio.servers"},
                        {"lxml.etree", "libvirt", "tenacity", "jack", "matplotlib", PKG + "host.checks",
-                        PKG + "service.domain", PKG + "virt.connection", PKG + "cli.host", PKG + "host.kernelparams"}),
+                        PKG + "service.domain", PKG + "virt.connection", PKG + "cli.host", PKG + "cli.rt",
+                        PKG + "host.kernelparams"}),
     "status": (["-c", "test:///default", "status", "CONFIG"], {"libvirt", PKG + "service.domain"},
                {"tenacity", "jack", "matplotlib", PKG + "host.checks", PKG + "service.audio", PKG + "cli.host",
-                PKG + "host.kernelparams"}),
+                PKG + "cli.audio", PKG + "cli.rt", PKG + "host.kernelparams"}),
     "xml --host-cpus 0-1": (["xml", "--host-cpus", "0-1", "CONFIG"], {"msgspec", "lxml.etree", PKG + "service.domain"},
                             {"libvirt", "tenacity", "jack", "matplotlib", PKG + "host.checks",
-                             PKG + "service.audio", PKG + "audio.servers", PKG + "cli.host"}),
+                             PKG + "service.audio", PKG + "audio.servers", PKG + "cli.host", PKG + "cli.audio",
+                             PKG + "cli.rt"}),
 }
 LIBVIRT_FOR_XML = pytest.mark.xfail(strict=True, reason="libvirt import removed by the host-model change")
 
@@ -125,3 +127,18 @@ def test_xml_for_given_cpus_asks_libvirt_nothing_but_what_the_config_leaves_open
     mods = imported_after(run_cli("xml", "--host-cpus", "0-1", str(path)), WATCHED)
     assert {"lxml.etree", PKG + "service.domain"} <= mods
     assert not {"libvirt", "tenacity"} & mods
+
+
+def test_every_command_help_lists_is_the_one_its_room_defines():
+    """The names the top-level group lists before it imports a room are the names of that room's commands."""
+    import click
+
+    from archdsp_libvirt.cli import cli
+
+    ctx = click.Context(cli)
+    names = cli.list_commands(ctx)
+    assert {"check", "host", "vfio", "netjack", "latency", "rt-test", "tune", "xml", "up", "status"} <= set(names)
+    for name in names:
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.name == name, name
+    assert sorted(cli.commands) == names  # every room's commands were added, none beside the list

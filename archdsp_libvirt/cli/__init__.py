@@ -14,9 +14,7 @@ import click
 
 from ..errors import ArchdspError
 from ..service import console_command, down_command, render_for_cli, status_command, up_command
-from .audio import latency, netjack
 from .options import Finite, config_argument, json_option
-from .rt import rt_test, tune
 
 
 class Failure(click.ClickException):
@@ -27,25 +25,41 @@ class Failure(click.ClickException):
         self.exit_code = exit_code
 
 
+# The commands of cli/host.py, cli/audio.py and cli/rt.py, by name (Group.get_command adds them).
+_HOST = ("check", "host", "vfio")
+_AUDIO = ("netjack", "latency")
+_RT = ("rt-test", "tune")
+
+
 class Group(click.Group):
     """The top-level group: our errors become one line, with their own exit code.
 
-    The host's commands (``check``, ``host``, ``vfio`` in cli/host.py) are added when one of them runs
-    or help lists them: their options need the kernel-parameter model, which the other commands
-    do not pay for. The commands of cli/audio.py and cli/rt.py are added below, at import."""
-
-    host_commands = ("check", "host", "vfio")
+    The commands of the other rooms are added when one of them runs or help lists them, so that a
+    command imports only its own room: ``check``, ``host`` and ``vfio`` from cli/host.py, ``netjack``
+    and ``latency`` from cli/audio.py, ``rt-test`` and ``tune`` from cli/rt.py."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.host_commands})
+        return sorted({*super().list_commands(ctx), *_HOST, *_AUDIO, *_RT})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.host_commands and name not in self.commands:
-            from . import host
+        if name not in self.commands:
+            if name in _HOST:
+                from . import host
 
-            for command in (host.check, host.host, host.vfio):
-                self.add_command(command)
+                self._add(host.check, host.host, host.vfio)
+            elif name in _AUDIO:
+                from . import audio
+
+                self._add(audio.netjack, audio.latency)
+            elif name in _RT:
+                from . import rt
+
+                self._add(rt.rt_test, rt.tune)
         return super().get_command(ctx, name)
+
+    def _add(self, *commands: click.Command) -> None:
+        for command in commands:
+            self.add_command(command)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -216,10 +230,6 @@ def console(obj: Ctx, config: Path, force: bool, pattern: str | None, timeout: f
     """Attach to the serial console (Ctrl-] leaves), or wait for --expect REGEX."""
     console_command(config, obj.uri, force=force, pattern=pattern, timeout=timeout,
                     echo=lambda t: click.echo(t, nl=False), send=send)
-
-
-for _command in (netjack, latency, rt_test, tune):  # the commands of cli/audio.py and cli/rt.py
-    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:
