@@ -4,7 +4,8 @@
 >>> rendered = render_domain(load_config("domains/minimal.toml"), HostModel.local())
 >>> print(rendered.xml)
 
-The names below are imported from their modules when first used, so that
+The errors are imported here; the other names from their modules when first
+used (the ``TYPE_CHECKING`` block below names each one's module), so that
 ``archdsp-virt --help`` or ``archdsp-virt netjack status`` do not pay for
 the config model, lxml and the schema.
 """
@@ -13,17 +14,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .errors import ArchdspError, ConfigError, HostError, RenderError, UsageError
 from .lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .config import DspConfig, load_config, parse_config
+    from .domain.build import Rendered, render_domain
+    from .domain.policy import Plan, plan
+    from .domain.render import to_xml
+    from .domain.schema import validate_domain
+    from .host.model import HostFacts, HostModel
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# public name -> the module that defines it (imported on first use)
 _EXPORTS = {
-    "ArchdspError": "errors",
-    "ConfigError": "errors",
-    "HostError": "errors",
-    "RenderError": "errors",
-    "UsageError": "errors",
     "DspConfig": "config",
     "load_config": "config",
     "parse_config": "config",
@@ -37,7 +42,8 @@ _EXPORTS = {
     "validate_domain": "domain.schema",
 }
 
-__all__ = sorted(n for n in _EXPORTS if n not in ("plan", "to_xml", "validate_domain"))
+__all__ = sorted(["ArchdspError", "ConfigError", "HostError", "RenderError", "UsageError",
+                  *(n for n in _EXPORTS if n not in ("plan", "to_xml", "validate_domain"))])
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)
@@ -46,12 +52,3 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_EXPORTS))
 
-
-if TYPE_CHECKING:
-    from .config import DspConfig, load_config, parse_config
-    from .errors import ArchdspError, ConfigError, HostError, RenderError, UsageError
-    from .domain.build import Rendered, render_domain
-    from .domain.policy import Plan, plan
-    from .domain.render import to_xml
-    from .domain.schema import validate_domain
-    from .host.model import HostFacts, HostModel

@@ -75,6 +75,8 @@ def plot(rep: dict, path: str | os.PathLike[str], title: str = "") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from ..config.paths import write_output
+
     rate = rep["sample_rate"]
     ws = windows(rep)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[3, 2])
@@ -110,6 +112,6 @@ def plot(rep: dict, path: str | os.PathLike[str], title: str = "") -> Path:
     ax2.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=100)
+    write_output(out, lambda f: fig.savefig(f, dpi=100, format="png"))  # never through a planted link
     plt.close(fig)
     return out

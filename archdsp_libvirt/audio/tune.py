@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from msgspec import Struct, structs
 
 from ..config import DspConfig
+from ..config.paths import write_output
 from ..errors import ArchdspError, BridgeError, ConfigError
 from . import servers
 from .budget import frames_to_ms
@@ -225,6 +226,6 @@ def plot(rep: dict, path) -> str:
     ax.legend(loc="upper left", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_output(path, lambda f: fig.savefig(f, dpi=100, format="png"))  # never through a planted link
     plt.close(fig)
     return str(path)

@@ -6,7 +6,6 @@ and calls one library function. Errors become one line and an exit code
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..errors import ArchdspError
+from ..service import console_command, down_command, render_for_cli, status_command, up_command
 from .options import Finite, config_argument, json_option
 
 
@@ -25,22 +25,41 @@ class Failure(click.ClickException):
         self.exit_code = exit_code
 
 
-class Group(click.Group):
-    """The top-level group: our errors become one line, and the commands of the other rooms
-    (``check``, ``host``, ``vfio`` in cli/host.py; ``netjack``, ``latency`` in cli/audio.py;
-    ``rt-test``, ``tune`` in cli/rt.py) are imported only when one of them runs or help lists them."""
+# The commands of cli/host.py, cli/audio.py and cli/rt.py, by name (Group.get_command adds them).
+_HOST = ("check", "host", "vfio")
+_AUDIO = ("netjack", "latency")
+_RT = ("rt-test", "tune")
 
-    lazy = {"check": "host", "host": "host", "vfio": "host", "netjack": "audio", "latency": "audio",
-            "rt-test": "rt", "tune": "rt"}
+
+class Group(click.Group):
+    """The top-level group: our errors become one line, with their own exit code.
+
+    The commands of the other rooms are added when one of them runs or help lists them, so that a
+    command imports only its own room: ``check``, ``host`` and ``vfio`` from cli/host.py, ``netjack``
+    and ``latency`` from cli/audio.py, ``rt-test`` and ``tune`` from cli/rt.py."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy})
+        return sorted({*super().list_commands(ctx), *_HOST, *_AUDIO, *_RT})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.lazy and name not in self.commands:
-            module = importlib.import_module(f".{self.lazy[name]}", __package__)
-            self.add_command(getattr(module, name.replace("-", "_")))
+        if name not in self.commands:
+            if name in _HOST:
+                from . import host
+
+                self._add(host.check, host.host, host.vfio)
+            elif name in _AUDIO:
+                from . import audio
+
+                self._add(audio.netjack, audio.latency)
+            elif name in _RT:
+                from . import rt
+
+                self._add(rt.rt_test, rt.tune)
         return super().get_command(ctx, name)
+
+    def _add(self, *commands: click.Command) -> None:
+        for command in commands:
+            self.add_command(command)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -120,8 +139,6 @@ class Ctx:
         self.uri = uri
 
 
-
-
 def warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
@@ -158,8 +175,6 @@ def cli(ctx: click.Context, uri: str | None) -> None:
 @click.pass_obj
 def xml(obj: Ctx, config: Path, host_cpus: str | None, port_forwards: str | None) -> None:
     """Print the libvirt domain XML for CONFIG (for virsh define)."""
-    from ..service import render_for_cli
-
     rendered, notes = render_for_cli(config, obj.uri, host_cpus=host_cpus, port_forwards=port_forwards)
     for line in notes:
         note(line)
@@ -178,8 +193,6 @@ def xml(obj: Ctx, config: Path, host_cpus: str | None, port_forwards: str | None
 @click.pass_obj
 def up(obj: Ctx, config: Path, restart: bool, no_autostart: bool, skip_checks: tuple[str, ...], no_check: bool) -> None:
     """Define CONFIG's domain (keeping its UUID) and start it."""
-    from ..service import up_command
-
     up_command(config, obj.uri, restart=restart, autostart=not no_autostart, skip=set(skip_checks),
                preflight=not no_check, say=click.echo)
 
@@ -193,8 +206,6 @@ def up(obj: Ctx, config: Path, restart: bool, no_autostart: bool, skip_checks: t
 @click.pass_obj
 def down(obj: Ctx, config: Path, timeout: float, force: bool, undefine: bool) -> None:
     """Shut CONFIG's domain down (ACPI, then destroy after --timeout)."""
-    from ..service import down_command
-
     down_command(config, obj.uri, timeout=timeout, force=force, undefine=undefine, say=click.echo)
 
 
@@ -204,8 +215,6 @@ def down(obj: Ctx, config: Path, timeout: float, force: bool, undefine: bool) ->
 @click.pass_obj
 def status(obj: Ctx, config: Path, as_json: bool) -> None:
     """The DSP VM's state, vCPUs, isolation, hugepages, console log and drift."""
-    from ..service import status_command
-
     click.echo(status_command(config, obj.uri, as_json=as_json), nl=False)
 
 
@@ -219,8 +228,6 @@ def status(obj: Ctx, config: Path, as_json: bool) -> None:
 @click.pass_obj
 def console(obj: Ctx, config: Path, force: bool, pattern: str | None, timeout: float, send: str | None) -> None:
     """Attach to the serial console (Ctrl-] leaves), or wait for --expect REGEX."""
-    from ..service import console_command
-
     console_command(config, obj.uri, force=force, pattern=pattern, timeout=timeout,
                     echo=lambda t: click.echo(t, nl=False), send=send)
 

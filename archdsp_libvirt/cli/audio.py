@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .options import Finite, config_argument, json_option, nperiods_option
+from .options import Finite, config_argument, json_option, nperiods_option, plot_file
 
 
 @click.group()
@@ -132,7 +132,7 @@ def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool) -> None:
 @nperiods_option
 @click.option("--audio-server", type=click.Choice(["auto", "pipewire", "jack"]), default="auto", show_default=True,
               help="Whose model: auto follows the running bridge (JACK when none runs).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--plot", "plot_path", type=plot_file,
               help="With --measure: draw the round trip and xruns over time into this PNG.")
 @json_option("Print JSON (measured_frames, predicted_frames, xruns, ...).")
 def latency(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,

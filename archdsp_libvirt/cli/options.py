@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -42,3 +44,38 @@ host_root_option = click.option(
 
 def json_option(help: str = "Print JSON for scripts."):  # noqa: A002 - click's own word
     return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+class OutputFile(click.ParamType):
+    """A file a command writes for the user (a plot), refused while the options are read, before any
+    measurement: by the config paths' rules (:func:`archdsp_libvirt.config.paths.output_file`), and
+    when the optional package that writes it is not installed. One line, exit 2."""
+
+    name = "file"
+
+    def __init__(self, suffixes: tuple[str, ...], needs: str | None = None, extra: str | None = None) -> None:
+        self.suffixes = suffixes
+        self.needs = needs  # the module that writes it (an optional dependency)
+        self.extra = extra  # the package extra that installs it
+
+    def get_metavar(self, param, *args) -> str:  # type: ignore[override]
+        return "FILE"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        from ..config.paths import output_file, shorten  # only when the option is given
+        from ..errors import Invalid, UsageError
+
+        option = param.opts[0] if param is not None and param.opts else "the output file"
+        text = os.fsdecode(value)
+        try:
+            path = output_file(text, self.suffixes)
+        except Invalid as err:
+            shown = shorten(text) if text.isprintable() else repr(shorten(text))
+            raise UsageError(f"{option} {shown}: {err.message}") from None
+        if self.needs and importlib.util.find_spec(self.needs) is None:
+            raise UsageError(f"{option} needs {self.needs}, which is not installed: pip install "
+                             f"'archdsp-libvirt[{self.extra}]' (or leave out {option})")
+        return Path(path)
+
+
+plot_file = OutputFile((".png",), needs="matplotlib", extra="plot")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
-from .options import Finite, config_argument, json_option
+from ..service import rt_test_command, tune_command
+from .options import Finite, config_argument, json_option, plot_file
 
-plot_option = click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
-                           help="Draw the result into this PNG (matplotlib).")
+plot_option = click.option("--plot", "plot_path", type=plot_file,
+                           help="Draw the result into this PNG (matplotlib: the [plot] extra).")
 
 
 def _ints(text: str, what: str, lo: int, hi: int) -> list[int]:
@@ -37,8 +38,6 @@ def _ints(text: str, what: str, lo: int, hi: int) -> list[int]:
 @click.pass_obj
 def rt_test(obj, config: Path, seconds: float, as_json: bool, plot_path: Path | None, force: bool) -> None:
     """In-guest scheduling latency: cyclictest on the vCPU while the audio runs, against the period."""
-    from ..service import rt_test_command
-
     r, text = rt_test_command(config, getattr(obj, "uri", None), seconds, force=force, plot_path=plot_path)
     click.echo(json.dumps(r, indent=2, sort_keys=True) if as_json else text, nl=as_json)
 
@@ -61,8 +60,6 @@ def tune(obj, config: Path, buffer_sizes: str, latencies: str, sync_modes: str, 
          do_apply: bool, as_json: bool, plot_path: Path | None) -> None:
     """Sweep buffer_size, network_latency and sync on the running VM; report the lowest round trip
     that held zero xruns."""
-    from ..service import tune_command
-
     sizes = _ints(buffer_sizes, "--buffer-sizes", 16, 4096)
     lats = _ints(latencies, "--latencies", 0, 16)
     syncs = {"both": [False, True], "on": [True], "off": [False]}[sync_modes]

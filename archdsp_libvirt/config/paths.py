@@ -170,3 +170,99 @@ def existing_console_log(path: str) -> None:
             f"has {st.st_nlink} names (hard links): virtlogd (root) truncates it, and every other name with it; "
             "give a path of its own"
         )
+
+
+# --- files the commands write for the user (a plot): checked before the work, written without following a link ---
+
+def _shared(st: os.stat_result) -> bool:
+    """A folder every user may write in (/tmp, /var/tmp, /dev/shm): anyone can plant a link there."""
+    return bool(st.st_mode & stat.S_IWOTH)
+
+
+def output_file(value: str, suffixes: tuple[str, ...]) -> str:
+    """Where a command may write the user's output ``value`` (a plot), checked before the work starts:
+    the rules of the config's paths (clean, no '..', not in a system folder or a folder of keys, also
+    where the path leads), one of ``suffixes``, an existing folder this user may write in, no link on
+    the way that lies in a shared folder, and no target that is a link or anything but a regular
+    file. Relative paths are taken from the current folder. The absolute path, or :class:`Invalid`."""
+    clean_path(value)
+    if value.startswith("~") and not (value == "~" or value.startswith("~/")):
+        raise Invalid("~user paths are not expanded here; write the full path, or ~/ for your own home")
+    path = os.path.abspath(os.path.expanduser(value))
+    folder, name = os.path.split(path)
+    why = _place(path)
+    if why:
+        raise Invalid(f"{why}; write it into a folder of your own")
+    if not name.lower().endswith(suffixes) or name.lower() in suffixes:
+        raise Invalid(f"must be a file name ending in {' or '.join(suffixes)}, e.g. ./result{suffixes[0]}")
+    # Every link on the way: one in a shared folder could be pointed elsewhere by another user.
+    at = "/"
+    for part in folder.strip("/").split("/") if folder != "/" else []:
+        nxt = os.path.join(at, part)
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            raise Invalid(f"the folder {shorten(folder)} does not exist; create it (mkdir -p) or name "
+                          "another") from None
+        except NotADirectoryError:
+            raise Invalid(f"{shorten(at)} is not a folder; name a file in an existing folder") from None
+        except PermissionError:
+            raise Invalid(f"{shorten(at)} may not be entered by this user; name another folder") from None
+        if stat.S_ISLNK(st.st_mode) and _shared(os.stat(at)):
+            raise Invalid(f"goes through the symlink {shorten(nxt)} in a folder every user may write in; "
+                          "give the real folder")
+        at = os.path.realpath(nxt)
+    if not os.path.isdir(at):
+        raise Invalid(f"{shorten(folder)} is not a folder; name a file in an existing folder")
+    why = _place(at)
+    if why:
+        raise Invalid(f"{why.replace('is ', 'resolves to a folder ', 1)} (through a symlink); "
+                      "write it into a folder of your own")
+    if not os.access(at, os.W_OK | os.X_OK):
+        raise Invalid(f"the folder {shorten(folder)} is not writable by this user; name another folder")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if stat.S_ISLNK(st.st_mode):
+        raise Invalid(f"is a symlink to {shorten(os.path.realpath(path))}; give the real path")
+    if not stat.S_ISREG(st.st_mode):
+        raise Invalid(f"exists and is {_kind(st.st_mode)}; a regular file is expected (it is replaced)")
+    return path
+
+
+def write_output(path: str | os.PathLike[str], write) -> str:
+    """Write ``path`` as ``write(binary file)`` does, without following a link: into a new file beside
+    it (O_EXCL | O_NOFOLLOW, in the folder opened once), synced, then renamed over the name. A link
+    planted at the name after the check is replaced, never written through; on failure the old file
+    stays as it was. The path written."""
+    full = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    folder, name = os.path.split(full)
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for _attempt in range(16):
+            tmp = f".{name[:200]}.{os.urandom(6).hex()}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                             dir_fd=dfd)
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 16 random names taken
+            raise FileExistsError(f"{folder}: no free temporary name beside {name}")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return full

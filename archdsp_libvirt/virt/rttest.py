@@ -13,6 +13,7 @@ import subprocess
 from msgspec import Struct, structs
 
 from ..config import DspConfig
+from ..config.paths import write_output
 from ..errors import ArchdspError
 from ..procs import child_env
 
@@ -168,6 +169,6 @@ def plot(r: RtResult, path) -> str:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_output(path, lambda f: fig.savefig(f, dpi=100, format="png"))  # never through a planted link
     plt.close(fig)
     return str(path)
