@@ -108,11 +108,9 @@ STARTUP = {
                              PKG + "service.audio", PKG + "audio.servers", PKG + "cli.host", PKG + "cli.audio",
                              PKG + "cli.rt"}),
 }
-LIBVIRT_FOR_XML = pytest.mark.xfail(strict=True, reason="libvirt import removed by the host-model change")
 
 
-@pytest.mark.parametrize("command", [pytest.param(c, marks=LIBVIRT_FOR_XML) if c.startswith("xml") else c
-                                     for c in STARTUP])
+@pytest.mark.parametrize("command", list(STARTUP))
 def test_each_command_imports_what_it_uses_and_no_more(command, tmp_path):
     args, needed, forbidden = STARTUP[command]
     mods = imported_after(run_cli(*[_config(tmp_path) if a == "CONFIG" else a for a in args]), WATCHED)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .. import service
 from .options import Finite, config_argument, json_option, nperiods_option, plot_file
 
 
@@ -56,9 +57,7 @@ def netjack_start(config: Path, audio_server: str, pipewire_user: str | None, al
                   jack_server: str | None, start_server: str | None, device: str, nperiods: int,
                   wait: float) -> None:
     """Join the host's audio server (PipeWire or JACK) and start the NETJACK master for CONFIG's VM."""
-    from ..service import netjack_start as start
-
-    start(config, say=click.echo, audio_server=audio_server, pipewire_user=pipewire_user,
+    service.netjack_start(config, say=click.echo, audio_server=audio_server, pipewire_user=pipewire_user,
           allow_any_address=allow_any_address, server=jack_server, start_server=start_server, device=device,
           nperiods=nperiods, wait=wait)
 
@@ -67,9 +66,7 @@ def netjack_start(config: Path, audio_server: str, pipewire_user: str | None, al
 @config_argument
 def netjack_stop(config: Path) -> None:
     """Stop the bridge: its supervisor, the NETJACK master, and a jackd it started."""
-    from ..service import netjack_stop as stop
-
-    stop(config, say=click.echo)
+    service.netjack_stop(config, say=click.echo)
 
 
 @netjack.command("restart")
@@ -79,9 +76,7 @@ def netjack_stop(config: Path) -> None:
 def netjack_restart(config: Path, audio_server: str, pipewire_user: str | None, allow_any_address: bool,
                     jack_server: str | None, start_server: str | None, wait: float) -> None:
     """Stop and start the bridge again (dsp-netjack-restart)."""
-    from ..service import netjack_restart as restart
-
-    restart(config, say=click.echo, wait=wait, audio_server=audio_server, pipewire_user=pipewire_user,
+    service.netjack_restart(config, say=click.echo, wait=wait, audio_server=audio_server, pipewire_user=pipewire_user,
             allow_any_address=allow_any_address, server=jack_server, start_server=start_server)
 
 
@@ -90,9 +85,7 @@ def netjack_restart(config: Path, audio_server: str, pipewire_user: str | None, 
 @json_option()
 def netjack_status(config: Path, as_json: bool) -> None:
     """Server, link up/down, the VM's ports and xruns since start."""
-    from ..service import netjack_status as status
-
-    click.echo(status(config, as_json), nl=False)
+    click.echo(service.netjack_status(config, as_json), nl=False)
 
 
 @netjack.command("unit")
@@ -105,9 +98,7 @@ def netjack_status(config: Path, as_json: bool) -> None:
 def netjack_unit(config: Path, audio_server: str, pipewire_user: str | None, jack_server: str | None,
                  start_server: str | None) -> None:
     """Print a systemd unit that runs the bridge at boot."""
-    from ..service import netjack_unit as unit
-
-    click.echo(unit(config, audio_server, pipewire_user, jack_server, start_server), nl=False)
+    click.echo(service.netjack_unit(config, audio_server, pipewire_user, jack_server, start_server), nl=False)
 
 
 @netjack.command("dropin")
@@ -116,9 +107,7 @@ def netjack_unit(config: Path, audio_server: str, pipewire_user: str | None, jac
 @any_address_option
 def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool) -> None:
     """Print the PipeWire drop-in that loads the NETJACK2 manager at login (~/.config/pipewire/pipewire.conf.d/)."""
-    from ..service import netjack_dropin as dropin
-
-    click.echo(dropin(config, nixos, allow_any_address, note=lambda m: click.echo(m, err=True)), nl=False)
+    click.echo(service.netjack_dropin(config, nixos, allow_any_address, note=lambda m: click.echo(m, err=True)), nl=False)
 
 
 @click.command()
@@ -138,11 +127,9 @@ def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool) -> None:
 def latency(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
             nperiods: int, audio_server: str, as_json: bool, plot_path: Path | None) -> None:
     """The latency budget of CONFIG's link, and with --measure the real round trip."""
-    from ..service import latency_command
-
     if plot_path and not measure:
         raise click.UsageError("--plot draws a measurement: add --measure")
-    click.echo(latency_command(config, measure, seconds, target_ms, host_backend, nperiods, audio_server, as_json,
+    click.echo(service.latency_command(config, measure, seconds, target_ms, host_backend, nperiods, audio_server, as_json,
                                plot_path), nl=False)
 
 
@@ -158,16 +145,12 @@ def netjack_headless() -> None:
 @click.option("--user", metavar="USER", help="Run PipeWire and WirePlumber as USER (default: the caller).")
 def netjack_headless_start(directory: Path, user: str | None) -> None:
     """Start pipewire and wireplumber with XDG_RUNTIME_DIR=DIR (their PIDs in DIR/pids.json)."""
-    from ..service.host import headless_pipewire_start
-
-    headless_pipewire_start(directory, user, say=click.echo)
+    service.headless_pipewire_start(directory, user, say=click.echo)
 
 
 @netjack_headless.command("stop")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 def netjack_headless_stop(directory: Path) -> None:
     """Stop the headless PipeWire started in DIR (by the PIDs in DIR/pids.json)."""
-    from ..service.host import headless_pipewire_stop
-
-    if not headless_pipewire_stop(directory, say=click.echo):
+    if not service.headless_pipewire_stop(directory, say=click.echo):
         click.echo(f"no headless PipeWire recorded in {directory}")

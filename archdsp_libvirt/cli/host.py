@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from .. import service
 from ..host.kernelparams import FORMATS
 from .options import config_argument, host_root_option, json_option
 
@@ -26,9 +27,7 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the sysfs w
 @click.pass_obj
 def check(obj, config: Path, as_json: bool, host_root: Path) -> None:
     """Check that this host can run CONFIG's DSP VM (exit 1 on any fail)."""
-    from ..service import check_command
-
-    text, failed = check_command(config, getattr(obj, "uri", None), host_root=str(host_root), as_json=as_json)
+    text, failed = service.check_command(config, getattr(obj, "uri", None), host_root=str(host_root), as_json=as_json)
     click.echo(text, nl=False)
     if failed:
         raise click.exceptions.Exit(1)
@@ -50,9 +49,7 @@ def host() -> None:
 @host_root_option
 def kernel_params(config: Path, fmt: str, diff: bool, cpu_vendor: str | None, host_root: Path) -> None:
     """Print the kernel command line CONFIG needs."""
-    from ..service import kernel_params as params
-
-    text, differs = params(config, host_root, fmt=fmt, diff=diff, cpu_vendor=cpu_vendor)
+    text, differs = service.kernel_params(config, host_root, fmt=fmt, diff=diff, cpu_vendor=cpu_vendor)
     click.echo(text, nl=False)
     if differs:
         raise click.exceptions.Exit(1)
@@ -68,9 +65,7 @@ def vfio() -> None:
 @host_root_option
 def vfio_show(pci: str, host_root: Path) -> None:
     """Driver, vendor:device, class and IOMMU group (with every member) of PCI."""
-    from ..service import vfio_show as show
-
-    click.echo(show(pci, host_root), nl=False)
+    click.echo(service.vfio_show(pci, host_root), nl=False)
 
 
 def _print_writes(writes, dry_run: bool, nothing: str) -> None:
@@ -89,9 +84,7 @@ def _print_writes(writes, dry_run: bool, nothing: str) -> None:
 @host_root_option
 def vfio_bind(pci: str, dry_run: bool, host_root: Path) -> None:
     """Bind PCI to vfio-pci, remembering its driver for unbind."""
-    from ..service import vfio_bind as bind
-
-    _print_writes(bind(pci, host_root, dry_run=dry_run), dry_run, f"{pci}: already bound to vfio-pci")
+    _print_writes(service.vfio_bind(pci, host_root, dry_run=dry_run), dry_run, f"{pci}: already bound to vfio-pci")
 
 
 @vfio.command("unbind")
@@ -102,9 +95,7 @@ def vfio_bind(pci: str, dry_run: bool, host_root: Path) -> None:
 @click.pass_obj
 def vfio_unbind(obj, pci: str, dry_run: bool, force: bool, host_root: Path) -> None:
     """Give PCI back to the driver it had before vfio bind (refused while a running VM has it)."""
-    from ..service import vfio_unbind as unbind
-
-    writes = unbind(pci, host_root, dry_run=dry_run, uri=getattr(obj, "uri", None), force=force,
+    writes = service.vfio_unbind(pci, host_root, dry_run=dry_run, uri=getattr(obj, "uri", None), force=force,
                     say=lambda m: click.echo(m, err=True))
     _print_writes(writes, dry_run, f"{pci}: not bound to vfio-pci")
 
@@ -124,9 +115,7 @@ def prepare() -> None:
 @host_root_option
 def prepare_rt_budget(host_root: Path) -> None:
     """Exit 0 when SCHED_FIFO vCPUs need the qemu.conf cgroup fix, 3 when not; print what was seen."""
-    from ..service.host import qemu_conf_fix
-
-    needed, seen = qemu_conf_fix(host_root)
+    needed, seen = service.qemu_conf_fix(host_root)
     click.echo(seen)
     if not needed:
         raise click.exceptions.Exit(NO)
@@ -135,18 +124,14 @@ def prepare_rt_budget(host_root: Path) -> None:
 @prepare.command("qemu-conf-line")
 def prepare_qemu_conf_line() -> None:
     """The cgroup_controllers line the qemu.conf fix writes."""
-    from ..service.host import qemu_conf_line
-
-    click.echo(qemu_conf_line())
+    click.echo(service.qemu_conf_line())
 
 
 @prepare.command("start-time")
 @pid_argument
 def prepare_start_time(pid: int) -> None:
     """PID's start time (clock ticks since boot); exit 3 when there is no such process."""
-    from ..service.host import process_start_time
-
-    ticks = process_start_time(pid)
+    ticks = service.process_start_time(pid)
     if ticks is None:
         raise click.exceptions.Exit(NO)
     click.echo(ticks)
@@ -158,7 +143,5 @@ def prepare_start_time(pid: int) -> None:
 @click.argument("start", type=click.IntRange(min=0))
 def prepare_owned(name: str, pid: int, start: int) -> None:
     """Exit 0 when PID is still the NAME process that started at START, 3 when not (a reused PID is not)."""
-    from ..service.host import daemon_still_ours
-
-    if not daemon_still_ours(name, pid, start):
+    if not service.daemon_still_ours(name, pid, start):
         raise click.exceptions.Exit(NO)

@@ -28,6 +28,8 @@ __all__ = [
     "latency_command", "rt_test_command", "tune_command",
     # host.py
     "kernel_params", "vfio_show", "vfio_bind", "vfio_unbind",
+    "qemu_conf_fix", "qemu_conf_line", "process_start_time", "daemon_still_ours",
+    "headless_pipewire_start", "headless_pipewire_stop",
 ]
 
 
@@ -161,3 +163,41 @@ def vfio_unbind(pci: str, host_root: Path, dry_run: bool, uri: str | None, force
     from . import host
 
     return host.vfio_unbind(pci, host_root, dry_run=dry_run, uri=uri, force=force, say=say)
+
+
+# --- what scripts/host-services and scripts/demo ask the package (service/host.py) ---
+
+def qemu_conf_fix(host_root: Path) -> tuple[bool, str]:
+    from . import host
+
+    return host.qemu_conf_fix(host_root)
+
+
+def qemu_conf_line() -> str:
+    from . import host
+
+    return host.qemu_conf_line()
+
+
+def process_start_time(pid: int) -> int | None:
+    from . import host
+
+    return host.process_start_time(pid)
+
+
+def daemon_still_ours(name: str, pid: int, start: int) -> bool:
+    from . import host
+
+    return host.daemon_still_ours(name, pid, start)
+
+
+def headless_pipewire_start(directory: Path, user: str | None, say) -> None:
+    from . import host
+
+    return host.headless_pipewire_start(directory, user, say=say)
+
+
+def headless_pipewire_stop(directory: Path, say) -> bool:
+    from . import host
+
+    return host.headless_pipewire_stop(directory, say=say)
