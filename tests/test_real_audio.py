@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from archdsp_libvirt import load_config
 from archdsp_libvirt.procs import Owned
 from conftest import archdsp, virsh
 
@@ -43,8 +44,9 @@ def test_link_comes_up_with_stable_port_names(demo_domain):
     cfg, name, server = demo_domain
     info = wait_link(cfg)
     assert info["server"] == server and info["running"]
+    want = load_config(cfg).archibaldos.netjack.client_name  # the session guest's own slave name
     slave = info["slave"]  # the guest's slave, or NAME-01... when JACK still holds an earlier one
-    assert slave == "dsp" or (slave.startswith("dsp-") and slave[4:].isdigit()), slave
+    assert slave == want or (slave.startswith(f"{want}-") and slave[len(want) + 1:].isdigit()), slave
     assert info["ports"] == {
         "netjack:capture_1": f"{slave}:to_slave_1", "netjack:capture_2": f"{slave}:to_slave_2",
         "netjack:playback_1": f"{slave}:from_slave_1", "netjack:playback_2": f"{slave}:from_slave_2",
@@ -58,7 +60,7 @@ def test_link_comes_up_with_stable_port_names(demo_domain):
     deadline = time.monotonic() + 60
     while "ARCHDSP-READY" not in log.read_text(errors="replace") and time.monotonic() < deadline:
         time.sleep(1)
-    assert "ARCHDSP-READY name=dsp master=192.168.122.1" in log.read_text(errors="replace")
+    assert f"ARCHDSP-READY name={want} master=192.168.122.1" in log.read_text(errors="replace")
     # status --json shows the link up.
     st = json.loads(archdsp("-c", "qemu:///system", "status", "--json", str(cfg)).stdout)
     assert st["state"] == "running" and st["bridge"]["link"] == "up"

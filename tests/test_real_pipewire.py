@@ -49,6 +49,7 @@ def env(tmp_path_factory):
     """A headless PipeWire (own XDG_RUNTIME_DIR), a netns linked by veth, and a config pointing at it."""
     base = tmp_path_factory.mktemp("pw")
     xdg, state = base / "xdg", base / "run"
+    state.mkdir(mode=0o700)  # root's own state folder: ARCHDSP_RUN_DIR is taken as root only for such a one
     run("ip", "netns", "add", NS)
     try:
         run("ip", "link", "add", f"{NS}h", "type", "veth", "peer", "name", f"{NS}n")
