@@ -110,9 +110,9 @@ def _leaves(host: Host, name: str, depth: int = 0) -> list[str]:
 
 
 def _pci_of_block(host: Host, name: str) -> str | None:
-    from .files import _pci_in_path
+    from .network import pci_in_path
 
-    return _pci_in_path(host.resolve(f"/sys/class/block/{name}") or "")
+    return pci_in_path(host.resolve(f"/sys/class/block/{name}") or "")
 
 
 def _storage_controllers(host: Host) -> list[str]:
@@ -249,7 +249,7 @@ def ssh_interfaces(host: Host, port: int = SSH_PORT) -> list[str]:
 
 def ssh_nics(host: Host) -> dict[str, str]:
     """PCI address -> why, for the NICs (below bridges and bonds too) carrying an SSH session."""
-    return {a: f"NIC carrying an SSH session ({i})" for i in ssh_interfaces(host) for a in host._nic_pci(i)}
+    return {a: f"NIC carrying an SSH session ({i})" for i in ssh_interfaces(host) for a in host.nic_pci(i)}
 
 
 def root_storage_devices(host: Host) -> dict[str, str]:
