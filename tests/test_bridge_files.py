@@ -309,3 +309,30 @@ def test_the_two_backends_share_one_lock(run_dir, monkeypatch):
     finally:
         release.set()
         t.join(timeout=5)
+
+
+def test_a_link_planted_at_the_headless_directory_is_not_chmodded(run_dir, tmp_path, monkeypatch):
+    from archdsp_libvirt.audio.pipewire import headless
+
+    target = tmp_path / "precious"
+    target.mkdir(mode=0o755)
+    (tmp_path / "pw").symlink_to(target)
+    started: list[Owned] = []
+    _fake_servers(monkeypatch, headless, started)
+    with pytest.raises(BridgeError, match="not a directory of its own"):
+        headless.start(tmp_path / "pw", say=lambda _m: None)
+    assert target.stat().st_mode & 0o777 == 0o755 and started == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the folder to another uid")
+def test_a_headless_directory_of_someone_else_is_refused(run_dir, tmp_path, monkeypatch):
+    from archdsp_libvirt.audio.pipewire import headless
+
+    other = tmp_path / "theirs"
+    other.mkdir(mode=0o755)
+    os.chown(other, 65534, 65534)
+    started: list[Owned] = []
+    _fake_servers(monkeypatch, headless, started)
+    with pytest.raises(BridgeError, match="owned by uid 65534"):
+        headless.start(other, say=lambda _m: None)
+    assert other.stat().st_mode & 0o777 == 0o755 and started == []

@@ -73,6 +73,28 @@ def open_log(log: Path) -> None:
         raise BridgeError(f"{log}: not a regular file of uid {os.geteuid()}: remove it")
 
 
+def _own_directory(directory: Path, ent: pwd.struct_passwd | None) -> None:
+    """Make ``directory`` the servers' runtime directory: mode 0700, owned by ``ent`` (else by us). Its mode and
+    owner are set through a descriptor opened without following a symbolic link, and a folder someone else
+    owns is refused: a link planted at DIR never makes root chmod or chown what it points at."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BridgeError(f"{directory}: not a directory of its own ({exc.strerror}): pass a real directory") from None
+    try:
+        st = os.fstat(fd)
+        allowed = {os.geteuid()} | ({ent.pw_uid} if ent else set())
+        if st.st_uid not in allowed:
+            raise BridgeError(f"{directory} is owned by uid {st.st_uid}: the headless PipeWire's runtime directory "
+                              "must be ours or the --user's")
+        os.fchmod(fd, 0o700)
+        if ent:
+            os.fchown(fd, ent.pw_uid, ent.pw_gid)
+    finally:
+        os.close(fd)
+
+
 def _read(directory: Path) -> Headless | None:
     rec = read_record(record_path(directory), Headless)
     return rec if rec is not None and rec.directory == os.path.abspath(directory) else None
@@ -86,12 +108,10 @@ def start(directory: Path, user: str | None = None, say=print) -> pw.Target:
             say(f"headless PipeWire already runs in {directory}")
             return pw.Target(str(directory), "pipewire-0", user, None, "headless")
         stop(directory, say=lambda _m: None)
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
     prefix: list[str] = []
+    ent = pwd.getpwnam(user) if user else None
+    _own_directory(directory, ent)
     if user:
-        ent = pwd.getpwnam(user)
-        os.chown(directory, ent.pw_uid, ent.pw_gid)
         prefix = ["runuser", "-u", user, "--"]
     env = child_env({"XDG_RUNTIME_DIR": str(directory), "DBUS_SESSION_BUS_ADDRESS": "disabled:"})
     if user:
