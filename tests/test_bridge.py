@@ -308,17 +308,17 @@ def test_concurrent_starts_make_one_bridge_and_a_dead_supervisor_keeps_its_jackd
 
 
 def test_the_bridge_log_is_rotated_when_it_grows(tmp_path):
-    from archdsp_libvirt.audio.jack2.bridge import rotate_log
+    from archdsp_libvirt.audio.link import bound_log
 
     log = tmp_path / "netjack-x.log"
     log.write_bytes(b"x" * 100)
-    rotate_log(log, max_bytes=1000)
+    assert not bound_log(log, max_bytes=1000)
     assert log.exists() and not (tmp_path / "netjack-x.log.1").exists()  # small: kept
     log.write_bytes(b"y" * 2000)
     (tmp_path / "netjack-x.log.1").write_bytes(b"old")
-    rotate_log(log, max_bytes=1000)
-    assert not log.exists() and (tmp_path / "netjack-x.log.1").read_bytes() == b"y" * 2000
-    rotate_log(tmp_path / "missing.log")  # nothing to rotate is fine
+    assert bound_log(log, max_bytes=1000)
+    assert log.read_bytes() == b"" and (tmp_path / "netjack-x.log.1").read_bytes() == b"y" * 2000
+    assert not bound_log(tmp_path / "missing.log")  # nothing to rotate is fine
 
 
 def test_the_supervisor_survives_a_status_file_it_cannot_write(tmp_path, capsys):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,13 +13,14 @@ from msgspec import Struct
 
 from ..config import DspConfig
 from ..errors import BridgeError, ConfigError
-from ..procs import run_dir
+from ..procs import flock_within, run_dir
 
 if TYPE_CHECKING:
     from ..host.model import HostModel
 
 RUN_DIR = run_dir()  # $ARCHDSP_RUN_DIR only where it is safe (procs.run_dir)
 STATUS_PERIOD = 1.0
+LOG_MAX_BYTES = 1024 * 1024
 
 
 def run_file(name: str) -> Path:
@@ -28,6 +31,50 @@ def run_file(name: str) -> Path:
 def state_paths(name: str) -> tuple[Path, Path, Path]:
     return (RUN_DIR / f"netjack-{name}.json", RUN_DIR / f"netjack-{name}.status.json",
             RUN_DIR / f"netjack-{name}.log")
+
+
+@contextmanager
+def bridge_lock(domain: str, timeout: float = 60.0):
+    """One ``netjack start`` (or stop) of a domain at a time, whichever the backend: a second waits, then
+    finds the first's bridge (``netjack-NAME.lock`` under the run folder)."""
+    import fcntl
+
+    lock = run_file(f"netjack-{domain}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if not flock_within(fd, timeout):
+            raise BridgeError(f"another 'netjack start' or 'stop' of {domain} still runs (lock {lock})")
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def bound_log(log: Path, max_bytes: int | None = None) -> bool:
+    """Keep a bridge log under /run (a tmpfs, in memory) bounded: once it is larger than ``max_bytes``
+    (:data:`LOG_MAX_BYTES`) its content is copied to ``LOG.1`` (replacing the one before) and the log is
+    truncated in place, so the processes writing into it (opened for appending) go on at its start. True
+    when it was cut. A symbolic link is left alone.
+
+    Both backends' supervisors call it every period; the JACK2 start calls it too."""
+    try:
+        fd = os.open(log, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # none yet, or a symbolic link (ELOOP): not ours to cut
+        return False
+    with open(fd, "r+b") as src:
+        if os.fstat(fd).st_size <= (LOG_MAX_BYTES if max_bytes is None else max_bytes):
+            return False
+        old = log.with_name(log.name + ".1")
+        tmp = log.with_name(log.name + ".1.tmp")
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "xb") as dst:  # x: never through a planted name
+            shutil.copyfileobj(src, dst)
+        tmp.replace(old)
+        os.ftruncate(fd, 0)
+    return True
 
 
 class Link(Struct, frozen=True):

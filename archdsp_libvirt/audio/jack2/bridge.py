@@ -25,17 +25,17 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from ...cpuset import format_cpuset
 from ...errors import BridgeError
-from ...procs import Owned, child_env, flock_within, spawn_detached
+from ...procs import Owned, child_env, spawn_detached
 from .. import placement, sockets
 from ..backend import StartOptions, wait_until
-from ..link import STATUS_PERIOD, Link, guard_master, ignored_problem, link_lines, run_file, state_paths
+from ..link import (STATUS_PERIOD, Link, bound_log, bridge_lock, guard_master, ignored_problem, link_lines, run_file,
+                    state_paths)
 from ..records import read_record, write_record
 from .state import JackSeen, JackState, Stale
 
@@ -130,40 +130,10 @@ def _load_master(server: str, master_ip: str, port: int) -> str:
     raise BridgeError(f"cannot load the NETJACK master on {master_ip}:{port}: {out}")
 
 
-@contextmanager
-def _start_lock(domain: str, timeout: float = 60.0):
-    """One ``netjack start`` (or stop) of a domain at a time: a second waits, then finds the first's bridge."""
-    import fcntl
-
-    lock = run_file(f"netjack-{domain}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        if not flock_within(fh, timeout):
-            raise BridgeError(f"another 'netjack start' or 'stop' of {domain} still runs "
-                              f"(lock {lock})")
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def start(link: Link, options: StartOptions, model: HostModel, say=print) -> tuple[JackState, bool]:
     """Bring the host side of the link up (idempotent): the state, and whether this call started it."""
-    with _start_lock(link.domain):
+    with bridge_lock(link.domain):
         return _start(link, options, model, say)
-
-
-LOG_MAX_BYTES = 1024 * 1024
-
-
-def rotate_log(log: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
-    """Keep the bridge's log under /run (a tmpfs in memory) bounded: at each start, one larger than
-    ``max_bytes`` becomes ``LOG.1`` (replacing the one before)."""
-    try:
-        if log.stat().st_size > max_bytes:
-            log.replace(log.with_name(log.name + ".1"))
-    except FileNotFoundError:
-        pass
 
 
 def read_state(domain: str) -> JackState | None:
@@ -172,7 +142,7 @@ def read_state(domain: str) -> JackState | None:
 
 def _start(link: Link, options: StartOptions, model: HostModel, say) -> tuple[JackState, bool]:
     state_file, status_file, log = state_paths(link.domain)
-    rotate_log(log)
+    bound_log(log)
     state = read_state(link.domain)
     if state and state.supervisor and state.supervisor.alive():
         say(f"bridge for {link.domain} already running on JACK server '{state.server}'")
@@ -237,7 +207,7 @@ def _start_owned(link: Link, model: HostModel, server: str, options: StartOption
     sup = spawn_detached(
         [sys.executable, "-P", "-m", "archdsp_libvirt.audio.jack2.supervisor", "--server", server, "--slave", link.slave,
          "--channels", str(link.channels), "--status", str(status_file),
-         "--stale", str(_exclude_path(link.domain))],
+         "--stale", str(_exclude_path(link.domain)), "--log", str(log)],
         log, env=jack_env(server),
     )
     started.append(sup)
@@ -253,7 +223,7 @@ def _start_owned(link: Link, model: HostModel, server: str, options: StartOption
 
 def stop(domain: str, say=print) -> bool:
     """Stop what ``start`` started (by PID): supervisor, NETJACK master, our jackd. Idempotent."""
-    with _start_lock(domain):
+    with bridge_lock(domain):
         return _stop(domain, say)
 
 

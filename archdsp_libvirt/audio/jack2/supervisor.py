@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ...errors import ArchdspError
-from ..link import STATUS_PERIOD
+from ..link import STATUS_PERIOD, bound_log
 from ..records import read_record, write_record
 from .bridge import ALIAS_CLIENT, SUPERVISOR_CLIENT, open_client
 from .state import JackSeen, Stale
@@ -32,6 +32,16 @@ def _report(path: Path, seen: JackSeen) -> None:
         write_record(path, seen)
     except OSError as exc:
         print(f"bridge supervisor: cannot write {path}: {exc.strerror}", file=sys.stderr)
+
+
+def _bound(log: Path) -> None:
+    """Keep the log (jackd's output and ours) bounded (:func:`..link.bound_log`); a failure to cut it is said,
+    never fatal."""
+    try:
+        if bound_log(log):
+            print(f"bridge supervisor: {log} passed its bound; the older part is in {log.name}.1", file=sys.stderr)
+    except OSError as exc:
+        print(f"bridge supervisor: cannot bound {log}: {exc.strerror}", file=sys.stderr)
 
 
 _SLAVE_PORT = re.compile(r"^(?P<client>[^:]+):(?P<dir>to|from)_slave_(?P<n>\d+)$")
@@ -73,7 +83,8 @@ def choose_slave(present: Iterable[str], slave: str, stale: set[str], current: s
     return chosen, [c for c in live if c != chosen]
 
 
-def supervise(server: str, slave: str, channels: int, status_file: Path, exclude_file: Path) -> int:
+def supervise(server: str, slave: str, channels: int, status_file: Path, exclude_file: Path,
+              log: Path | None = None) -> int:
     import threading
 
     client = open_client(server, SUPERVISOR_CLIENT)
@@ -129,6 +140,8 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
             _report(status_file, JackSeen(server="running", link=link, slave=current, ports=ports,
                                           clients=sorted(clients), ignored=ignored, xruns=xruns,
                                           updated=time.time(), since=started, link_changed=changed))
+            if log is not None:
+                _bound(log)
             stop_flag.wait(STATUS_PERIOD if link == "up" else 0.25)
     finally:
         try:
@@ -171,9 +184,10 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels", type=int, required=True)
     ap.add_argument("--status", type=Path, required=True)
     ap.add_argument("--stale", type=Path, required=True)
+    ap.add_argument("--log", type=Path)
     args = ap.parse_args(argv)
     try:
-        return supervise(args.server, args.slave, args.channels, args.status, args.stale)
+        return supervise(args.server, args.slave, args.channels, args.status, args.stale, args.log)
     except ArchdspError as err:
         print(f"bridge supervisor: {err}", file=sys.stderr)
         return 1

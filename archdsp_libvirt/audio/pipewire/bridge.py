@@ -23,7 +23,7 @@ import msgspec
 from ...errors import BridgeError
 from ...procs import spawn_detached
 from ..backend import StartOptions, wait_until
-from ..link import STATUS_PERIOD, Link, guard_master, ignored_problem, link_lines, state_paths
+from ..link import STATUS_PERIOD, Link, bound_log, bridge_lock, guard_master, ignored_problem, link_lines, state_paths
 from ..records import read_record, write_record
 from . import rxqueue, sockhook
 from . import server as pw
@@ -64,7 +64,13 @@ def read_seen(domain: str) -> PipeWireSeen | None:
 
 def start(link: Link, options: StartOptions, model: HostModel, say=print) -> tuple[PipeWireState, bool]:
     """Start the manager for ``link`` in the user's PipeWire (idempotent): the state, and whether this
-    call started it."""
+    call started it. One start or stop of a domain at a time (:func:`..link.bridge_lock`): a second start
+    waits, then finds the first's supervisor."""
+    with bridge_lock(link.domain):
+        return _start(link, options, model, say)
+
+
+def _start(link: Link, options: StartOptions, model: HostModel, say) -> tuple[PipeWireState, bool]:
     user, remote, allow_any_address = options.user, options.remote, options.allow_any_address
     state_file, status_file, log = state_paths(link.domain)
     state = read_state(link.domain)
@@ -92,6 +98,7 @@ def start(link: Link, options: StartOptions, model: HostModel, say=print) -> tup
         say(f"--allow-any-address not needed: the manager's port is bound to {link.master_ip} only")
     args = pw.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
     cost = rxqueue.packet_cost(ifname)
+    bound_log(log)
     conf = _conf_path(link.domain)
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(pw.client_conf(args))
@@ -123,7 +130,7 @@ def start(link: Link, options: StartOptions, model: HostModel, say=print) -> tup
     wait_until(manager, 10, step=0.2)
     seen = read_seen(link.domain)
     if not (seen and seen.manager):
-        stop(link.domain, say=lambda _m: None)
+        _stop(link.domain, say=lambda _m: None)
         raise BridgeError(f"the NETJACK2 manager did not start in PipeWire; see {log}")
     say(f"NETJACK2 master (PipeWire's {pw.MODULE}, pid {seen.manager.pid}) for slaves at "
         f"{link.master_ip}:{link.port}/udp; supervisor pid {sup.pid}")
@@ -133,6 +140,12 @@ def start(link: Link, options: StartOptions, model: HostModel, say=print) -> tup
 
 
 def stop(domain: str, say=print) -> bool:
+    """Stop what ``start`` started (by PID), under the same lock as ``start``. Idempotent."""
+    with bridge_lock(domain):
+        return _stop(domain, say)
+
+
+def _stop(domain: str, say) -> bool:
     state_file, status_file, _log = state_paths(domain)
     state = read_state(domain)
     if not state:

@@ -26,6 +26,7 @@ from ...procs import Owned, spawn_detached
 from . import server as pw
 from .. import sockets
 from . import rxqueue, sockhook
+from ..link import bound_log
 from ..records import write_record
 from .state import Joins, Node, PipeWireSeen, Queue
 
@@ -48,6 +49,37 @@ def link_state(nodes: list[dict], slave: str | None) -> tuple[str, str | None, l
     return ("up" if up else "down"), now, ignored
 
 
+class Reporter:
+    """Writes the status file. A write that fails (a full or read-only /run: ENOSPC, EROFS) skips that
+    report and is said once, not every period; the next period tries again, and a write that works again
+    is said too. The manager matters more than the screen."""
+
+    def __init__(self, path: Path, say):
+        self.path, self.say, self.failing = path, say, False
+
+    def __call__(self, seen: PipeWireSeen) -> bool:
+        try:
+            write_record(self.path, seen)
+        except OSError as exc:
+            if not self.failing:
+                self.say(f"cannot write {self.path}: {exc.strerror or exc}; trying again every period")
+            self.failing = True
+            return False
+        if self.failing:
+            self.say(f"writing {self.path} again")
+        self.failing = False
+        return True
+
+
+def _bound(log: Path, say) -> None:
+    """Keep the log (the manager's output and ours) bounded (:func:`..link.bound_log`), never fatally."""
+    try:
+        if bound_log(log):
+            say(f"{log} passed its bound; the older part is in {log.name}.1")
+    except OSError as exc:
+        say(f"cannot bound {log}: {exc.strerror or exc}")
+
+
 def _jack_client():
     """A JACK client through PipeWire's libjack (we run under pw-jack), for xruns and port names."""
     try:
@@ -66,6 +98,10 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
               master_ip: str | None = None) -> int:
     """Run the manager until SIGTERM. With ``master_ip`` it runs under the bind hook, which binds its port
     to that address (:mod:`.sockhook`); without, it listens on every address (an nftables table guards it)."""
+    def say(m: str) -> None:
+        print(f"bridge supervisor: {m}", flush=True)
+
+    report = Reporter(status_file, say)
     target = pw.find_target()
     stop_flag = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.set())
@@ -81,8 +117,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
     mgr: Owned | None = None
     restarts, quick_deaths, started, mgr_started = 0, 0, time.time(), time.time()
     multi_since: float | None = None
-    bounds = rxqueue.Bounds(queue_bound or 0, queue_step, cycles_per_second,
-                            say=lambda m: print(f"bridge supervisor: {m}", flush=True))
+    bounds = rxqueue.Bounds(queue_bound or 0, queue_step, cycles_per_second, say=say)
     link, changed, slave = "down", time.time(), None
     hook: sockhook.Hook | None = None
 
@@ -95,7 +130,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
         if master_ip is None or port is None:
             return spawn_detached(argv, log, env=pw.pw_env(target))
         proc, hook = sockhook.spawn(argv, log, master_ip, port, env=pw.pw_env(target),
-                                    say=lambda m: print(f"bridge supervisor: {m}", flush=True))
+                                    say=say)
         return proc
 
     try:
@@ -104,7 +139,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                 if mgr is not None:
                     quick_deaths = quick_deaths + 1 if time.time() - mgr_started < 5 else 0
                     if quick_deaths >= 3:
-                        write_record(status_file, PipeWireSeen(
+                        report(PipeWireSeen(
                             link="down", updated=time.time(),
                             problem=f"the NETJACK2 manager keeps exiting (see {log})"))
                         return 1
@@ -115,7 +150,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
             crowded = multi_since is not None and time.time() - multi_since > CROWDED_AFTER
             if crowded or restart_file.exists():
                 why = f"{n} node pairs" if crowded else "the VM restarts"
-                print(f"bridge supervisor: {why}: restarting the NETJACK2 manager (pid {mgr.pid})", flush=True)
+                say(f"{why}: restarting the NETJACK2 manager (pid {mgr.pid})")
                 mgr.stop(timeout=5)
                 mgr, mgr_started = launch(), time.time()
                 restarts += 1
@@ -131,7 +166,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
             now_up, now_slave, ignored = link_state(nodes, vm_slave)
             if now_up != link or now_slave != slave:
                 link, slave, changed = now_up, now_slave, time.time()
-            write_record(status_file, PipeWireSeen(
+            report(PipeWireSeen(
                 link=link, slave=slave, ignored=ignored, ports=ports, pairs=n,
                 nodes=[Node(**x) for x in nodes], manager=mgr, restarts=restarts,
                 queues=[Queue(**q) for q in queues], queue_problem=queue_problem,
@@ -139,9 +174,10 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                 joins=Joins(**hook.counts()) if hook else None,
                 xruns=xruns if client is not None else None, updated=time.time(), since=started,
                 link_changed=changed))
+            _bound(log, say)
             stop_flag.wait(POLL)
     except BridgeError as e:
-        write_record(status_file, PipeWireSeen(link="down", updated=time.time(), problem=str(e)))
+        report(PipeWireSeen(link="down", updated=time.time(), problem=str(e)))
         return 1
     finally:
         if mgr is not None:
