@@ -19,8 +19,8 @@ from lxml import etree
 if TYPE_CHECKING:
     from tenacity import Retrying
 
-from ..errors import LibvirtFailure
-from .uri import DEFAULT_URI, is_local_uri, resolve_uri, shown  # noqa: F401 - part of this module's API
+from ..errors import LibvirtFailure, shown
+from .uri import DEFAULT_URI, is_local_uri, resolve_uri  # noqa: F401 - part of this module's API
 
 T = TypeVar("T")
 

@@ -6,20 +6,15 @@ import ipaddress
 import os
 from urllib.parse import urlsplit
 
-from ..errors import UsageError
+from ..errors import UsageError, shown
 
 DEFAULT_URI = "qemu:///system"
-
-
-def shown(text: str) -> str:
-    """``text`` on one line: each character that does not print (a newline, an escape) as its escape."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def check_uri(uri: str, source: str = "-c/--connect") -> str:
     """``uri`` when libvirt can be asked about it; else a one-line :class:`UsageError` naming
     ``source`` (the option or variable it came from), the URI and the fix."""
-    where = f"{source} '{shown(uri)}'"
+    where = f"{source} '{shown(uri, 200)}'"
     if not uri.isprintable():
         bad = sorted({shown(c) for c in uri if not c.isprintable()})
         raise UsageError(f"{where}: a URI cannot hold control or other non-printing characters ({', '.join(bad)}): "
