@@ -46,7 +46,7 @@ def one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
 # --- the runtime directory's mode and owner --------------------------------------------------------
 
 @needs_root
-@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o750, 0o705, 0o701])
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o750, 0o705, 0o701], ids=lambda m: f"{m:04o}")
 @pytest.mark.parametrize("euid", [0, OTHER])
 def test_a_runtime_dir_others_may_enter_is_refused(tmp_path, mode, euid):
     d = runtime_dir(tmp_path, mode, uid=euid)

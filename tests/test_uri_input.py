@@ -28,7 +28,7 @@ CONTROL = [
     ("newline", "test:///default\nfoo", "\\n"),
     ("carriage-return", "test:///default\r", "\\r"),
     ("escape", "test:///\x1b[31mdefault", "\\x1b"),
-    ("nul-like-del", "test:///default\x7f", "\\x7f"),
+    ("delete", "test:///default\x7f", "\\x7f"),
     ("line-separator", "test:///default\u2028x", "\\u2028"),
 ]
 
