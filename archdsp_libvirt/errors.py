@@ -7,6 +7,13 @@ file or arguments), 1 for a failure of the host or of libvirt.
 from __future__ import annotations
 
 
+def shown(text: str, limit: int | None = None) -> str:
+    """``text`` fit for a one-line message: each character that does not print (a newline, an escape)
+    as its escape, and cut after ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
+
+
 class ArchdspError(Exception):
     """Root of every error this package raises on purpose."""
 

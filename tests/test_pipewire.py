@@ -50,12 +50,12 @@ def test_root_through_sudo_joins_the_invoking_users_server():
 
 
 def test_sudo_to_root_by_root_is_not_a_desktop_user():
-    t = pw.find_target(env={"SUDO_UID": "0", "XDG_RUNTIME_DIR": "/tmp"}, euid=0)
-    assert t.how == "XDG_RUNTIME_DIR" and t.runtime_dir == "/tmp"
+    t = pw.find_target(env={"SUDO_UID": "0", "XDG_RUNTIME_DIR": "/nonexistent-xdg"}, euid=0)
+    assert t.how == "XDG_RUNTIME_DIR" and t.runtime_dir == "/nonexistent-xdg"
 
 
 def test_sudo_uid_is_ignored_when_not_root():
-    t = pw.find_target(env={"SUDO_UID": "1000", "XDG_RUNTIME_DIR": "/tmp"}, euid=1000)
+    t = pw.find_target(env={"SUDO_UID": "1000", "XDG_RUNTIME_DIR": "/nonexistent-xdg"}, euid=1000)
     assert t.how == "XDG_RUNTIME_DIR"
 
 

@@ -19,7 +19,7 @@ from lxml import etree
 if TYPE_CHECKING:
     from tenacity import Retrying
 
-from ..errors import LibvirtFailure
+from ..errors import LibvirtFailure, shown
 from .uri import DEFAULT_URI, is_local_uri, resolve_uri  # noqa: F401 - part of this module's API
 
 T = TypeVar("T")
@@ -62,9 +62,24 @@ def is_transient(err: libvirt.libvirtError) -> bool:
     return code in _TRANSIENT_CODES and bool(_TRANSIENT_TEXT.search(text))
 
 
+def summary(err: libvirt.libvirtError) -> str:
+    """libvirt's message on one line, without what it echoes of a file.
+
+    An XML parse error (``VIR_ERR_XML_DETAIL``) is libxml2's ``FILE:LINE: reason`` followed by the
+    offending line of the file and a caret under it: with ``-c test:///etc/shadow`` that line is a
+    line of /etc/shadow. Only the first line is kept. Any other message keeps its lines, joined with
+    `` | ``, and shows a character that does not print as its escape.
+    """
+    text = (err.get_error_message() or str(err)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if err.get_error_code() == libvirt.VIR_ERR_XML_DETAIL and len(lines) > 1:
+        lines = [lines[0] + " (the file's text is not shown)"]
+    return shown(" | ".join(lines))
+
+
 def translate(err: libvirt.libvirtError, uri: str, doing: str) -> LibvirtFailure:
     """The one place a libvirt error becomes ours, with what to do about it."""
-    text = (err.get_error_message() or str(err)).strip()
+    text = summary(err)
     code = err.get_error_code() or 0
     if _PERMANENT_TEXT.search(text) and ("sock" in text or code in (libvirt.VIR_ERR_AUTH_FAILED,
                                                                      libvirt.VIR_ERR_SYSTEM_ERROR)):
@@ -83,6 +98,8 @@ def translate(err: libvirt.libvirtError, uri: str, doing: str) -> LibvirtFailure
                 "set cpu_disable_features = [\"arch-capabilities\"]")
     elif "hugepages" in text.lower() and ("Cannot allocate memory" in text or "unable to map" in text):
         hint = "the hugepage pool is exhausted: see 'archdsp-virt check' (hugepages.free)"
+    elif code == libvirt.VIR_ERR_XML_DETAIL and uri.startswith("test://") and uri[len("test://"):] in text:
+        hint = "test:///PATH needs PATH to be a libvirt test-driver XML file, e.g. test:///default"
     else:
         hint = ""
     msg = f"{doing} failed: {text}" + (f" ({hint})" if hint else "")

@@ -29,12 +29,14 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
 from msgspec import Struct
 
-from ...errors import BridgeError
+from ...errors import BridgeError, UsageError
+from ...errors import shown as _shown
 from ...procs import child_env
 
 MODULE = "libpipewire-module-netjack2-manager"
@@ -60,47 +62,118 @@ class Target(Struct, frozen=True):
 def _user_of(uid: int) -> str | None:
     try:
         return pwd.getpwuid(uid).pw_name
-    except KeyError:
+    except (KeyError, OverflowError, ValueError):
         return None
+
+
+RUN_USER = "/run/user"  # where logind makes each user's runtime directory
+_MAX_UID = 2**32 - 2  # (uid_t)-1 is "no user"
+
+
+def _sudo_uid(value: str) -> int | None:
+    """$SUDO_UID as a uid: ASCII digits only (``str.isdigit`` takes '١٠٠٠' and '²', and ``int`` fails on some)."""
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 10 and int(value) <= _MAX_UID):
+        raise UsageError(f"SUDO_UID {shown(value)!r} is not a user id (ASCII digits, at most {_MAX_UID}): "
+                         "unset it, or pass --pipewire-user USER")
+    return int(value)
+
+
+def shown(text: str) -> str:
+    return _shown(text, 120)
+
+
+def check_runtime_dir(path: str, how: str, uid: int | None, euid: int) -> int | None:
+    """The owner of the runtime directory ``path`` (found by ``how``), once it is safe to join a server there:
+    a directory with no group or other access (0700, as the XDG spec and systemd make it), owned by ``uid``
+    (whose server it is) or root; with no ``uid``, by the caller or root (as root: the owner is whose server
+    it is). None when there is nothing there: no server answers in it. Anything else is a one-line
+    :class:`UsageError`: another user could have planted the socket in it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    where = f"the PipeWire runtime directory {shown(path)} (from {how})"
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{where} is not a directory: point {how} at the user's runtime directory (/run/user/UID)")
+    if st.st_mode & 0o077:
+        raise UsageError(f"{where} has mode {stat.S_IMODE(st.st_mode):04o}: group or others may use it, so anyone "
+                         "could have planted the socket; it must be 0700 (chmod 0700, or use /run/user/UID)")
+    if uid is None:
+        if euid == 0:
+            return st.st_uid
+        uid = euid
+    if st.st_uid not in (0, uid):
+        owner = _user_of(st.st_uid) or "another user"
+        raise UsageError(f"{where} belongs to {owner} (uid {st.st_uid}), not to {_user_of(uid) or 'the user'} "
+                         f"(uid {uid}) or root: it is not that user's server")
+    return st.st_uid
+
+
+def _remote(env) -> str | None:
+    """$PIPEWIRE_REMOTE: an absolute socket path, a socket name in the runtime directory (as libpipewire
+    reads a relative one), or None when unset. A relative path with folders is refused: libpipewire would
+    take it under the runtime directory, a careless reader under the current folder."""
+    remote = env.get("PIPEWIRE_REMOTE") or None
+    if remote is None or remote.startswith("/"):
+        return remote
+    if "/" in remote or remote in (".", "..") or not remote.isprintable():
+        raise UsageError(f"PIPEWIRE_REMOTE {shown(remote)!r}: give a socket name in the runtime directory "
+                         "(pipewire-0) or an absolute path (/run/user/UID/pipewire-0)")
+    return remote
 
 
 def find_target(user: str | None = None, env: dict[str, str] | None = None, euid: int | None = None) -> Target | None:
     """Where the desktop user's PipeWire listens.
 
-    ``--pipewire-user USER`` -> /run/user/UID; as root through sudo, the invoking user's
-    /run/user/$SUDO_UID; else $XDG_RUNTIME_DIR; else $PIPEWIRE_RUNTIME_DIR. The socket is
-    $PIPEWIRE_REMOTE's name when it is set, else ``pipewire-0``.
+    ``--pipewire-user USER`` -> /run/user/UID (it wins over $PIPEWIRE_REMOTE: a path there is ignored and
+    ``how`` says so); else an absolute $PIPEWIRE_REMOTE; as root through sudo, the invoking user's
+    /run/user/$SUDO_UID; else an absolute $XDG_RUNTIME_DIR; else an absolute $PIPEWIRE_RUNTIME_DIR (a
+    relative one is ignored, as the XDG spec says). The socket is $PIPEWIRE_REMOTE's name when it is one,
+    else ``pipewire-0``. The runtime directory is checked (:func:`check_runtime_dir`) before it is used.
     """
     env = os.environ if env is None else env
     euid = os.geteuid() if euid is None else euid
-    remote = env.get("PIPEWIRE_REMOTE") or "pipewire-0"
-    if "/" in remote:  # a full path: that is the server
-        path = Path(remote)
-        st_uid = _owner(path.parent)
-        return Target(str(path.parent), path.name, _user_of(st_uid) if st_uid is not None else None, st_uid,
-                      "PIPEWIRE_REMOTE")
-    if user:
+    remote = _remote(env)
+    if user is not None:
+        if not user or not user.isprintable():
+            raise UsageError(f"--pipewire-user {shown(user)!r}: name a user of this host (--pipewire-user alice)")
         try:
             pw = pwd.getpwnam(user)
-        except KeyError:
+        except (KeyError, ValueError):
             raise BridgeError(f"--pipewire-user {user}: no such user on this host") from None
-        return Target(f"/run/user/{pw.pw_uid}", remote, user, pw.pw_uid, "--pipewire-user")
-    sudo_uid = env.get("SUDO_UID", "")
-    if euid == 0 and sudo_uid.isdigit() and int(sudo_uid) != 0:
-        uid = int(sudo_uid)
-        return Target(f"/run/user/{uid}", remote, env.get("SUDO_USER") or _user_of(uid), uid, "sudo (SUDO_UID)")
+        runtime = f"{RUN_USER}/{pw.pw_uid}"
+        how = "--pipewire-user"
+        name = "pipewire-0"
+        if remote and remote.startswith("/"):
+            path = Path(remote)
+            if str(path.parent) == runtime:
+                name = path.name
+            else:
+                how = f"--pipewire-user; PIPEWIRE_REMOTE {shown(remote)} ignored"  # the option wins
+        elif remote:
+            name = remote
+        check_runtime_dir(runtime, "--pipewire-user", pw.pw_uid, euid)
+        return Target(runtime, name, user, pw.pw_uid, how)
+    if remote and remote.startswith("/"):  # a full path: that is the server
+        path = Path(remote)
+        st_uid = check_runtime_dir(str(path.parent), "PIPEWIRE_REMOTE", None, euid)
+        return Target(str(path.parent), path.name, _user_of(st_uid) if st_uid is not None else None, st_uid,
+                      "PIPEWIRE_REMOTE")
+    name = remote or "pipewire-0"
+    if euid == 0:
+        uid = _sudo_uid(env.get("SUDO_UID", ""))
+        if uid is not None and uid != 0:
+            runtime = f"{RUN_USER}/{uid}"
+            check_runtime_dir(runtime, "SUDO_UID", uid, euid)
+            return Target(runtime, name, env.get("SUDO_USER") or _user_of(uid), uid, "sudo (SUDO_UID)")
     for var in ("XDG_RUNTIME_DIR", "PIPEWIRE_RUNTIME_DIR"):
-        if env.get(var):
-            st_uid = _owner(Path(env[var]))
-            return Target(env[var], remote, _user_of(st_uid) if st_uid is not None else None, st_uid, var)
+        value = env.get(var) or ""
+        if value.startswith("/"):  # a relative one is ignored (XDG Base Directory spec)
+            st_uid = check_runtime_dir(value, var, None, euid)
+            return Target(value, name, _user_of(st_uid) if st_uid is not None else None, st_uid, var)
     return None
-
-
-def _owner(path: Path) -> int | None:
-    try:
-        return path.stat().st_uid
-    except OSError:
-        return None
 
 
 def pw_env(target: Target, base: dict[str, str] | None = None) -> dict[str, str]:
