@@ -18,6 +18,7 @@ Started by :func:`.bridge.start`, it
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
@@ -75,13 +76,14 @@ class RestartLimit:
         if now >= self.until:
             return None
         return (f"restarts held back: {self.most} in {self.per:g} s already (a second slave's pair?); "
-                f"next in {self.until - now:.0f} s, {self.held} held back so far")
+                f"next allowed in {self.until - now:.0f} s")
 
 
 def listening_problem(where: list[str], master_ip: str, port: int) -> str | None:
     """Why the manager may not run when the kernel shows its port bound at ``where``; None when every
     socket of the port is on master_ip (or none is bound yet)."""
-    host = f"[{master_ip}]" if ":" in master_ip else master_ip
+    ip = ipaddress.ip_address(master_ip)  # as the kernel's table prints it (fd00:0::1 is fd00::1)
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
     wrong = [w for w in where if w != f"{host}:{port}"]
     if not wrong:
         return None
