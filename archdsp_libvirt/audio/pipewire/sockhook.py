@@ -172,7 +172,8 @@ def _launch(argv: list[str]) -> int:
 
 class Event(Struct, frozen=True):
     """What the hook did with one call: a bind ``rebound`` (to master_ip) or ``refused``; a slave's
-    join ``new`` (``closed`` older pairs to that address let go) or ``repeat`` (refused)."""
+    join ``new`` (``closed`` older pairs to that address let go), ``repeat`` (refused) or ``held``
+    (refused: a live pair to that address was let go too recently)."""
 
     call: str
     action: str
@@ -343,7 +344,7 @@ class Hook:
 
     def _handle(self, nid: int, pid: int, nr: int, fd: int, addr: int, addrlen: int) -> tuple[int, int]:
         """(error, flags) of the answer to one call of thread ``pid``; raises when it cannot decide."""
-        manager = thread_group(pid) == self.pid  # a thread of the manager, or a process it started
+        manager = thread_group(pid) == self.pid  # a thread of the manager's process; else a process it started
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
             raw = os.pread(mem.fileno(), min(addrlen, 128), addr)
         if not self._valid(nid):  # the caller went (its pid may be another's now): what was read is no proof
