@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from archdsp_libvirt.audio import sockets
 from archdsp_libvirt.audio.pipewire import rxqueue, sockhook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,3 +233,206 @@ def test_a_flood_of_repeats_means_the_last_pair_streams_to_a_new_slave():
     j.accept(a, 200.0, 78)
     assert {j.decide(a, 200.0 + k * 0.1, {78}) for k in range(1, 3)} == {"repeat"}  # 0.1 s after the join
     assert [j.decide(a, 200.2 + k * 1.0, {78}) for k in range(1, 3)] == ["repeat", "repeat"]
+
+
+# ---- the hook fails closed, and decides by the process that calls -------------------------------------
+
+# The manager's wildcard bind of its port, made by: the process itself, a thread of it, a child it forked,
+# and an AF_INET6 socket with the IPv4-mapped wildcard. Each prints what the kernel answered.
+CALLERS = """
+import os, socket, sys, threading, time
+port, who = int(sys.argv[1]), sys.argv[2]
+
+def wildcard(tag, family=socket.AF_INET, host="0.0.0.0"):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+        print(tag, "bound", s.getsockname()[0], flush=True)
+        return s
+    except OSError as e:
+        print(tag, "refused", e.errno, flush=True)
+        s.close()
+
+kept = []
+if who == "self":
+    kept.append(wildcard("self"))
+elif who == "thread":
+    t = threading.Thread(target=lambda: kept.append(wildcard("thread")))
+    t.start(); t.join()
+elif who == "child":
+    pid = os.fork()
+    if pid == 0:
+        s = wildcard("child")
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other.bind(("127.0.0.1", 0))   # another port: the child's other binds go on
+        print("child other", other.getsockname()[0], flush=True)
+        print("done", flush=True)
+        time.sleep(30)
+        os._exit(0)
+elif who == "mapped":
+    kept.append(wildcard("mapped", socket.AF_INET6, "::ffff:0.0.0.0"))
+if who != "child":
+    print("done", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.fixture
+def caller(tmp_path):
+    why = sockhook.available()
+    if why:
+        pytest.skip(f"the bind hook cannot run here: {why}")
+    started = []
+
+    def start(who: str, port: int):
+        log, said = tmp_path / f"{who}.log", []
+        proc, hook = sockhook.spawn([sys.executable, "-c", CALLERS, str(port), who], log, "127.0.0.1", port,
+                                    env=dict(os.environ, PYTHONPATH=str(ROOT)), say=said.append)
+        started.append((proc, hook))
+        return proc, hook, wait_for(log, "done"), said
+
+    yield start
+    for proc, hook in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session (spawn): the forked child goes with it
+        except ProcessLookupError:
+            pass
+        proc.stop(timeout=5)
+        hook.close()
+
+
+def _wildcards(port: int) -> list[str]:
+    """Sockets of ``port`` on every address, anywhere in this network namespace (the kernel's table)."""
+    return [a for a in sockets.bound(port) if a.rsplit(":", 1)[0] in ("0.0.0.0", "[::]", "[::ffff:0.0.0.0]")]
+
+
+def test_a_handler_that_raises_refuses_the_bind(caller, monkeypatch):
+    def broken(*_a, **_k):
+        raise RuntimeError("a bug in the decision")
+
+    monkeypatch.setattr(sockhook, "bind_action", broken)
+    port = free_port()
+    proc, _hook, out, said = caller("self", port)
+    assert f"self refused {errno.EPERM}" in out  # fails closed: the wildcard is never bound
+    assert _wildcards(port) == [] and rxqueue.listening(proc.pid, port) == []
+    assert any("refused (EPERM)" in m and "RuntimeError: a bug in the decision" in m for m in said)
+
+
+def test_an_unreadable_memory_refuses_the_bind(caller, monkeypatch):
+    real_open = open
+
+    def no_mem(path, *a, **k):
+        if str(path).endswith("/mem"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(sockhook, "open", no_mem, raising=False)  # the module's open, not the builtin
+    port = free_port()
+    proc, _hook, out, said = caller("self", port)
+    assert f"self refused {errno.EPERM}" in out
+    assert _wildcards(port) == [] and rxqueue.listening(proc.pid, port) == []
+    assert any("refused (EPERM)" in m and "Permission denied" in m for m in said)
+
+
+def test_a_forked_childs_bind_of_the_port_is_refused(caller):
+    port = free_port()
+    proc, hook, out, _said = caller("child", port)
+    assert f"child refused {errno.EPERM}" in out
+    assert "child other 127.0.0.1" in out  # another port: as before
+    assert _wildcards(port) == []
+    assert [(e.call, e.action) for e in hook.events] == [("bind", "refused")]
+    assert "not the manager's process" in hook.events[0].detail
+
+
+def test_a_thread_of_the_manager_is_the_manager(caller):
+    port = free_port()
+    proc, hook, out, _said = caller("thread", port)
+    assert "thread bound 127.0.0.1" in out
+    assert rxqueue.listening(proc.pid, port) == [f"127.0.0.1:{port}"]
+    assert [(e.call, e.action) for e in hook.events] == [("bind", "rebound")]
+
+
+def test_the_ipv4_mapped_wildcard_is_refused(caller):
+    port = free_port()
+    proc, _hook, out, _said = caller("mapped", port)
+    assert f"mapped refused {errno.EADDRNOTAVAIL}" in out
+    assert _wildcards(port) == [] and rxqueue.listening(proc.pid, port) == []
+
+
+@pytest.mark.parametrize(("family", "host", "manager", "want"), [
+    (socket.AF_INET6, "::ffff:0.0.0.0", True, "refuse"),
+    (socket.AF_INET6, "::ffff:127.0.0.1", True, "pass"),
+    (socket.AF_INET6, "::", True, "refuse"),
+    (socket.AF_INET, "0.0.0.0", False, "deny"),      # a child of the manager: not its port at all
+    (socket.AF_INET, "127.0.0.1", False, "deny"),
+])
+def test_bind_action_of_the_mapped_wildcard_and_of_children(family, host, manager, want):
+    assert sockhook.bind_action(family, host, 19000, "192.168.122.1", 19000, manager) == want
+    assert sockhook.bind_action(family, host, 19001, "192.168.122.1", 19000, manager) == "pass"
+
+
+def test_thread_group(tmp_path):
+    assert sockhook.thread_group(os.getpid()) == os.getpid()
+    (tmp_path / "5").mkdir()
+    (tmp_path / "5" / "status").write_text("Name:\tx\nTgid:\t4\nPid:\t5\n")
+    assert sockhook.thread_group(5, tmp_path) == 4
+    with pytest.raises(OSError):
+        sockhook.thread_group(6, tmp_path)
+
+
+# ---- bounded: Hook.events and Joins ---------------------------------------------------------------------
+
+def test_hook_events_are_bounded_and_the_counts_are_counters():
+    r, w = os.pipe()  # a listener that never notifies
+    hook = sockhook.Hook(r, os.getpid(), "127.0.0.1", 1, say=lambda _m: None)
+    try:
+        for k in range(5000):
+            hook.joins.accept(f"10.0.0.{k % 200}:{k}", float(k), k, closed=1)
+            hook._note(sockhook.Event("join", "new", f"10.0.0.{k % 200}:{k}", closed=1))
+        assert len(hook.events) <= sockhook.EVENTS_KEPT
+        assert hook.events[-1].asked == "10.0.0.199:4999"
+        assert hook.counts() == {"new": 5000, "let_go": 5000, "refused": 0, "held": 0}
+    finally:
+        hook.close()
+        os.close(w)
+
+
+def test_joins_forget_old_addresses_and_keep_a_bounded_number():
+    j = sockhook.Joins(window=3.0, let_go_every=10.0, kept=100)
+    for k in range(10_000):  # one join a second from always another address: only the recent ones count
+        j.accept(f"10.0.{k // 256}.{k % 256}:19000", float(k), k, closed=1)
+    assert len(j.accepted) <= 3 and len(j.let_go_at) <= 10
+    for k in range(10_000):  # a burst from many addresses at one instant: the oldest go
+        j.accept(f"10.1.{k // 256}.{k % 256}:19000", 20_000.0, k)
+    assert len(j.accepted) <= 100 and len(j.let_go_at) <= 100
+    assert j.counts()["new"] == 20_000
+
+
+# ---- rate-limited let-go (fake clock) -------------------------------------------------------------------
+
+def test_a_live_pair_is_let_go_at_most_once_per_interval():
+    j = sockhook.Joins(window=3.0, let_go_every=10.0)
+    vm = "192.168.122.10:19000"
+    assert j.decide(vm, 100.0, set()) == "new"   # the VM's first join: nothing to let go
+    j.accept(vm, 100.0, 77)
+    assert j.decide(vm, 104.0, {77}) == "new"    # a new slave there, after the window: let the pair go
+    j.accept(vm, 104.0, 78, closed=1)
+    # Join packets with the VM's source address (anyone's to write) while its pair streams: held back.
+    assert [j.decide(vm, t, {78}) for t in (107.5, 110.0, 113.9)] == ["held"] * 3
+    assert j.decide(vm, 114.0, {78}) == "new"    # the interval is over: a new slave is believed again
+    assert j.decide(vm, 108.0, set()) == "new"   # no live pair to that address: never held
+    assert j.decide("192.168.122.11:19000", 108.0, {99}) == "new"  # per address
+    assert j.counts() == {"new": 2, "let_go": 1, "refused": 0, "held": 3}
+
+
+def test_a_flood_of_strays_right_after_a_let_go_is_held():
+    j = sockhook.Joins(window=3.0, let_go_every=10.0)
+    a = "10.0.0.2:19000"
+    j.accept(a, 100.0, 77, closed=1)
+    kinds = [j.decide(a, 100.1 + k * 0.002, {77}) for k in range(sockhook.STRAY_REPEATS + 2)]
+    assert kinds[-1] == "held"  # a stray would let the pair go: not twice in 10 s
+    j2 = sockhook.Joins(window=3.0, let_go_every=10.0)
+    j2.accept(a, 100.0, 77)     # the first pair to that address: its strays may let it go (a restart)
+    kinds = [j2.decide(a, 100.1 + k * 0.002, {77}) for k in range(sockhook.STRAY_REPEATS + 2)]
+    assert kinds[-1] == "stray"

@@ -192,7 +192,7 @@ def status(domain: str) -> dict:
         "slave": seen.slave, "ignored": seen.ignored, "link": seen.link, "ports": seen.ports,
         "pairs": seen.pairs, "nodes": msgspec.to_builtins(seen.nodes), "manager_restarts": seen.restarts,
         "manager_pid": seen.manager.pid if seen.manager else None, "queues": msgspec.to_builtins(seen.queues),
-        "joins": msgspec.to_builtins(seen.joins),
+        "joins": msgspec.to_builtins(seen.joins), "restarts_held": seen.restarts_held,
         "xruns": seen.xruns, "since": state.started, "link_changed": seen.link_changed,
         "log": str(log),
     }
@@ -205,6 +205,8 @@ def status(domain: str) -> dict:
         info["problem"] = ignored_problem(info["ignored"], info["slave"], state.slave, state.master_ip)
     elif seen.queue_problem:
         info["problem"] = seen.queue_problem
+    if info["running"] and seen.restarts_held:
+        info["problem"] = "; ".join(filter(None, [info.get("problem"), seen.restarts_held]))
     return info
 
 
@@ -233,6 +235,7 @@ def format_status(info: dict) -> list[str]:
                                                                    " (unbounded)")
                      for q in info.get("queues", []))
     j = info.get("joins")
-    joins = f"   joins: {j['new']}, old pairs let go {j['let_go']}, repeats refused {j['refused']}" if j else ""
+    joins = (f"   joins: {j['new']}, old pairs let go {j['let_go']}, repeats refused {j['refused']}"
+             + (f", let-gos held back {j['held']}" if j.get("held") else "")) if j else ""
     return lines + link_lines(info, f"   node pairs: {info['pairs']}   manager pid {info.get('manager_pid')}, "
                                     f"restarted {info['manager_restarts']}x{joins}{queues}")

@@ -12,14 +12,24 @@ own, so it starts that process under a seccomp filter that hands two system call
 - ``bind(0.0.0.0:PORT)`` (IPv4, the manager's port): the supervisor binds the same socket, through a
   copy of the descriptor (``pidfd_getfd``), to ``master_ip:PORT`` and answers 0: the manager then
   listens on the VM's address only (``ss -uln``: ``master_ip:PORT``); a wildcard bind of the port in
-  IPv6 is refused (EADDRNOTAVAIL): nothing may listen on every address;
+  IPv6 (``::``, or the IPv4-mapped ``::ffff:0.0.0.0``) is refused (EADDRNOTAVAIL): nothing may listen
+  on every address;
+- the calls are decided by the process that makes them (the notification's pid): only the manager's
+  own process (any of its threads) gets the rebind and the join logic below; another process of the
+  filtered tree (a child the manager forked or ran) may not bind the manager's port at all (EPERM,
+  whatever the address), and its other calls go on unchanged;
 - ``connect`` of a UDP socket to a slave (the manager's new pair for a join): when a pair for that
   slave address was made less than :data:`REPEAT_WINDOW` ago and is still there, this is the same
   join's packet again: refused (ECONNREFUSED; the manager frees the new pair through its own error
   path). Otherwise the join is a new slave at that address: the sockets of the older pairs to it are
   shut down (``shutdown`` on a copy) before the connect goes on, and the manager frees those pairs
-  and their nodes through its own error path (``on_setup_io``: error -> ``stop_follower``);
-- every other call goes on unchanged (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``).
+  and their nodes through its own error path (``on_setup_io``: error -> ``stop_follower``). Letting a
+  live pair go is rate-limited per address (:data:`LET_GO_EVERY`): a join packet carries no proof of
+  who sent it, so anyone who reaches the port with the VM's source address could drop the VM's pair;
+  a let-go held back is refused (ECONNREFUSED) and counted (``held``);
+- every other call goes on unchanged (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``);
+- the hook fails closed: a call it cannot decide (the caller's memory unreadable, the caller gone, a
+  handler that raises) is answered EPERM and logged, never let through.
 
 Linux >= 5.6 (user notification with CONTINUE, pidfd_getfd). :func:`available` says whether this
 kernel has it; the bridge refuses to start a manager it cannot bind when it has not.
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+from collections import deque
 import ipaddress
 import os
 import platform
@@ -75,6 +86,11 @@ _ARCH = {"x86_64": (0xC000003E, 49, 42, 317), "aarch64": (0xC00000B7, 200, 203, 
 # same address is a repeat.
 REPEAT_WINDOW = 3.0
 QUICK, STRAY_REPEATS = 0.5, 20  # see Joins
+# Live pairs to one slave address are let go at most once in this many seconds (a join packet's source
+# address is anyone's to write); a guest's jackd that restarts waits this long at most to join again.
+LET_GO_EVERY = 10.0
+ADDRESSES_KEPT = 1024  # slave addresses Joins remembers at most (the oldest go first)
+EVENTS_KEPT = 256  # Hook.events keeps the last ones only; the counts are counters
 
 
 def available() -> str | None:
@@ -156,7 +172,8 @@ def _launch(argv: list[str]) -> int:
 
 class Event(Struct, frozen=True):
     """What the hook did with one call: a bind ``rebound`` (to master_ip) or ``refused``; a slave's
-    join ``new`` (``closed`` older pairs to that address let go) or ``repeat`` (refused)."""
+    join ``new`` (``closed`` older pairs to that address let go), ``repeat`` (refused) or ``held``
+    (refused: a live pair to that address was let go too recently)."""
 
     call: str
     action: str
@@ -181,39 +198,90 @@ class Joins:
     hears meanwhile. Within :data:`REPEAT_WINDOW` of the last pair made for its address, a join packet is
     such a repeat and refused, unless repeats came quickly (less than :data:`QUICK` apart) more than
     :data:`STRAY_REPEATS` times: then a pair is streaming to that address while a slave there joins,
-    so the slave that pair served is gone (a restart right after its join), and the join is new."""
+    so the slave that pair served is gone (a restart right after its join), and the join is new.
 
-    def __init__(self, window: float = REPEAT_WINDOW):
-        self.window = window
-        self.accepted: dict[str, Pair] = {}  # by the slave's address
-        self.refused = 0
+    A join that would let a live pair go (``live_inodes``: the manager's sockets to that address) is
+    ``held`` (refused) when a live pair to that address was let go less than ``let_go_every`` ago.
+
+    Bounded: an address is forgotten once nothing it remembers counts any more (its last pair older
+    than the window, its last let-go older than ``let_go_every``), and at most :data:`ADDRESSES_KEPT`
+    addresses are kept. The counts (``new``, ``let_go``, ``refused``, ``held``) are counters."""
+
+    def __init__(self, window: float = REPEAT_WINDOW, let_go_every: float = LET_GO_EVERY,
+                 kept: int = ADDRESSES_KEPT):
+        self.window, self.let_go_every, self.kept = window, let_go_every, kept
+        self.accepted: dict[str, Pair] = {}  # by the slave's address, oldest first
+        self.let_go_at: dict[str, float] = {}  # when a live pair to that address was last let go
+        self.new = self.let_go = self.refused = self.held = 0
 
     def decide(self, remote: str, now: float, live_inodes: set[int]) -> str:
-        """``new``, ``repeat`` (refuse it) or ``stray`` (new: the last pair streams to a joining slave)."""
+        """``new``, ``repeat`` (refuse it), ``stray`` (new: the last pair streams to a joining slave) or
+        ``held`` (refuse it: a live pair to that address was let go less than ``let_go_every`` ago)."""
         last = self.accepted.get(remote)
         if not last or last.inode not in live_inodes or now - last.made >= self.window:
-            return "new"
-        if now - last.last_packet < QUICK:
-            last.quick_repeats += 1
-        last.last_packet = now
-        if last.quick_repeats > STRAY_REPEATS:
-            return "stray"
-        self.refused += 1
-        return "repeat"
+            kind = "new"
+        else:
+            if now - last.last_packet < QUICK:
+                last.quick_repeats += 1
+            last.last_packet = now
+            if last.quick_repeats <= STRAY_REPEATS:
+                self.refused += 1
+                return "repeat"
+            kind = "stray"
+        if live_inodes and now - self.let_go_at.get(remote, -float("inf")) < self.let_go_every:
+            self.held += 1
+            return "held"
+        return kind
 
-    def accept(self, remote: str, now: float, inode: int) -> None:
+    def accept(self, remote: str, now: float, inode: int, closed: int = 0) -> None:
+        """The manager made a pair for ``remote`` at ``now``; ``closed`` live pairs to it were let go."""
+        self.new += 1
+        self.let_go += closed
+        if closed:
+            self.let_go_at.pop(remote, None)
+            self.let_go_at[remote] = now
+        self.accepted.pop(remote, None)
         self.accepted[remote] = Pair(now, inode, now)
+        self.prune(now)
+
+    def prune(self, now: float) -> None:
+        """Forget what no longer counts, and the oldest addresses beyond :attr:`kept`."""
+        for table, age in ((self.accepted, self.window), (self.let_go_at, self.let_go_every)):
+            while table:
+                first = next(iter(table))
+                made = table[first].made if table is self.accepted else table[first]
+                if now - made < age and len(table) <= self.kept:
+                    break
+                del table[first]
+
+    def counts(self) -> dict:
+        return {"new": self.new, "let_go": self.let_go, "refused": self.refused, "held": self.held}
 
 
-def bind_action(family: int, host: str, port: int, master_ip: str, want_port: int) -> str:
-    """``rebind`` a wildcard IPv4 bind of the manager's port, ``refuse`` a wildcard IPv6 one, ``pass`` the rest."""
+def bind_action(family: int, host: str, port: int, master_ip: str, want_port: int, manager: bool = True) -> str:
+    """``rebind`` a wildcard IPv4 bind of the manager's port, ``refuse`` a wildcard IPv6 one (``::`` or
+    the IPv4-mapped ``::ffff:0.0.0.0``), ``pass`` the rest. A process other than the manager's own
+    (``manager`` false: a child of it) may not bind the port at all: ``deny``."""
     if port != want_port:
         return "pass"
+    if not manager:
+        return "deny"
     if family == socket.AF_INET and host == "0.0.0.0":
         return "rebind" if ipaddress.ip_address(master_ip).version == 4 else "refuse"
-    if family == socket.AF_INET6 and host == "::":
-        return "refuse"
+    if family == socket.AF_INET6:
+        ip = ipaddress.IPv6Address(host)
+        if ip.is_unspecified or (ip.ipv4_mapped is not None and ip.ipv4_mapped.is_unspecified):
+            return "refuse"
     return "pass"
+
+
+def thread_group(pid: int, proc: Path = Path("/proc")) -> int:
+    """The process (thread group) thread ``pid`` belongs to; OSError/ValueError when it cannot be read."""
+    with open(proc / str(pid) / "status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Tgid:"):
+                return int(line.split()[1])
+    raise ValueError(f"no Tgid in {proc}/{pid}/status")
 
 
 def parse_sockaddr(raw: bytes) -> tuple[int, str, int] | None:
@@ -234,7 +302,7 @@ class Hook:
     def __init__(self, listener: int, pid: int, master_ip: str, port: int, say=print,
                  window: float = REPEAT_WINDOW):
         self.listener, self.pid, self.master_ip, self.port, self.say = listener, pid, master_ip, port, say
-        self.events: list[Event] = []
+        self.events: deque[Event] = deque(maxlen=EVENTS_KEPT)  # the last ones; counts() are counters
         self.joins = Joins(window)
         self._nr_connect = _ARCH[platform.machine()][2]
         self._stop = threading.Event()
@@ -265,38 +333,41 @@ class Hook:
                 if e.errno in (errno.ENOENT, errno.EINTR):  # the caller died meanwhile
                     continue
                 return
-            nid, _tid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+            nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
             try:
-                answer = self._handle(nid, nr, args[0], args[1], args[2])
-            except OSError:
-                answer = (0, _CONTINUE)  # the process or its socket went meanwhile: let the call run
-            except Exception as e:  # noqa: BLE001 - an unanswered call would hang the manager: answer it
-                self.say(f"hook: {type(e).__name__}: {e}; the call runs unchanged")
-                answer = (0, _CONTINUE)
+                answer = self._handle(nid, pid, nr, args[0], args[1], args[2])
+            except Exception as e:  # noqa: BLE001 - fail closed: a call not decided is refused, and said
+                call = "connect" if nr == self._nr_connect else "bind"
+                self.say(f"hook: {call} of pid {pid} refused (EPERM): cannot decide it: {type(e).__name__}: {e}")
+                answer = (-errno.EPERM, 0)
             self._answer(nid, *answer)
 
-    def _handle(self, nid: int, nr: int, fd: int, addr: int, addrlen: int) -> tuple[int, int]:
-        """(error, flags) of the answer to one call."""
-        try:
-            with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
-                raw = os.pread(mem.fileno(), min(addrlen, 128), addr)
-        except OSError:
-            return 0, _CONTINUE
-        if not self._valid(nid):
-            return 0, _CONTINUE
+    def _handle(self, nid: int, pid: int, nr: int, fd: int, addr: int, addrlen: int) -> tuple[int, int]:
+        """(error, flags) of the answer to one call of thread ``pid``; raises when it cannot decide."""
+        manager = thread_group(pid) == self.pid  # a thread of the manager's process; else a process it started
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            raw = os.pread(mem.fileno(), min(addrlen, 128), addr)
+        if not self._valid(nid):  # the caller went (its pid may be another's now): what was read is no proof
+            raise OSError(errno.ESRCH, f"the call of pid {pid} is gone")
         parsed = parse_sockaddr(raw)
         if parsed is None:
-            return 0, _CONTINUE
+            if len(raw) < 2 or struct.unpack_from("=H", raw)[0] in (socket.AF_INET, socket.AF_INET6):
+                raise ValueError(f"a socket address of {len(raw)} bytes")  # short: not read whole
+            return 0, _CONTINUE  # another family (a Unix socket: the manager's PipeWire connection)
         family, host, port = parsed
         asked = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
         if nr == self._nr_connect:
-            return self._connect(fd, host, port, asked)
-        return self._bind(fd, family, host, port, asked)
+            return self._connect(fd, host, port, asked) if manager else (0, _CONTINUE)
+        return self._bind(fd, family, host, port, asked, manager, pid)
 
-    def _bind(self, fd: int, family: int, host: str, port: int, asked: str) -> tuple[int, int]:
-        action = bind_action(family, host, port, self.master_ip, self.port)
+    def _bind(self, fd: int, family: int, host: str, port: int, asked: str, manager: bool = True,
+              pid: int = 0) -> tuple[int, int]:
+        action = bind_action(family, host, port, self.master_ip, self.port, manager)
         if action == "pass":
             return 0, _CONTINUE
+        if action == "deny":
+            self._note(Event("bind", "refused", asked, f"pid {pid} is not the manager's process"))
+            return -errno.EPERM, 0
         if action == "refuse":
             self._note(Event("bind", "refused", asked, "only master_ip may be bound"))
             return -errno.EADDRNOTAVAIL, 0
@@ -323,6 +394,12 @@ class Hook:
                 self._note(Event("join", "repeat", asked, f"a join packet again within {self.joins.window:g} s: "
                                                           "refused, the manager keeps its first pair"))
             return -errno.ECONNREFUSED, 0
+        if kind == "held":
+            if not self.events or self.events[-1].action != "held":  # said once per run
+                self._note(Event("join", "held", asked, f"a pair to that address was let go less than "
+                                                        f"{self.joins.let_go_every:g} s ago: refused, the "
+                                                        "streaming pair stays"))
+            return -errno.ECONNREFUSED, 0
         closed = 0
         for f, _i in older:
             try:
@@ -331,7 +408,7 @@ class Hook:
                 closed += 1
             except OSError:
                 pass  # freed meanwhile
-        self.joins.accept(asked, now, inode)
+        self.joins.accept(asked, now, inode, closed)
         why = ("its last pair streams to a slave that is joining: that pair's slave is gone; " if kind == "stray"
                else "")
         self._note(Event("join", "new", asked, why + (f"{closed} older pair(s) to that address let go" if closed
@@ -339,9 +416,9 @@ class Hook:
         return 0, _CONTINUE
 
     def counts(self) -> dict:
-        """Joins accepted, older pairs let go and repeated join packets refused, since the process started."""
-        new = [e for e in self.events if e.call == "join" and e.action == "new"]
-        return {"new": len(new), "let_go": sum(e.closed for e in new), "refused": self.joins.refused}
+        """Joins accepted, older pairs let go, repeated join packets refused and let-gos held back, since
+        the process started (counters: :attr:`events` keeps the last :data:`EVENTS_KEPT` only)."""
+        return self.joins.counts()
 
     def _note(self, e: Event) -> None:
         self.events.append(e)

@@ -48,6 +48,7 @@ class Joins(Struct, kw_only=True):
     new: int = 0
     let_go: int = 0
     refused: int = 0
+    held: int = 0  # let-gos of a live pair held back (at most one per address per sockhook.LET_GO_EVERY)
 
 
 class PipeWireSeen(Seen, kw_only=True):
@@ -59,3 +60,4 @@ class PipeWireSeen(Seen, kw_only=True):
     queue_problem: str | None = None
     listening: list[str] = []  # the manager's port as /proc/PID/net/udp shows it bound
     joins: Joins | None = None
+    restarts_held: str | None = None  # "restarts held back: ..." while the restart limit holds them

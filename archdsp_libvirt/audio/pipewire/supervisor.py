@@ -5,8 +5,12 @@ Started by :func:`.bridge.start`, it
 - runs PipeWire's NETJACK2 manager in a ``pipewire -c`` process (a client of the user's daemon) under the
   hook of :mod:`.sockhook`, which binds its port to master_ip, lets a restarted slave's old pair go and
   refuses the join packets a slave repeats;
-- restarts that process when more than one send/recv pair stays anyway, and when the VM is about to
-  restart (:func:`.bridge.forget_slave`);
+- restarts that process when more than one send/recv pair stays anyway (at most
+  :data:`RESTARTS_MOST` times in :data:`RESTARTS_PER` seconds, then held back with a growing pause:
+  anyone who reaches the port can make a second pair; status says ``restarts held back: ...``), and
+  when the VM is about to restart (:func:`.bridge.forget_slave`, never held back);
+- stops the manager and refuses to run when the kernel shows its port bound anywhere but master_ip
+  (the hook's bind is checked, not trusted);
 - bounds the receive queue of the manager's socket to the slave to a few cycles (:mod:`.rxqueue`);
 - counts the graph's xruns through PipeWire's JACK and lists the real port names;
 - writes what it sees to the status file :func:`.bridge.status` reads.
@@ -14,11 +18,13 @@ Started by :func:`.bridge.start`, it
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from ...errors import BridgeError
@@ -34,6 +40,56 @@ POLL = 1.0
 # A restart of the manager waits until more than one pair stayed this long: a slave whose master vanishes
 # in the middle of its join waits for it forever (JACK 1.9.21's net driver).
 CROWDED_AFTER = 2.0
+# Restarts for a crowded manager: at most this many in this many seconds; then they are held back for
+# RESTARTS_PER seconds, twice that the next time, ... at most RESTARTS_HOLD_MOST.
+RESTARTS_MOST, RESTARTS_PER, RESTARTS_HOLD_MOST = 3, 60.0, 600.0
+
+
+class RestartLimit:
+    """How often a crowded manager may be restarted: :meth:`allow` says whether a restart may happen at
+    ``now``; past ``most`` restarts in ``per`` seconds, restarts are held back for ``per`` seconds, and each
+    further time the budget runs out for twice as long (at most ``longest``). ``longest`` seconds after
+    the last pause ended without a new one, the backoff starts again at ``per``."""
+
+    def __init__(self, most: int = RESTARTS_MOST, per: float = RESTARTS_PER, longest: float = RESTARTS_HOLD_MOST):
+        self.most, self.per, self.longest = most, per, longest
+        self.done: deque[float] = deque(maxlen=most)  # the last restarts
+        self.until = 0.0  # restarts held back until then
+        self.strikes = 0  # times the budget ran out in a row
+        self.held = 0  # restarts held back since the start
+
+    def allow(self, now: float) -> bool:
+        if self.strikes and now - self.until >= self.longest:
+            self.strikes = 0
+        if now < self.until:
+            self.held += 1
+            return False
+        if len(self.done) == self.most and now - self.done[0] < self.per:
+            self.strikes += 1
+            self.until = now + min(self.per * 2 ** (self.strikes - 1), self.longest)
+            self.held += 1
+            return False
+        self.done.append(now)
+        return True
+
+    def text(self, now: float) -> str | None:
+        """``restarts held back: ...`` while they are; None otherwise."""
+        if now >= self.until:
+            return None
+        return (f"restarts held back: {self.most} in {self.per:g} s already (a second slave's pair?); "
+                f"next allowed in {self.until - now:.0f} s")
+
+
+def listening_problem(where: list[str], master_ip: str, port: int) -> str | None:
+    """Why the manager may not run when the kernel shows its port bound at ``where``; None when every
+    socket of the port is on master_ip (or none is bound yet)."""
+    ip = ipaddress.ip_address(master_ip)  # as the kernel's table prints it (fd00:0::1 is fd00::1)
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    wrong = [w for w in where if w != f"{host}:{port}"]
+    if not wrong:
+        return None
+    return (f"the NETJACK2 manager listens on {', '.join(wrong)}/udp, not only {host}:{port}: "
+            "stopped (the bind hook did not hold)")
 
 
 def link_state(nodes: list[dict], slave: str | None) -> tuple[str, str | None, list[str]]:
@@ -116,6 +172,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
         client.activate()
     mgr: Owned | None = None
     restarts, quick_deaths, started, mgr_started = 0, 0, time.time(), time.time()
+    limit = RestartLimit()
     multi_since: float | None = None
     bounds = rxqueue.Bounds(queue_bound or 0, queue_step, cycles_per_second, say=say)
     link, changed, slave = "down", time.time(), None
@@ -148,14 +205,24 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
             n = pw.pairs(nodes)
             multi_since = (multi_since or time.time()) if n > 1 else None
             crowded = multi_since is not None and time.time() - multi_since > CROWDED_AFTER
-            if crowded or restart_file.exists():
-                why = f"{n} node pairs" if crowded else "the VM restarts"
+            vm_restarts = restart_file.exists()
+            if vm_restarts or (crowded and limit.allow(time.monotonic())):
+                why = "the VM restarts" if vm_restarts else f"{n} node pairs"
                 say(f"{why}: restarting the NETJACK2 manager (pid {mgr.pid})")
                 mgr.stop(timeout=5)
                 mgr, mgr_started = launch(), time.time()
                 restarts += 1
                 restart_file.unlink(missing_ok=True)
                 nodes, n, multi_since = [], 0, None
+            where = sockets.listening(mgr.pid, port) if port else []
+            wrong = listening_problem(where, master_ip, port) if master_ip and port else None
+            if wrong:
+                print(f"bridge supervisor: {wrong}", flush=True)
+                mgr.stop(timeout=5)
+                mgr = None
+                write_record(status_file, PipeWireSeen(link="down", updated=time.time(), problem=wrong,
+                                                       listening=where))
+                return 1
             queues, queue_problem = bounds.poll(mgr.pid, port, time.time()) if port and queue_bound else ([], None)
             ports = {}
             if client is not None:
@@ -170,7 +237,7 @@ def supervise(domain: str, conf: Path, status_file: Path, log: Path, restart_fil
                 link=link, slave=slave, ignored=ignored, ports=ports, pairs=n,
                 nodes=[Node(**x) for x in nodes], manager=mgr, restarts=restarts,
                 queues=[Queue(**q) for q in queues], queue_problem=queue_problem,
-                listening=sockets.listening(mgr.pid, port) if port else [],
+                listening=where, restarts_held=limit.text(time.monotonic()),
                 joins=Joins(**hook.counts()) if hook else None,
                 xruns=xruns if client is not None else None, updated=time.time(), since=started,
                 link_changed=changed))
