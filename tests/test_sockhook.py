@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from archdsp_libvirt.audio import sockets
-from archdsp_libvirt.audio.pipewire import rxqueue, sockhook
+from archdsp_libvirt.audio.pipewire import joins, rxqueue, sockhook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_a_master_ip_the_host_does_not_have_fails_the_bind(hooked):
     (socket.AF_INET, "0.0.0.0", 19000, "fd00::1", "refuse"),         # no IPv4 master to bind to
 ])
 def test_bind_action(family, host, port, master, want):
-    assert sockhook.bind_action(family, host, port, master, 19000) == want
+    assert joins.bind_action(family, host, port, master, 19000) == want
 
 
 def test_parse_sockaddr():
@@ -209,7 +209,7 @@ def test_a_repeated_join_is_refused_and_a_new_slave_lets_the_old_pair_go(tmp_pat
 
 
 def test_joins_decide():
-    j = sockhook.Joins(window=3.0)
+    j = joins.Joins(window=3.0)
     a = "10.0.0.2:19000"
     assert j.decide(a, 100.0, set()) == "new"
     j.accept(a, 100.0, 77)
@@ -221,13 +221,13 @@ def test_joins_decide():
 
 
 def test_a_flood_of_repeats_means_the_last_pair_streams_to_a_new_slave():
-    j = sockhook.Joins(window=3.0)
+    j = joins.Joins(window=3.0)
     a = "10.0.0.2:19000"
     j.accept(a, 100.0, 77)
     # A slave restarted right after its join hears the old pair's packets and answers each with a join
     # packet: a handful in a row is a new slave's in-flight strays (refused), many is a pair that streams.
-    kinds = [j.decide(a, 100.1 + k * 0.002, {77}) for k in range(sockhook.STRAY_REPEATS + 2)]
-    assert kinds[:sockhook.STRAY_REPEATS] == ["repeat"] * sockhook.STRAY_REPEATS
+    kinds = [j.decide(a, 100.1 + k * 0.002, {77}) for k in range(joins.STRAY_REPEATS + 2)]
+    assert kinds[:joins.STRAY_REPEATS] == ["repeat"] * joins.STRAY_REPEATS
     assert kinds[-1] == "stray"
     # Repeats a second apart (a slow answer) never count as a flood.
     j.accept(a, 200.0, 78)
@@ -368,8 +368,8 @@ def test_the_ipv4_mapped_wildcard_is_refused(caller):
     (socket.AF_INET, "127.0.0.1", False, "deny"),
 ])
 def test_bind_action_of_the_mapped_wildcard_and_of_children(family, host, manager, want):
-    assert sockhook.bind_action(family, host, 19000, "192.168.122.1", 19000, manager) == want
-    assert sockhook.bind_action(family, host, 19001, "192.168.122.1", 19000, manager) == "pass"
+    assert joins.bind_action(family, host, 19000, "192.168.122.1", 19000, manager) == want
+    assert joins.bind_action(family, host, 19001, "192.168.122.1", 19000, manager) == "pass"
 
 
 def test_thread_group(tmp_path):
@@ -389,7 +389,7 @@ def test_hook_events_are_bounded_and_the_counts_are_counters():
     try:
         for k in range(5000):
             hook.joins.accept(f"10.0.0.{k % 200}:{k}", float(k), k, closed=1)
-            hook._note(sockhook.Event("join", "new", f"10.0.0.{k % 200}:{k}", closed=1))
+            hook._note(joins.Event("join", "new", f"10.0.0.{k % 200}:{k}", closed=1))
         assert len(hook.events) <= sockhook.EVENTS_KEPT
         assert hook.events[-1].asked == "10.0.0.199:4999"
         assert hook.counts() == {"new": 5000, "let_go": 5000, "refused": 0, "held": 0}
@@ -399,7 +399,7 @@ def test_hook_events_are_bounded_and_the_counts_are_counters():
 
 
 def test_joins_forget_old_addresses_and_keep_a_bounded_number():
-    j = sockhook.Joins(window=3.0, let_go_every=10.0, kept=100)
+    j = joins.Joins(window=3.0, let_go_every=10.0, kept=100)
     for k in range(10_000):  # one join a second from always another address: only the recent ones count
         j.accept(f"10.0.{k // 256}.{k % 256}:19000", float(k), k, closed=1)
     assert len(j.accepted) <= 3 and len(j.let_go_at) <= 10
@@ -412,7 +412,7 @@ def test_joins_forget_old_addresses_and_keep_a_bounded_number():
 # ---- rate-limited let-go (fake clock) -------------------------------------------------------------------
 
 def test_a_live_pair_is_let_go_at_most_once_per_interval():
-    j = sockhook.Joins(window=3.0, let_go_every=10.0)
+    j = joins.Joins(window=3.0, let_go_every=10.0)
     vm = "192.168.122.10:19000"
     assert j.decide(vm, 100.0, set()) == "new"   # the VM's first join: nothing to let go
     j.accept(vm, 100.0, 77)
@@ -427,12 +427,12 @@ def test_a_live_pair_is_let_go_at_most_once_per_interval():
 
 
 def test_a_flood_of_strays_right_after_a_let_go_is_held():
-    j = sockhook.Joins(window=3.0, let_go_every=10.0)
+    j = joins.Joins(window=3.0, let_go_every=10.0)
     a = "10.0.0.2:19000"
     j.accept(a, 100.0, 77, closed=1)
-    kinds = [j.decide(a, 100.1 + k * 0.002, {77}) for k in range(sockhook.STRAY_REPEATS + 2)]
+    kinds = [j.decide(a, 100.1 + k * 0.002, {77}) for k in range(joins.STRAY_REPEATS + 2)]
     assert kinds[-1] == "held"  # a stray would let the pair go: not twice in 10 s
-    j2 = sockhook.Joins(window=3.0, let_go_every=10.0)
+    j2 = joins.Joins(window=3.0, let_go_every=10.0)
     j2.accept(a, 100.0, 77)     # the first pair to that address: its strays may let it go (a restart)
-    kinds = [j2.decide(a, 100.1 + k * 0.002, {77}) for k in range(sockhook.STRAY_REPEATS + 2)]
+    kinds = [j2.decide(a, 100.1 + k * 0.002, {77}) for k in range(joins.STRAY_REPEATS + 2)]
     assert kinds[-1] == "stray"

@@ -19,12 +19,12 @@ own, so it starts that process under a seccomp filter that hands two system call
   filtered tree (a child the manager forked or ran) may not bind the manager's port at all (EPERM,
   whatever the address), and its other calls go on unchanged;
 - ``connect`` of a UDP socket to a slave (the manager's new pair for a join): when a pair for that
-  slave address was made less than :data:`REPEAT_WINDOW` ago and is still there, this is the same
+  slave address was made less than :data:`.joins.REPEAT_WINDOW` ago and is still there, this is the same
   join's packet again: refused (ECONNREFUSED; the manager frees the new pair through its own error
   path). Otherwise the join is a new slave at that address: the sockets of the older pairs to it are
   shut down (``shutdown`` on a copy) before the connect goes on, and the manager frees those pairs
   and their nodes through its own error path (``on_setup_io``: error -> ``stop_follower``). Letting a
-  live pair go is rate-limited per address (:data:`LET_GO_EVERY`): a join packet carries no proof of
+  live pair go is rate-limited per address (:data:`.joins.LET_GO_EVERY`): a join packet carries no proof of
   who sent it, so anyone who reaches the port with the VM's source address could drop the VM's pair;
   a let-go held back is refused (ECONNREFUSED) and counted (``held``);
 - every other call goes on unchanged (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``);
@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-from collections import deque
-import ipaddress
 import os
 import platform
 import select
@@ -53,13 +51,13 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
-
-from msgspec import Struct
 
 from ...errors import BridgeError
 from ...procs import Owned, fd_of, spawn_detached
 from . import rxqueue
+from .joins import REPEAT_WINDOW, Event, Joins, bind_action
 
 # struct seccomp_notif {u64 id; u32 pid; u32 flags; struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}}
 _NOTIF = struct.Struct("<QIIiIQ6Q")
@@ -81,15 +79,6 @@ _RET_ALLOW, _RET_USER_NOTIF = 0x7FFF0000, 0x7FC00000
 
 # architecture: (AUDIT_ARCH, bind, connect, seccomp) system call numbers
 _ARCH = {"x86_64": (0xC000003E, 49, 42, 317), "aarch64": (0xC00000B7, 200, 203, 277)}
-# A slave repeats its join packet each second until the manager answers (JACK2's SLAVE_INIT_TIMEOUT),
-# and once per stray packet it hears meanwhile; a join packet this soon after an answered one from the
-# same address is a repeat.
-REPEAT_WINDOW = 3.0
-QUICK, STRAY_REPEATS = 0.5, 20  # see Joins
-# Live pairs to one slave address are let go at most once in this many seconds (a join packet's source
-# address is anyone's to write); a guest's jackd that restarts waits this long at most to join again.
-LET_GO_EVERY = 10.0
-ADDRESSES_KEPT = 1024  # slave addresses Joins remembers at most (the oldest go first)
 EVENTS_KEPT = 256  # Hook.events keeps the last ones only; the counts are counters
 
 
@@ -168,111 +157,6 @@ def _launch(argv: list[str]) -> int:
     except OSError as e:
         print(f"cannot run {argv[2]}: {e}", file=sys.stderr)
         return 127
-
-
-class Event(Struct, frozen=True):
-    """What the hook did with one call: a bind ``rebound`` (to master_ip) or ``refused``; a slave's
-    join ``new`` (``closed`` older pairs to that address let go), ``repeat`` (refused) or ``held``
-    (refused: a live pair to that address was let go too recently)."""
-
-    call: str
-    action: str
-    asked: str
-    detail: str = ""
-    closed: int = 0
-
-
-class Pair(Struct):
-    """The last pair made for a slave address: when, its socket's inode, and the repeats since."""
-
-    made: float
-    inode: int
-    last_packet: float
-    quick_repeats: int = 0
-
-
-class Joins:
-    """The last pair the manager made for each slave address, and the join packets repeated since.
-
-    A slave repeats its join packet once a second while no answer comes, and once per stray packet it
-    hears meanwhile. Within :data:`REPEAT_WINDOW` of the last pair made for its address, a join packet is
-    such a repeat and refused, unless repeats came quickly (less than :data:`QUICK` apart) more than
-    :data:`STRAY_REPEATS` times: then a pair is streaming to that address while a slave there joins,
-    so the slave that pair served is gone (a restart right after its join), and the join is new.
-
-    A join that would let a live pair go (``live_inodes``: the manager's sockets to that address) is
-    ``held`` (refused) when a live pair to that address was let go less than ``let_go_every`` ago.
-
-    Bounded: an address is forgotten once nothing it remembers counts any more (its last pair older
-    than the window, its last let-go older than ``let_go_every``), and at most :data:`ADDRESSES_KEPT`
-    addresses are kept. The counts (``new``, ``let_go``, ``refused``, ``held``) are counters."""
-
-    def __init__(self, window: float = REPEAT_WINDOW, let_go_every: float = LET_GO_EVERY,
-                 kept: int = ADDRESSES_KEPT):
-        self.window, self.let_go_every, self.kept = window, let_go_every, kept
-        self.accepted: dict[str, Pair] = {}  # by the slave's address, oldest first
-        self.let_go_at: dict[str, float] = {}  # when a live pair to that address was last let go
-        self.new = self.let_go = self.refused = self.held = 0
-
-    def decide(self, remote: str, now: float, live_inodes: set[int]) -> str:
-        """``new``, ``repeat`` (refuse it), ``stray`` (new: the last pair streams to a joining slave) or
-        ``held`` (refuse it: a live pair to that address was let go less than ``let_go_every`` ago)."""
-        last = self.accepted.get(remote)
-        if not last or last.inode not in live_inodes or now - last.made >= self.window:
-            kind = "new"
-        else:
-            if now - last.last_packet < QUICK:
-                last.quick_repeats += 1
-            last.last_packet = now
-            if last.quick_repeats <= STRAY_REPEATS:
-                self.refused += 1
-                return "repeat"
-            kind = "stray"
-        if live_inodes and now - self.let_go_at.get(remote, -float("inf")) < self.let_go_every:
-            self.held += 1
-            return "held"
-        return kind
-
-    def accept(self, remote: str, now: float, inode: int, closed: int = 0) -> None:
-        """The manager made a pair for ``remote`` at ``now``; ``closed`` live pairs to it were let go."""
-        self.new += 1
-        self.let_go += closed
-        if closed:
-            self.let_go_at.pop(remote, None)
-            self.let_go_at[remote] = now
-        self.accepted.pop(remote, None)
-        self.accepted[remote] = Pair(now, inode, now)
-        self.prune(now)
-
-    def prune(self, now: float) -> None:
-        """Forget what no longer counts, and the oldest addresses beyond :attr:`kept`."""
-        for table, age in ((self.accepted, self.window), (self.let_go_at, self.let_go_every)):
-            while table:
-                first = next(iter(table))
-                made = table[first].made if table is self.accepted else table[first]
-                if now - made < age and len(table) <= self.kept:
-                    break
-                del table[first]
-
-    def counts(self) -> dict:
-        return {"new": self.new, "let_go": self.let_go, "refused": self.refused, "held": self.held}
-
-
-def bind_action(family: int, host: str, port: int, master_ip: str, want_port: int, manager: bool = True) -> str:
-    """``rebind`` a wildcard IPv4 bind of the manager's port, ``refuse`` a wildcard IPv6 one (``::`` or
-    the IPv4-mapped ``::ffff:0.0.0.0``), ``pass`` the rest. A process other than the manager's own
-    (``manager`` false: a child of it) may not bind the port at all: ``deny``."""
-    if port != want_port:
-        return "pass"
-    if not manager:
-        return "deny"
-    if family == socket.AF_INET and host == "0.0.0.0":
-        return "rebind" if ipaddress.ip_address(master_ip).version == 4 else "refuse"
-    if family == socket.AF_INET6:
-        ip = ipaddress.IPv6Address(host)
-        if ip.is_unspecified or (ip.ipv4_mapped is not None and ip.ipv4_mapped.is_unspecified):
-            return "refuse"
-    return "pass"
 
 
 def thread_group(pid: int, proc: Path = Path("/proc")) -> int:

@@ -48,7 +48,7 @@ class Joins(Struct, kw_only=True):
     new: int = 0
     let_go: int = 0
     refused: int = 0
-    held: int = 0  # let-gos of a live pair held back (at most one per address per sockhook.LET_GO_EVERY)
+    held: int = 0  # let-gos of a live pair held back (at most one per address per joins.LET_GO_EVERY)
 
 
 class PipeWireSeen(Seen, kw_only=True):
