@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from archdsp_libvirt import load_config, parse_config
+from archdsp_libvirt.audio.pipewire import conf
 from archdsp_libvirt.audio.pipewire import server as pw
 from archdsp_libvirt.audio.latency import budget, format_budget, report
 from archdsp_libvirt.errors import BridgeError
@@ -20,7 +21,7 @@ def cfg(**netjack):
     return parse_config({"name": "pwtest", "isolated_cores": [1], "memory_mb": 256, "archibaldos": {"netjack": nj}})
 
 
-ARGS = pw.manager_args("192.168.122.1", 19000, 96000, 128, 2)
+ARGS = conf.manager_args("192.168.122.1", 19000, 96000, 128, 2)
 
 
 # --- which server -------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def test_manager_args_carry_the_link_and_force_the_graph():
 
 
 def test_client_conf_hosts_the_manager_and_nothing_else():
-    text = pw.client_conf(ARGS)
+    text = conf.client_conf(ARGS)
     assert text.count("libpipewire-module-netjack2-manager") == 1
     assert 'net.ip = "192.168.122.1"' in text and "net.port = 19000" in text
     assert "netjack2.period-size = 128" in text and 'audio.position = [ "AUX0" "AUX1" ]' in text
@@ -111,24 +112,24 @@ def test_client_conf_hosts_the_manager_and_nothing_else():
 @pytest.mark.skipif(not os.path.exists("/usr/bin/pipewire"), reason="PipeWire is not installed here")
 def test_client_conf_is_valid_spa_json(tmp_path):
     """PipeWire's own parser reads the file (pw-config resolves it without a server)."""
-    conf = tmp_path / "nj.conf"
-    conf.write_text(pw.client_conf(ARGS))
-    r = subprocess.run(["pw-config", "-n", str(conf), "list", "context.modules"], capture_output=True, text=True,
+    path = tmp_path / "nj.conf"
+    path.write_text(conf.client_conf(ARGS))
+    r = subprocess.run(["pw-config", "-n", str(path), "list", "context.modules"], capture_output=True, text=True,
                        timeout=20)
     assert r.returncode == 0, r.stderr
     assert "netjack2-manager" in r.stdout and "19000" in r.stdout
 
 
 def test_dropin_says_what_it_cannot_promise():
-    text = pw.dropin("archdsp-demo", ARGS, latency=1)
+    text = conf.dropin("archdsp-demo", ARGS, latency=1)
     assert text.startswith("# NETJACK2 master for the DSP VM archdsp-demo")
     assert "listens on 0.0.0.0:19000/udp" in text and "jackd -d net -l 1" in text
     assert text.count("libpipewire-module-netjack2-manager") == 1 and "context.modules = [" in text
-    assert pw.dropin_name("archdsp-demo") == "60-archdsp-netjack-archdsp-demo.conf"
+    assert conf.dropin_name("archdsp-demo") == "60-archdsp-netjack-archdsp-demo.conf"
 
 
 def test_nixos_form_is_the_same_module_and_opens_the_port_on_the_bridge_only():
-    text = pw.nixos("archdsp-demo", ARGS, latency=0, ifname="virbr0")
+    text = conf.nixos("archdsp-demo", ARGS, latency=0, ifname="virbr0")
     assert 'services.pipewire.extraConfig.pipewire."60-archdsp-netjack-archdsp-demo"' in text
     assert '"name" = "libpipewire-module-netjack2-manager";' in text
     assert '"net.ip" = "192.168.122.1";' in text and '"netjack2.sample-rate" = 96000;' in text
@@ -141,7 +142,7 @@ def test_nixos_form_parses(tmp_path):
     if not nix:
         pytest.skip("nix-instantiate is not installed here: the NixOS text is checked for balance only")
     f = tmp_path / "x.nix"
-    f.write_text(pw.nixos("d", ARGS, 0))
+    f.write_text(conf.nixos("d", ARGS, 0))
     assert subprocess.run(["nix-instantiate", "--parse", str(f)], capture_output=True).returncode == 0
 
 

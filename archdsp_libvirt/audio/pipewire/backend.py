@@ -105,21 +105,21 @@ def unit(cfg: DspConfig, options: StartOptions, hook_missing: str | None) -> Uni
 def dropin(cfg: DspConfig, model: HostModel | None, nixos: bool, allow_any_address: bool, note) -> str:
     """The PipeWire drop-in (or its NixOS form, with ``model`` for master_ip's interface) that loads the
     NETJACK2 manager with the config's link at login."""
-    from . import server as pw
+    from . import conf
 
     link = Link.of(cfg)
     if not allow_any_address:
         raise BridgeError(f"PipeWire's netjack2 manager listens on 0.0.0.0:{link.port}/udp, not only on "
                           f"{link.master_ip}: pass --allow-any-address to print the drop-in anyway (and keep the "
                           "port to the VM's bridge with a firewall; the NixOS form opens it there only)")
-    args = pw.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
+    args = conf.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
     latency = cfg.netjack.network_latency
     if nixos:
         files = model.files if model is not None else None
-        return pw.nixos(link.domain, args, latency, (files.interface_of(link.master_ip) if files else None) or "virbr0")
-    note(f"install as ~/.config/pipewire/pipewire.conf.d/{pw.dropin_name(link.domain)} "
+        return conf.nixos(link.domain, args, latency, (files.interface_of(link.master_ip) if files else None) or "virbr0")
+    note(f"install as ~/.config/pipewire/pipewire.conf.d/{conf.dropin_name(link.domain)} "
          "(then: systemctl --user restart pipewire)")
-    return pw.dropin(link.domain, args, latency)
+    return conf.dropin(link.domain, args, latency)
 
 
 BACKEND = PipeWire()

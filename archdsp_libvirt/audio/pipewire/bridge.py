@@ -25,7 +25,7 @@ from ...procs import spawn_detached
 from ..backend import StartOptions, wait_until
 from ..link import STATUS_PERIOD, Link, bound_log, bridge_lock, guard_master, ignored_problem, link_lines, state_paths
 from ..records import read_record, write_record
-from . import rxqueue, sockhook
+from . import conf, rxqueue, sockhook
 from . import server as pw
 from .state import Joined, PipeWireSeen, PipeWireState
 
@@ -96,17 +96,17 @@ def _start(link: Link, options: StartOptions, model: HostModel, say) -> tuple[Pi
             f"{link.master_ip} (PipeWire's manager itself listens on 0.0.0.0:{link.port})")
     elif allow_any_address:
         say(f"--allow-any-address not needed: the manager's port is bound to {link.master_ip} only")
-    args = pw.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
+    args = conf.manager_args(link.master_ip, link.port, link.rate, link.period, link.channels)
     cost = rxqueue.packet_cost(ifname)
     bound_log(log)
-    conf = _conf_path(link.domain)
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text(pw.client_conf(args))
-    conf.chmod(0o644)
+    conf_file = _conf_path(link.domain)
+    conf_file.parent.mkdir(parents=True, exist_ok=True)
+    conf_file.write_text(conf.client_conf(args))
+    conf_file.chmod(0o644)
     status_file.unlink(missing_ok=True)
     _restart_request(link.domain).unlink(missing_ok=True)
     argv = [sys.executable, "-P", "-m", "archdsp_libvirt.audio.pipewire.supervisor", "--domain", link.domain,
-            "--conf", str(conf), "--status", str(status_file), "--log", str(log),
+            "--conf", str(conf_file), "--status", str(status_file), "--log", str(log),
             "--restart-file", str(_restart_request(link.domain)), "--slave", link.slave,
             *([] if table else ["--master-ip", link.master_ip]),
             "--port", str(link.port), "--queue-bound",
