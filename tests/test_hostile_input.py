@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from lxml import etree
 
-from archdsp_libvirt import HostFacts, parse_config, render_domain
+from archdsp_libvirt import ConfigError, HostFacts, load_config, parse_config, render_domain
 from archdsp_libvirt.cli import cli
 from archdsp_libvirt.domain.render import QEMU_NS
 from conftest import assert_config_refused, remove_domain
@@ -343,3 +343,20 @@ def test_symlink_to_a_regular_file_is_allowed_and_rendered_as_written(tmp_path):
     cfg = parse_config({"isolated_cores": [1], "memory_mb": 256, "archibaldos": {"disk_image": str(link)}})
     xml = render_domain(cfg, HostFacts(online_cpus=frozenset(range(4)))).xml
     assert f'<source file="{link}"/>' in xml and 'type="qcow2"' in xml
+
+
+def test_a_remote_hosts_paths_are_not_judged_by_this_machines_files(tmp_path):
+    """What a disk path is on this machine says nothing of the remote host it will be opened on: over a
+    remote URI the loader leaves the file checks to that host (the path's own rules still hold)."""
+    _prepare(tmp_path)
+    path = tmp_path / "remote.toml"
+    path.write_text(GOOD + f"[archibaldos]\ndisk_image = \"{tmp_path}/null.qcow2\"\n")
+    args = ["xml", "--host-cpus", "0-3", "--port-forwards", "hostfwd", str(path)]
+    here = CliRunner().invoke(cli, args)
+    assert_config_refused(here, path, ["archibaldos.disk_image"])
+    there = CliRunner().invoke(cli, ["-c", "qemu+ssh://127.0.0.1/system", *args])
+    assert there.exit_code == 0, there.output
+    assert f"{tmp_path}/null.qcow2" in there.output
+    with pytest.raises(ConfigError):
+        load_config(path)
+    assert load_config(path, files_here=False).disk_image == f"{tmp_path}/null.qcow2"

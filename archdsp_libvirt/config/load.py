@@ -147,8 +147,9 @@ def _describe(exc: msgspec.ValidationError, data: dict[str, Any]) -> tuple[str, 
     return _key_path(loc), (msg[:1].lower() + msg[1:]).rstrip(".") + shown
 
 
-def parse_config(data: dict[str, Any], source: str = "<config>") -> DspConfig:
-    """Check a decoded TOML table; raise :class:`ConfigError` naming the key."""
+def parse_config(data: dict[str, Any], source: str = "<config>", files_here: bool = True) -> DspConfig:
+    """Check a decoded TOML table; raise :class:`ConfigError` naming the key. ``files_here``: check what
+    the disk, kernel, initrd and console log are on this machine (false for a remote host's config)."""
     try:
         cfg = msgspec.convert(data, DspConfig)
     except msgspec.ValidationError as exc:
@@ -163,6 +164,11 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> DspConfig:
         loc, ch = found
         raise ConfigError(f"{source}: {_key_path(loc)}: must not contain control characters or Unicode "
                           f"non-characters (found U+{ord(ch):04X}); XML and libvirt cannot hold them")
+    if files_here:
+        try:
+            cfg.check_files_here()
+        except Invalid as exc:
+            raise ConfigError(f"{source}: {_key_path(exc.key)}: {exc.message}{_shown(_value_at(data, exc.key))}") from None
     return cfg
 
 
@@ -172,8 +178,8 @@ def shown_path(path: str | os.PathLike[str]) -> str:
     return repr(text) if _CONTROL_RE.search(text) else text
 
 
-def load_config(path: str | os.PathLike[str]) -> DspConfig:
-    """Read and check a DSP VM description from a TOML file."""
+def load_config(path: str | os.PathLike[str], files_here: bool = True) -> DspConfig:
+    """Read and check a DSP VM description from a TOML file (``files_here``: see :func:`parse_config`)."""
     p = Path(path)
     shown = shown_path(p)
     try:
@@ -193,7 +199,7 @@ def load_config(path: str | os.PathLike[str]) -> DspConfig:
         raise ConfigError(f"{shown}: is a directory; pass the path of a TOML file") from None
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read: {exc.strerror}") from None
-    return config_from_bytes(raw, shown)
+    return config_from_bytes(raw, shown, files_here)
 
 
 def decode_config(raw: bytes, shown: str) -> str:
@@ -207,7 +213,7 @@ def decode_config(raw: bytes, shown: str) -> str:
         raise ConfigError(f"{shown}: not UTF-8 text; a TOML file is expected") from None
 
 
-def config_from_bytes(raw: bytes, shown: str = "<config>") -> DspConfig:
+def config_from_bytes(raw: bytes, shown: str = "<config>", files_here: bool = True) -> DspConfig:
     """Check a config file's bytes as :func:`load_config` checks the file (``shown`` names it)."""
     text = decode_config(raw, shown)
     try:
@@ -216,4 +222,4 @@ def config_from_bytes(raw: bytes, shown: str = "<config>") -> DspConfig:
         raise ConfigError(f"{shown}: invalid TOML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{shown}: invalid TOML: arrays or tables nested too deeply") from None
-    return parse_config(data, shown)
+    return parse_config(data, shown, files_here)

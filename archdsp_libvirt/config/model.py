@@ -332,10 +332,10 @@ class DspConfig(_Section, kw_only=True):
             "display_password": _password, "qemu_extra_args": self._extra_args,
         })
         self._whole()
-        self._existing_files()
 
-    def _existing_files(self) -> None:
-        """What the paths are where they exist on this host (see :mod:`.paths`); every command loads this."""
+    def check_files_here(self) -> None:
+        """What the paths are where they exist on this machine (see :mod:`.paths`): run by the loader unless
+        the config is loaded for another host (a remote URI), whose files this machine's say nothing of."""
         for key, path, role in ((("archibaldos", "disk_image"), self.disk_image, "disk"),
                                 (("boot", "kernel"), self.boot.kernel, "kernel"),
                                 (("boot", "initrd"), self.boot.initrd, "initrd")):

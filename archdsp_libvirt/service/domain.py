@@ -79,7 +79,7 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
     whether it has passt), read-only and without retries: rendering must not wait on a daemon that is
     down. With ``host_cpus`` the host is given by hand and libvirt is not asked at all.
     """
-    cfg = load_config(config)
+    cfg = load_config(config, files_here=is_local_uri(uri))  # a remote host's files are not these
     if port_forwards:
         cfg = msgspec.structs.replace(cfg, network=msgspec.structs.replace(cfg.network, port_forward_backend=port_forwards))
     notes: list[str] = []
@@ -110,7 +110,7 @@ def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, sk
     from ..virt.connection import Session
     from ..virt.lifecycle import up
 
-    cfg = load_config(config)
+    cfg = load_config(config, files_here=is_local_uri(uri))  # a remote host's files are not these
 
     def before_start() -> None:  # on this machine only: the bridge's host side runs here
         _fresh_master(cfg, say)
@@ -161,7 +161,7 @@ def down_command(config: Path, uri: str | None, timeout: float, force: bool, und
     from ..virt.connection import Session
     from ..virt.lifecycle import down
 
-    cfg = load_config(config)
+    cfg = load_config(config, files_here=is_local_uri(uri))  # a remote host's files are not these
     with Session(uri) as session:
         down(cfg.name, session, timeout=timeout, force=force, undefine=undefine, say=say)
 
@@ -172,7 +172,7 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
     from ..virt.connection import Session
     from ..virt.status import format_status, status
 
-    cfg = load_config(config)
+    cfg = load_config(config, files_here=is_local_uri(uri))  # a remote host's files are not these
     with Session(uri) as session:
         model = host_model(cfg, session)
         info = status(cfg, session, model)
@@ -196,7 +196,7 @@ def console_command(config: Path, uri: str | None, force: bool, pattern: str | N
     from ..virt.connection import Session
     from ..virt.console import ensure_event_loop, expect, interactive
 
-    cfg = load_config(config)
+    cfg = load_config(config, files_here=is_local_uri(uri))  # a remote host's files are not these
     ensure_event_loop()
     with Session(uri) as session:
         if pattern is None:
@@ -236,7 +236,7 @@ def check_command(config: Path, uri: str | None, host_root: str = "/", as_json: 
     from ..host.checks import failures, findings_json, format_findings, run_checks
     from ..virt.connection import Session
 
-    cfg = load_config(config)
+    cfg = load_config(config, files_here=is_local_uri(uri))  # a remote host's files are not these
     reachable, detail = probe_libvirt(uri)
     with Session(uri, readonly=True, attempts=1) as session:
         model = host_model(cfg, session, host_root=host_root, reachable=reachable)
