@@ -17,9 +17,11 @@ from msgspec import Struct
 # same address is a repeat.
 REPEAT_WINDOW = 3.0
 QUICK, STRAY_REPEATS = 0.5, 20  # see Joins
-# Live pairs to one slave address are let go at most once in this many seconds (a join packet's source
-# address is anyone's to write); a guest's jackd that restarts waits this long at most to join again.
-LET_GO_EVERY = 10.0
+# Live pairs to one slave address can be let go at most once in this many seconds (a join packet's source
+# address is anyone's to write). Off (0) by default: at 10 s, a guest slave restarted within that time
+# stayed out (ten restarts a second apart made two joins, and the TCG guest's round trip heard nothing),
+# so a spoofed join can still make the VM's slave join again; Joins(let_go_every=...) sets a limit.
+LET_GO_EVERY = 0.0
 ADDRESSES_KEPT = 1024  # slave addresses Joins remembers at most (the oldest go first)
 
 

@@ -24,7 +24,7 @@ own, so it starts that process under a seccomp filter that hands two system call
   path). Otherwise the join is a new slave at that address: the sockets of the older pairs to it are
   shut down (``shutdown`` on a copy) before the connect goes on, and the manager frees those pairs
   and their nodes through its own error path (``on_setup_io``: error -> ``stop_follower``). Letting a
-  live pair go is rate-limited per address (:data:`.joins.LET_GO_EVERY`): a join packet carries no proof of
+  live pair go can be rate-limited per address (:data:`.joins.LET_GO_EVERY`, off by default): a join packet carries no proof of
   who sent it, so anyone who reaches the port with the VM's source address could drop the VM's pair;
   a let-go held back is refused (ECONNREFUSED) and counted (``held``);
 - every other call goes on unchanged (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``);
