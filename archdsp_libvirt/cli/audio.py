@@ -151,6 +151,6 @@ def netjack_headless_start(directory: Path, user: str | None) -> None:
 @netjack_headless.command("stop")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 def netjack_headless_stop(directory: Path) -> None:
-    """Stop the headless PipeWire started in DIR (by the PIDs in DIR/pids.json)."""
+    """Stop the headless PipeWire started in DIR (by root's record of its PIDs in the run folder)."""
     if not service.headless_pipewire_stop(directory, say=click.echo):
         click.echo(f"no headless PipeWire recorded in {directory}")
