@@ -23,11 +23,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 from msgspec import Struct
 
 from ..errors import BridgeError, UsageError
+from .link import Link
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from ..config import DspConfig
     from ..host.model import HostModel
     from .budget import Budget
@@ -94,6 +98,41 @@ class Backend(Protocol):
     def set_period(self, domain: str, frames: int) -> None:
         """Set the host graph's period (``tune``), or :class:`BridgeError` saying why it cannot."""
         ...
+
+
+class ModuleBackend:
+    """The part of a backend that is its bridge module's own: an adapter sets :attr:`bridge` (the module
+    with ``start``, ``stop``, ``read_state``, ``status``, ``format_status``, ``listening`` and
+    ``forget_slave``) and adds the rest of :class:`Backend`."""
+
+    bridge: ModuleType
+
+    def start(self, cfg: DspConfig, options: StartOptions, model: HostModel, wait: float = 0.0, say=print) -> dict:
+        link = Link.of(cfg)
+        state, fresh = self.bridge.start(link, options, model, say=say)
+        if wait:
+            wait_for_link(self, link.domain, wait)
+            if fresh:
+                say(f"link up: slave '{link.slave}' joined")
+        return msgspec.to_builtins(state)
+
+    def stop(self, domain: str, say=print) -> bool:
+        return self.bridge.stop(domain, say=say)
+
+    def read_state(self, domain: str) -> BridgeState | None:
+        return self.bridge.read_state(domain)
+
+    def status(self, domain: str) -> dict:
+        return self.bridge.status(domain)
+
+    def format_status(self, info: dict) -> list[str]:
+        return self.bridge.format_status(info)
+
+    def listening(self, state: BridgeState) -> list[str]:
+        return self.bridge.listening(state)
+
+    def forget_slave(self, domain: str, say=print) -> list[str]:
+        return self.bridge.forget_slave(domain, say=say)
 
 
 # --- one wait --------------------------------------------------------------------------------------

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import BridgeError
-from ..backend import StartOptions, Unit, wait_for_link
-from ..link import Link
+from ..backend import ModuleBackend, StartOptions, Unit, wait_for_link
 from . import bridge, measure
 from .state import NAME, JackState
 
@@ -16,45 +15,22 @@ if TYPE_CHECKING:
     from ..budget import Budget
 
 
-class Jack2:
+class Jack2(ModuleBackend):
     """JACK2's ``netmanager`` loaded into a jackd (one it joins, or one it starts)."""
 
+    bridge = bridge
     name = NAME
     label = "JACK"
 
     def start(self, cfg: DspConfig, options: StartOptions, model: HostModel, wait: float = 0.0, say=print) -> dict:
-        link = Link.of(cfg)
         say("audio server: JACK")
-        state, fresh = bridge.start(link, options, model, say=say)
-        if wait:
-            wait_for_link(self, link.domain, wait)
-            if fresh:
-                say(f"link up: slave '{link.slave}' joined")
-        return state_dict(state)
-
-    def stop(self, domain: str, say=print) -> bool:
-        return bridge.stop(domain, say=say)
+        return super().start(cfg, options, model, wait=wait, say=say)
 
     def restart_options(self, state: JackState | None, overrides: dict) -> StartOptions:
         last = {"server": state.server, "start_server": state.server_kind, "device": state.device,
                 "nperiods": state.nperiods} if isinstance(state, JackState) else {}
         now = {k: overrides[k] for k in ("server", "start_server") if overrides.get(k) is not None}
         return StartOptions(**{**last, **now})
-
-    def read_state(self, domain: str) -> JackState | None:
-        return bridge.read_state(domain)
-
-    def status(self, domain: str) -> dict:
-        return bridge.status(domain)
-
-    def format_status(self, info: dict) -> list[str]:
-        return bridge.format_status(info)
-
-    def listening(self, state: JackState) -> list[str]:
-        return bridge.listening(state)
-
-    def forget_slave(self, domain: str, say=print) -> list[str]:
-        return bridge.forget_slave(domain, say=say)
 
     def missing_slave(self, state: JackState | None, timeout: float) -> str:
         if state is None:
@@ -83,12 +59,6 @@ class Jack2:
                 client.blocksize = frames
         finally:
             client.close()
-
-
-def state_dict(state: JackState) -> dict:
-    import msgspec
-
-    return msgspec.to_builtins(state)
 
 
 BACKEND = Jack2()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from ...errors import BridgeError, UsageError
-from ..backend import StartOptions, Unit, wait_for_link
+from ..backend import ModuleBackend, StartOptions, Unit, wait_for_link
 from ..link import Link
 from . import bridge, measure, sockhook
 from .state import NAME, PipeWireState
@@ -18,23 +16,12 @@ if TYPE_CHECKING:
     from ..budget import Budget
 
 
-class PipeWire:
+class PipeWire(ModuleBackend):
     """PipeWire's own NETJACK2 manager, in a ``pipewire -c`` client of the user's server."""
 
+    bridge = bridge
     name = NAME
     label = "PipeWire"
-
-    def start(self, cfg: DspConfig, options: StartOptions, model: HostModel, wait: float = 0.0, say=print) -> dict:
-        link = Link.of(cfg)
-        state, fresh = bridge.start(link, options, model, say=say)
-        if wait:
-            wait_for_link(self, link.domain, wait)
-            if fresh:
-                say(f"link up: slave '{link.slave}' joined")
-        return msgspec.to_builtins(state)
-
-    def stop(self, domain: str, say=print) -> bool:
-        return bridge.stop(domain, say=say)
 
     def restart_options(self, state: PipeWireState | None, overrides: dict) -> StartOptions:
         user = overrides.get("pipewire_user")
@@ -42,21 +29,6 @@ class PipeWire:
         remote = ours.pipewire.remote if ours and not user else None  # the server it joined
         allow = bool(overrides.get("allow_any_address") or (ours and ours.allow_any_address))
         return StartOptions(user=user, remote=remote, allow_any_address=allow)
-
-    def read_state(self, domain: str) -> PipeWireState | None:
-        return bridge.read_state(domain)
-
-    def status(self, domain: str) -> dict:
-        return bridge.status(domain)
-
-    def format_status(self, info: dict) -> list[str]:
-        return bridge.format_status(info)
-
-    def listening(self, state: PipeWireState) -> list[str]:
-        return bridge.listening(state)
-
-    def forget_slave(self, domain: str, say=print) -> list[str]:
-        return bridge.forget_slave(domain, say=say)
 
     def missing_slave(self, state: PipeWireState | None, timeout: float) -> str:
         where = f"{state.master_ip}:{state.port}" if state else "?"
