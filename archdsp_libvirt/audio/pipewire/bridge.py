@@ -123,9 +123,9 @@ def _start(link: Link, options: StartOptions, model: HostModel, say) -> tuple[Pi
         nft_table=table, interface=ifname, allow_any_address=allow_any_address, started=time.time())
     write_record(state_file, state)
 
-    def manager() -> object:
+    def manager() -> object:  # up, and its port bound (status then says where it listens), or gone
         seen = read_seen(link.domain)
-        return (seen and seen.manager) or not sup.alive()
+        return (seen and seen.manager and seen.listening) or not sup.alive()
 
     wait_until(manager, 10, step=0.2)
     seen = read_seen(link.domain)
