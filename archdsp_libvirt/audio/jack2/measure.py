@@ -88,6 +88,7 @@ def _what_would_meet(cfg: DspConfig, target_ms: float, a: int, backend: str, npe
 
 
 
+SETTLE_S = 30.0  # how long the loop may take to answer before the measurement's clock starts
 _IODELAY_LINE = re.compile(r"^\s*([\d.]+) frames\s+([\d.]+) ms total roundtrip latency", re.M)
 
 
@@ -150,25 +151,41 @@ def measure(cfg: DspConfig, model: HostModel, wait_for_link: Callable[[str, floa
         else:
             raise BridgeError("jack_iodelay did not register its ports within 10 s")
         _connect_loop(client, channel, timeout=20)
-        with lock:
-            xruns = 0
-            xrun_times.clear()
-            t0 = time.monotonic()
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         os.set_blocking(proc.stdout.fileno(), False)
         buf = ""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if sel.select(timeout=0.2):
-                chunk = proc.stdout.read() or ""
-                buf += chunk
-                for m in _IODELAY_LINE.finditer(buf):
-                    readings.append(float(m.group(1)))
-                    reading_times.append(round(time.monotonic() - t0, 3))
-                buf = buf[buf.rfind("\n") + 1:]
-            if proc.poll() is not None:
-                break
+
+        def read_for(until: float, stop_at_first: bool) -> list[float]:
+            """jack_iodelay's readings until ``until``; the loop is made again after 3 s without one."""
+            nonlocal buf
+            got: list[float] = []
+            last = time.monotonic()
+            while time.monotonic() < until and proc.poll() is None:
+                if sel.select(timeout=0.2):
+                    buf += proc.stdout.read() or ""
+                    for m in _IODELAY_LINE.finditer(buf):
+                        got.append(float(m.group(1)))
+                        reading_times.append(round(time.monotonic() - t0, 3))
+                        last = time.monotonic()
+                    buf = buf[buf.rfind("\n") + 1:]
+                    if got and stop_at_first:
+                        break
+                if time.monotonic() - last > 3:  # a rejoined slave took the aliases: our connections went with the old one
+                    _connect_loop(client, channel, timeout=2, fatal=False)
+                    last = time.monotonic()
+            return got
+
+        # the soak's clock starts once the loop answers: right after `up` or a rejoin it may take a while
+        if not read_for(time.monotonic() + SETTLE_S, stop_at_first=True):
+            raise BridgeError(f"jack_iodelay saw no signal come back through {ALIAS_CLIENT}:playback_{channel} in "
+                              f"{SETTLE_S:g} s: is the DSP loop in the VM connected? (archdsp-virt console)")
+        reading_times.clear()
+        with lock:
+            xruns = 0
+            xrun_times.clear()
+            t0 = time.monotonic()
+        readings = read_for(t0 + seconds, stop_at_first=False)
     finally:
         with lock:
             counting = False
@@ -180,8 +197,8 @@ def measure(cfg: DspConfig, model: HostModel, wait_for_link: Callable[[str, floa
         except Exception:  # noqa: BLE001
             pass
     if not readings:
-        raise BridgeError(f"jack_iodelay saw no signal come back through {ALIAS_CLIENT}:playback_{channel} in "
-                          f"{seconds:g} s: is the DSP loop in the VM connected? (archdsp-virt console)")
+        raise BridgeError(f"jack_iodelay's signal stopped coming back through {ALIAS_CLIENT}:playback_{channel} "
+                          f"during the {seconds:g} s: did the VM's slave leave? (archdsp-virt netjack status)")
     settled = readings[len(readings) // 2:]
     measured = Counter(round(r) for r in settled).most_common(1)[0][0]
     with lock:
@@ -192,7 +209,7 @@ def measure(cfg: DspConfig, model: HostModel, wait_for_link: Callable[[str, floa
             **count_link_events(log, log_start, cfg.netjack.client_name)}
 
 
-def _connect_loop(client, channel: int, timeout: float) -> None:
+def _connect_loop(client, channel: int, timeout: float, fatal: bool = True) -> None:
     """Connect jack_iodelay through the VM; the aliases may be re-made a moment after a VM rejoins."""
     import errno
 
@@ -211,6 +228,8 @@ def _connect_loop(client, channel: int, timeout: float) -> None:
         except jack.JackError as exc:
             if getattr(exc, "code", None) != errno.EEXIST:  # already connected is done
                 if time.monotonic() > deadline:
+                    if not fatal:
+                        return
                     raise BridgeError(f"cannot connect jack_iodelay through the VM within {timeout:g} s: {exc}") from None
                 time.sleep(0.5)
                 continue
