@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -285,7 +286,7 @@ def test_a_second_guest_joining_under_the_slave_name_gets_no_host_audio(loopback
 
 @pytest.mark.real
 @pytest.mark.jack
-def test_concurrent_starts_make_one_bridge_and_a_dead_supervisor_keeps_its_jackd_on_record(loopback):
+def test_concurrent_starts_make_one_bridge_and_a_dead_supervisor_takes_its_hooked_jackd_along(loopback):
     cfg, _start_slave = loopback
     args = [sys.executable, "-m", "archdsp_libvirt", "netjack", "start", "--jack-server", "archdsp-test-lb",
             "--server", "dummy", str(cfg)]
@@ -296,15 +297,97 @@ def test_concurrent_starts_make_one_bridge_and_a_dead_supervisor_keeps_its_jackd
     assert said.count("bridge supervisor pid") == 1 and "already running" in said, said
     state = state_of(cfg)
     sup, srv = Owned(**state["supervisor"]), Owned(**state["server_process"])
-    assert sup.alive() and srv.alive()
+    assert sup.alive() and srv.alive() and state["hooked"]
 
-    sup.stop()  # the supervisor dies; the jackd the bridge started lives on
+    # The supervisor dies: it answered the bind hook of the jackd the bridge started, so that jackd can bind
+    # nothing any more (a master could not be loaded into it again). The next start stops it, by PID, and
+    # starts another: one jackd, on the record, nothing left behind.
+    sup.stop()
     again = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
     assert again.returncode == 0, again.stderr
-    assert f"pid {srv.pid}) it started is kept" in again.stdout
-    assert state_of(cfg)["server_process"]["pid"] == srv.pid
+    assert f"(pid {srv.pid}) it started ran under its bind hook: stopped" in again.stdout
+    assert not srv.alive()
+    now = Owned(**state_of(cfg)["server_process"])
+    assert now.pid != srv.pid and now.alive()
+    assert status(cfg)["listening"] == f"127.0.0.1:{state['port']}/udp"
     assert archdsp("netjack", "stop", str(cfg)).returncode == 0
-    assert not srv.alive()  # stop stopped it
+    assert not now.alive()  # stop stopped it
+
+
+def _kernel_listeners(port: int) -> list[str]:
+    """Every unconnected UDP socket on ``port``, as ``ss`` prints the kernel's table (not our parser)."""
+    out = subprocess.run(["ss", "-Hulnp", f"sport = :{port}"], capture_output=True, text=True, timeout=30).stdout
+    return sorted(line.split()[3] for line in out.splitlines() if line.strip())
+
+
+@pytest.mark.real
+@pytest.mark.jack
+def test_the_bridges_own_jackd_listens_on_master_ip_alone(loopback):
+    """JACK2's netmanager binds every address whatever -a says; the bind hook lands it on master_ip."""
+    cfg, _start_slave = linked(loopback)
+    port = state_of(cfg)["port"]
+    assert _kernel_listeners(port) == [f"127.0.0.1:{port}"]  # was 0.0.0.0:PORT
+    st = status(cfg)
+    assert st["listening"] == f"127.0.0.1:{port}/udp" and "problem" not in st, st
+    assert st["link"] == "up"  # the slave joins the rebound port
+    log = Path(st["log"]).read_text(errors="replace")
+    assert f"bind 0.0.0.0:{port}: rebound to 127.0.0.1:{port}" in log
+
+
+@pytest.fixture
+def own_jackd(loopback, tmp_path):
+    """A JACK server the bridge did not start (the user's own), at the config's rate and period."""
+    cfg, start_slave = loopback
+    env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1", "JACK_NO_START_SERVER": "1"}
+    proc = spawn_detached(["jackd", "-n", "archdsp-test-own", "-d", "dummy", "-r", "96000", "-p", "128"],
+                          tmp_path / "own.log", env=env)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        r = subprocess.run(["jack_lsp", "-s", "archdsp-test-own"], capture_output=True, text=True, timeout=10,
+                           env=env)
+        if r.returncode == 0:
+            break
+        time.sleep(0.3)
+    yield cfg, start_slave
+    archdsp("netjack", "stop", str(cfg))
+    proc.stop()
+
+
+@pytest.mark.real
+@pytest.mark.jack
+def test_a_jack_server_the_bridge_did_not_start_is_refused_while_its_master_is_on_every_address(own_jackd):
+    cfg, _start_slave = own_jackd
+    port = tomllib.loads(cfg.read_text())["archibaldos"]["netjack"]["source_port"]
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-own", str(cfg))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"listens on 0.0.0.0:{port}/udp (every address, the kernel's table)" in r.stderr, r.stderr
+    assert "--jack-server NAME --server dummy" in r.stderr and "--allow-any-address" in r.stderr
+    assert _kernel_listeners(port) == []  # the master was unloaded again
+    assert not status(cfg)["running"]  # and no bridge is left
+
+
+@pytest.mark.real
+@pytest.mark.jack
+def test_allow_any_address_keeps_a_joined_servers_master_behind_an_nftables_table(own_jackd):
+    if not shutil.which("nft"):
+        pytest.skip("nft is not installed (apt-get install nftables)")
+    cfg, start_slave = own_jackd
+    port = tomllib.loads(cfg.read_text())["archibaldos"]["netjack"]["source_port"]
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-own", "--allow-any-address", str(cfg))
+    assert r.returncode == 0, r.stderr
+    table = "archdsp_netjack_archdsp_test_lb"
+    assert f"nftables table inet {table}: port {port}/udp only on lo to 127.0.0.1" in r.stdout
+    rules = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True, timeout=15)
+    assert rules.returncode == 0 and f"udp dport {port} iifname != \"lo\" drop" in rules.stdout
+    st = status(cfg)
+    assert st["listening"] == f"0.0.0.0:{port}/udp" and st["guard"].startswith(f"nftables table inet {table}")
+    assert "problem" not in st, st
+    start_slave()
+    assert archdsp("netjack", "start", "--wait", "30", str(cfg)).returncode == 0  # the link still comes up
+    assert archdsp("netjack", "stop", str(cfg)).returncode == 0
+    gone = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True, timeout=15)
+    assert gone.returncode != 0  # stop removed the table
+    assert _kernel_listeners(port) == []  # and unloaded the master from the user's server
 
 
 def test_the_bridge_log_is_rotated_when_it_grows(tmp_path):

@@ -779,3 +779,30 @@ def test_master_ip_check_is_skipped_without_netjack_and_on_a_remote_host(fake):
     assert check(fake, cfg(archibaldos={"netjack": {"enable": False}}))["netjack.master"].status == "skip"
     remote = by_id(run_checks(cfg(), HostModel(source="libvirt", uri="qemu+ssh://far/system"), True))
     assert remote["netjack.master"].status == "skip" and "192.168.122.1" in remote["netjack.master"].observed
+
+
+def _udp_row(local: str, port: int, inode: int) -> str:
+    ip = "".join(reversed([f"{int(o):02X}" for o in local.split(".")]))
+    return (f"  12: {ip}:{port:04X} 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 "
+            f"{inode} 2 0000000000000000 0\n")
+
+
+UDP_HEAD = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n"
+
+
+@pytest.mark.parametrize(("rows", "v6", "status", "words"), [
+    ([("192.168.122.1", 19000)], "", "ok", "listening on 192.168.122.1:19000/udp (virbr0; the kernel's table)"),
+    ([("0.0.0.0", 19000)], "", "warn", "listens on 0.0.0.0:19000/udp (every address, the kernel's table)"),
+    ([], "   0: 00000000000000000000000000000000:4A38 00000000000000000000000000000000:0000 07 00000000:00000000 "
+         "00:00000000 00000000     0        0 77 2 0000000000000000 0\n", "warn", "[::]:19000/udp (every address"),
+    ([("127.0.0.1", 19000)], "", "warn", "listens on 127.0.0.1:19000/udp, not 192.168.122.1:19000/udp"),
+    ([("0.0.0.0", 5353)], "", "ok", "nothing listens on 19000/udp now"),  # another port: not the master's
+])
+def test_master_row_says_where_the_port_is_bound_as_the_kernel_says(fake, rows, v6, status, words):
+    """Not the address the master was asked for: the one its socket holds (/proc/net/udp, udp6)."""
+    fake.file("/proc/net/udp", UDP_HEAD + "".join(_udp_row(a, p, 100 + k) for k, (a, p) in enumerate(rows)))
+    fake.file("/proc/net/udp6", UDP_HEAD + v6)
+    f = check(fake, _master("192.168.122.1", source_port=19000))["netjack.master"]
+    assert f.status == status and words in f.observed, f
+    if status == "warn":
+        assert "--jack-server NAME --server dummy" in f.fix and "--allow-any-address" in f.fix

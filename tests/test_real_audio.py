@@ -79,6 +79,24 @@ def test_no_multicast_group_joined(demo_domain):
     assert "225.3.19.154" not in groups
 
 
+def test_the_master_listens_on_master_ip_alone_as_the_kernel_says(demo_domain):
+    """The kernel's socket table (``ss``, and /proc/PID/net/udp of the bridge's jackd), not the address the
+    master was asked for: master_ip's port is bound there alone, never 0.0.0.0."""
+    cfg, _name, _server = demo_domain
+    info = wait_link(cfg)
+    master = info["master"].removesuffix("/udp")
+    port = int(master.rsplit(":", 1)[1])
+    out = subprocess.run(["ss", "-Hulnp", f"sport = :{port}"], capture_output=True, text=True, timeout=30).stdout
+    bound = sorted(line.split()[3] for line in out.splitlines() if line.strip())
+    assert bound == [master], out  # was ['0.0.0.0:PORT'] owned by jackd
+    assert f"pid={info['server_pid']}," in out  # the bridge's own jackd holds it
+    rows = Path(f"/proc/{info['server_pid']}/net/udp").read_text().splitlines()[1:]
+    assert not any(r.split()[1] == f"00000000:{port:04X}" for r in rows), rows
+    assert info["listening"] == f"{master}/udp"
+    found = {f["id"]: f for f in json.loads(archdsp("check", "--json", str(cfg)).stdout)}["netjack.master"]
+    assert found["status"] == "ok" and f"listening on {master}/udp" in found["observed"], found
+
+
 def test_round_trip_matches_prediction_at_l0(demo_domain):
     cfg, _name, _server = demo_domain
     wait_link(cfg)

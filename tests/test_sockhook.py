@@ -1,4 +1,4 @@
-"""The bind hook (audio/pipewire/sockhook.py): where PipeWire's NETJACK2 manager listens, decided from outside.
+"""The bind hook (audio/bindhook.py, and PipeWire's join answers in audio/pipewire/sockhook.py): where PipeWire's NETJACK2 manager listens, decided from outside.
 
 The hook runs for real here: a child process of the test's own is started under the seccomp filter,
 binds as PipeWire 1.4.2's manager binds (SO_REUSEADDR, INADDR_ANY, the port), and the test reads
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from archdsp_libvirt.audio import sockets
+from archdsp_libvirt.audio import bindhook
 from archdsp_libvirt.audio.pipewire import joins, rxqueue, sockhook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_a_master_ip_the_host_does_not_have_fails_the_bind(hooked):
     (socket.AF_INET, "0.0.0.0", 19000, "fd00::1", "refuse"),         # no IPv4 master to bind to
 ])
 def test_bind_action(family, host, port, master, want):
-    assert joins.bind_action(family, host, port, master, 19000) == want
+    assert bindhook.bind_action(family, host, port, master, 19000) == want
 
 
 def test_parse_sockaddr():
@@ -311,7 +312,7 @@ def test_a_handler_that_raises_refuses_the_bind(caller, monkeypatch):
     def broken(*_a, **_k):
         raise RuntimeError("a bug in the decision")
 
-    monkeypatch.setattr(sockhook, "bind_action", broken)
+    monkeypatch.setattr(bindhook, "bind_action", broken)
     port = free_port()
     proc, _hook, out, said = caller("self", port)
     assert f"self refused {errno.EPERM}" in out  # fails closed: the wildcard is never bound
@@ -327,7 +328,7 @@ def test_an_unreadable_memory_refuses_the_bind(caller, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *a, **k)
 
-    monkeypatch.setattr(sockhook, "open", no_mem, raising=False)  # the module's open, not the builtin
+    monkeypatch.setattr(bindhook, "open", no_mem, raising=False)  # the module's open, not the builtin
     port = free_port()
     proc, _hook, out, said = caller("self", port)
     assert f"self refused {errno.EPERM}" in out
@@ -342,7 +343,7 @@ def test_a_forked_childs_bind_of_the_port_is_refused(caller):
     assert "child other 127.0.0.1" in out  # another port: as before
     assert _wildcards(port) == []
     assert [(e.call, e.action) for e in hook.events] == [("bind", "refused")]
-    assert "not the manager's process" in hook.events[0].detail
+    assert "not the hooked process" in hook.events[0].detail
 
 
 def test_a_thread_of_the_manager_is_the_manager(caller):
@@ -368,17 +369,17 @@ def test_the_ipv4_mapped_wildcard_is_refused(caller):
     (socket.AF_INET, "127.0.0.1", False, "deny"),
 ])
 def test_bind_action_of_the_mapped_wildcard_and_of_children(family, host, manager, want):
-    assert joins.bind_action(family, host, 19000, "192.168.122.1", 19000, manager) == want
-    assert joins.bind_action(family, host, 19001, "192.168.122.1", 19000, manager) == "pass"
+    assert bindhook.bind_action(family, host, 19000, "192.168.122.1", 19000, manager) == want
+    assert bindhook.bind_action(family, host, 19001, "192.168.122.1", 19000, manager) == "pass"
 
 
 def test_thread_group(tmp_path):
-    assert sockhook.thread_group(os.getpid()) == os.getpid()
+    assert bindhook.thread_group(os.getpid()) == os.getpid()
     (tmp_path / "5").mkdir()
     (tmp_path / "5" / "status").write_text("Name:\tx\nTgid:\t4\nPid:\t5\n")
-    assert sockhook.thread_group(5, tmp_path) == 4
+    assert bindhook.thread_group(5, tmp_path) == 4
     with pytest.raises(OSError):
-        sockhook.thread_group(6, tmp_path)
+        bindhook.thread_group(6, tmp_path)
 
 
 # ---- bounded: Hook.events and Joins ---------------------------------------------------------------------
@@ -389,8 +390,8 @@ def test_hook_events_are_bounded_and_the_counts_are_counters():
     try:
         for k in range(5000):
             hook.joins.accept(f"10.0.0.{k % 200}:{k}", float(k), k, closed=1)
-            hook._note(joins.Event("join", "new", f"10.0.0.{k % 200}:{k}", closed=1))
-        assert len(hook.events) <= sockhook.EVENTS_KEPT
+            hook._note(bindhook.Event("join", "new", f"10.0.0.{k % 200}:{k}", closed=1))
+        assert len(hook.events) <= bindhook.EVENTS_KEPT
         assert hook.events[-1].asked == "10.0.0.199:4999"
         assert hook.counts() == {"new": 5000, "let_go": 5000, "refused": 0, "held": 0}
     finally:
@@ -436,3 +437,66 @@ def test_a_flood_of_strays_right_after_a_let_go_is_held():
     j2.accept(a, 100.0, 77)     # the first pair to that address: its strays may let it go (a restart)
     kinds = [j2.decide(a, 100.1 + k * 0.002, {77}) for k in range(joins.STRAY_REPEATS + 2)]
     assert kinds[-1] == "stray"
+
+
+# ---- the bind-only hook (jackd's): bind answered, connect never handed over ---------------------------
+
+BIND_CONNECT = """
+import socket, sys, time
+port, peer = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", port))
+print("bound", s.getsockname()[0], flush=True)
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.connect(("127.0.0.1", peer))
+print("connected", flush=True)
+go = sys.argv[3]
+for _ in range(300):  # then, once told, the same bind again (as a reloaded master does)
+    try:
+        open(go).close()
+        break
+    except OSError:
+        time.sleep(0.05)
+s.close()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", port))
+print("again", s.getsockname()[0], flush=True)
+time.sleep(30)
+"""
+
+
+def test_the_bind_only_filter_hands_over_bind_and_no_connect():
+    code = bindhook.program("x86_64", connect=False)
+    insns = [code[i:i + 8] for i in range(0, len(code), 8)]
+    assert len(insns) == 6
+    assert 42 not in [int.from_bytes(i[4:], "little") for i in insns]  # no connect
+    assert int.from_bytes(insns[3][4:], "little") == 49 and insns[3][2] == 1  # bind -> notify
+    assert bindhook.program("x86_64") == sockhook.program("x86_64")  # the join hook's: both calls
+
+
+def test_the_bind_only_hook_rebinds_and_lets_connect_run_unasked(tmp_path):
+    why = bindhook.available()
+    if why:
+        pytest.skip(f"the bind hook cannot run here: {why}")
+    port, peer = free_port(), free_port()
+    log = tmp_path / "bc.log"
+    said: list[str] = []
+    go = tmp_path / "go"
+    proc, hook = bindhook.spawn([sys.executable, "-c", BIND_CONNECT, str(port), str(peer), str(go)], log,
+                                "127.0.0.1", port,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)), say=said.append)
+    try:
+        out = wait_for(log, "connected")
+        assert "bound 127.0.0.1" in out
+        assert rxqueue.listening(proc.pid, port) == [f"127.0.0.1:{port}"]
+        assert [(e.call, e.action) for e in hook.events] == [("bind", "rebound")] and hook.rebound() == 1
+        # the listener handed to another holder (as the bridge hands jackd's to its supervisor) keeps answering
+        second = bindhook.Hook(os.dup(hook.listener), proc.pid, "127.0.0.1", port, say=said.append)
+        hook.close()
+        go.touch()
+        assert "again 127.0.0.1" in wait_for(log, "again")
+        assert [(e.call, e.action) for e in second.events] == [("bind", "rebound")]
+        second.close()
+    finally:
+        proc.stop(timeout=5)
+        hook.close()

@@ -35,8 +35,9 @@ pipewire_user_option = click.option("--pipewire-user", metavar="USER",
                                     help="Join USER's PipeWire (default: sudo's user, else $XDG_RUNTIME_DIR).")
 any_address_option = click.option(
     "--allow-any-address", is_flag=True,
-    help="PipeWire: start its NETJACK2 manager although it listens on every address, behind an nftables "
-    "rule that keeps the port to master_ip's interface (refused without this flag).")
+    help="Start a NETJACK2 master that cannot be bound to master_ip (a JACK server the bridge did not start; "
+    "PipeWire's manager on a kernel with no bind hook) although it listens on every address, behind an "
+    "nftables rule that keeps the port to master_ip's interface (refused without this flag).")
 
 
 def server_options(f):

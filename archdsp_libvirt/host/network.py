@@ -7,6 +7,7 @@ where a NETJACK master's address sits, and whether machines other than this one'
 from __future__ import annotations
 
 import re
+import socket
 
 PCI_ADDR = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 
@@ -18,6 +19,46 @@ def pci_in_path(path: str) -> str | None:
         if PCI_ADDR.match(part):
             found = part
     return found
+
+
+def _udp_addr(hexaddr: str) -> tuple[str, int]:
+    ip, port = hexaddr.split(":")
+    raw = bytes.fromhex(ip)
+    if len(raw) == 4:
+        text = socket.inet_ntop(socket.AF_INET, raw[::-1])
+    else:  # /proc prints IPv6 as four host-order 32-bit words
+        text = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return text, int(port, 16)
+
+
+def parse_udp_table(text: str) -> dict[int, tuple[str, int, int, int, str]]:
+    """``/proc/net/udp`` (or udp6) rows by inode: (remote address, remote port, rx_queue bytes, drops,
+    local ``address:port``)."""
+    rows = {}
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 13:
+            continue
+        try:
+            remote, rport = _udp_addr(f[2])
+            local, lport = _udp_addr(f[1])
+            rx = int(f[4].split(":")[1], 16)
+            rows[int(f[9])] = (remote, rport, rx, int(f[12]), f"[{local}]:{lport}" if ":" in local else f"{local}:{lport}")
+        except (ValueError, IndexError):
+            continue
+    return rows
+
+
+def listeners(rows: dict[int, tuple[str, int, int, int, str]], port: int) -> list[str]:
+    """``address:port`` of the unconnected sockets on ``port`` among ``rows`` (:func:`parse_udp_table`)."""
+    return sorted({row[4] for row in rows.values() if row[1] == 0 and row[4].rsplit(":", 1)[1] == str(port)})
+
+
+def is_wildcard(where: str) -> bool:
+    """Whether ``address:port`` (as :func:`listeners` gives it) is every address: ``0.0.0.0``, ``[::]``, or
+    the IPv4-mapped ``[::ffff:0.0.0.0]``."""
+    host = where.rsplit(":", 1)[0].strip("[]")
+    return host in ("0.0.0.0", "::", "::ffff:0.0.0.0")
 
 
 class NetworkFiles:
@@ -34,6 +75,17 @@ class NetworkFiles:
             if len(f) >= 10 and set(f[0]) == {"0"} and f[1] == "00" and f[9] != "lo" and f[9] not in ifaces:
                 ifaces.append(f[9])
         return ifaces
+
+    def udp_listeners(self, port: int) -> list[str] | None:
+        """Where UDP ``port`` is bound, as the kernel's table says (this network namespace, any process):
+        ``address:port`` of each unconnected socket; None when the host tree has no such table."""
+        texts = [self.read(f"/proc/net/{name}") for name in ("udp", "udp6")]
+        if all(t is None for t in texts):
+            return None
+        rows: dict[int, tuple[str, int, int, int, str]] = {}
+        for text in texts:
+            rows.update(parse_udp_table(text or ""))
+        return listeners(rows, port)
 
     def nic_pci(self, iface: str, depth: int = 0) -> list[str]:
         addr = pci_in_path(self.resolve(f"/sys/class/net/{iface}") or "")

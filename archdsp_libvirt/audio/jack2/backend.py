@@ -28,8 +28,11 @@ class Jack2(ModuleBackend):
 
     def restart_options(self, state: JackState | None, overrides: dict) -> StartOptions:
         last = {"server": state.server, "start_server": state.server_kind, "device": state.device,
-                "nperiods": state.nperiods} if isinstance(state, JackState) else {}
+                "nperiods": state.nperiods, "allow_any_address": state.allow_any_address} \
+            if isinstance(state, JackState) else {}
         now = {k: overrides[k] for k in ("server", "start_server") if overrides.get(k) is not None}
+        if overrides.get("allow_any_address"):
+            now["allow_any_address"] = True
         return StartOptions(**{**last, **now})
 
     def missing_slave(self, state: JackState | None, timeout: float) -> str:
@@ -40,7 +43,8 @@ class Jack2(ModuleBackend):
     def unit(self, cfg: DspConfig, options: StartOptions) -> Unit:
         return Unit(description="", after=("sound.target",),
                     options=tuple((flag, value) for flag, value in (("--jack-server", options.server),
-                                                                    ("--server", options.start_server)) if value))
+                                                                    ("--server", options.start_server)) if value)
+                    + ((("--allow-any-address", None),) if options.allow_any_address else ()))
 
     def budget(self, cfg: DspConfig, host_backend: str, host_nperiods: int, target_ms: float | None) -> Budget:
         return measure.budget(cfg, host_backend, host_nperiods, target_ms)

@@ -2,9 +2,17 @@
 
 ``start`` joins the host's JACK graph (a running server, or one it starts
 with ``--server dummy|alsa`` at the config's rate and period), loads JACK2's
-NETJACK master (``netmanager``) bound to the host's unicast address on the
-VM's network, and leaves a supervisor running. The supervisor is a plain
-JACK client (no audio ports, no process callback) that:
+NETJACK master (``netmanager``) and leaves a supervisor running.
+
+``netmanager -a IP`` only picks the multicast group: JACK2 binds its port on
+every address (``0.0.0.0:PORT``). A jackd the bridge starts runs under the bind
+hook (:mod:`..bindhook`), which its supervisor answers: the master's bind lands
+on master_ip, and after the load the kernel's table is read to prove it (the
+start is undone otherwise). A JACK server the bridge joins cannot be hooked: its
+master is refused when the kernel shows it on every address, unless
+``--allow-any-address`` keeps the port behind an nftables table (:mod:`..guard`).
+
+The supervisor is a plain JACK client (no audio ports, no process callback) that:
 
 - gives the VM's ports stable names: ``netjack:capture_N`` (host -> VM) and
   ``netjack:playback_N`` (VM -> host) are JACK aliases of the slave's
@@ -32,7 +40,7 @@ from typing import TYPE_CHECKING
 from ...cpuset import format_cpuset
 from ...errors import BridgeError
 from ...procs import Owned, child_env, spawn_detached
-from .. import placement, sockets
+from .. import bindhook, guard, placement, sockets
 from ..backend import StartOptions, wait_until
 from ..link import (STATUS_PERIOD, Link, bound_log, bridge_lock, guard_master, ignored_problem, link_lines, run_file,
                     state_paths)
@@ -72,15 +80,27 @@ def open_client(server: str, name: str):
 
 
 def _start_server(link: Link, model: HostModel, server: str, kind: str, device: str, nperiods: int, log: Path,
-                  say) -> Owned:
+                  say, allow_any: bool) -> tuple[Owned, bindhook.Hook | None]:
+    """Start jackd (under the bind hook where the kernel has it); the process and the hook answering it
+    (this process's, until the supervisor takes the listener over)."""
     if not shutil.which("jackd"):
         raise BridgeError("jackd is not installed: apt-get install jackd2")
+    missing = bindhook.available()
+    if missing and not allow_any:
+        raise BridgeError(f"the NETJACK master cannot be bound to {link.master_ip} here ({missing}): JACK2 would "
+                          f"listen on 0.0.0.0:{link.port}/udp (every address); pass --allow-any-address to start "
+                          "it behind an nftables rule that keeps the port to the VM's bridge")
     driver = ["-d", "dummy", "-r", str(link.rate), "-p", str(link.period)]
     if kind == "alsa":
         driver = ["-d", "alsa", "-d", device, "-r", str(link.rate), "-p", str(link.period), "-n", str(nperiods)]
     argv = ["jackd", "-n", server, "-R", "-t", "5000", *driver]
-    proc = spawn_detached(argv, log, env=jack_env(server))
-    say(f"started jackd '{server}' ({kind}, {link.rate} Hz, {link.period} frames), pid {proc.pid}")
+    hook = None
+    if missing:
+        proc = spawn_detached(argv, log, env=jack_env(server))
+    else:
+        proc, hook = bindhook.spawn(argv, log, link.master_ip, link.port, env=jack_env(server), say=say)
+    say(f"started jackd '{server}' ({kind}, {link.rate} Hz, {link.period} frames), pid {proc.pid}"
+        + (f", under the bind hook (port {link.port} only on {link.master_ip})" if hook else ""))
     keep = placement.housekeeping_cores(model, link.vcpu_cores)
     if keep:  # off the vCPUs' cores: a FIFO jackd thread there preempts the FIFO vCPU every period
         placement.pin_process(proc.pid, keep)
@@ -102,10 +122,12 @@ def _start_server(link: Link, model: HostModel, server: str, kind: str, device: 
 
     if not wait_until(answers, 10, step=0.2):
         proc.stop()
+        if hook:
+            hook.close()
         raise BridgeError(f"jackd '{server}' did not answer within 10 s; see {log}")
     if keep:  # the threads jackd made before the first pin
         placement.pin_process(proc.pid, keep)
-    return proc
+    return proc, hook
 
 
 def _jack_tool(argv: list[str], server: str, timeout: float = 15) -> subprocess.CompletedProcess:
@@ -154,8 +176,17 @@ def _start(link: Link, options: StartOptions, model: HostModel, say) -> tuple[Ja
     # stop stops it.
     earlier = state.server_process if state else None
     owned_server = earlier if earlier is not None and earlier.alive() else None
-    if owned_server is not None:
+    if owned_server is not None and state.hooked:
+        # its bind hook died with the supervisor: the kernel now answers its binds ENOSYS, a master cannot
+        # be loaded into it again
+        owned_server.stop()
+        say(f"the bridge's supervisor had died; jackd '{server}' (pid {owned_server.pid}) it started ran under "
+            "its bind hook: stopped, to be started again")
+        owned_server = None
+    elif owned_server is not None:
         say(f"the bridge's supervisor had died; jackd '{server}' (pid {owned_server.pid}) it started is kept")
+    if state and state.nft_table:
+        guard.drop(link.domain)
     started: list[Owned] = [owned_server] if owned_server is not None else []
     try:
         return _start_owned(link, model, server, options, say, owned_server, log, status_file, state_file,
@@ -170,55 +201,97 @@ def _start(link: Link, options: StartOptions, model: HostModel, say) -> tuple[Ja
 
 def _start_owned(link: Link, model: HostModel, server: str, options: StartOptions, say, owned_server: Owned | None,
                  log: Path, status_file: Path, state_file: Path, started: list[Owned]) -> JackState:
+    hook: bindhook.Hook | None = None
     try:
         probe = open_client(server, "archdsp-probe")
     except BridgeError:
         if options.start_server is None:
             raise BridgeError(f"no JACK server '{server}' is running: start yours (jackd, or PipeWire's JACK), "
                               "or pass --server dummy (or --server alsa) to start one") from None
-        owned_server = _start_server(link, model, server, options.start_server, options.device, options.nperiods,
-                                     log, say)
+        owned_server, hook = _start_server(link, model, server, options.start_server, options.device,
+                                           options.nperiods, log, say, options.allow_any_address)
         started.append(owned_server)
         probe = open_client(server, "archdsp-probe")
     try:
-        if probe.samplerate != link.rate:
-            raise BridgeError(f"JACK server '{server}' runs at {probe.samplerate} Hz, the config wants "
-                              f"{link.rate} Hz (archibaldos.netjack.sample_rate): restart it at {link.rate} Hz")
-        if probe.blocksize != link.period:
-            say(f"JACK server '{server}': period {probe.blocksize} -> {link.period} frames")
-            probe.blocksize = link.period
-    except BridgeError:
-        probe.close()
-        if owned_server:
-            owned_server.stop()
-        raise
-    probe.close()
-
-    try:
-        netmanager = _load_master(server, link.master_ip, link.port)
-    except BridgeError:
-        if owned_server:
-            owned_server.stop()
-        raise
-    say(f"NETJACK master listening on {link.master_ip}:{link.port}/udp (netmanager {netmanager})")
-
-    status_file.unlink(missing_ok=True)
-    _exclude_path(link.domain).unlink(missing_ok=True)
-    sup = spawn_detached(
-        [sys.executable, "-P", "-m", "archdsp_libvirt.audio.jack2.supervisor", "--server", server, "--slave", link.slave,
-         "--channels", str(link.channels), "--status", str(status_file),
-         "--stale", str(_exclude_path(link.domain)), "--log", str(log)],
-        log, env=jack_env(server),
-    )
-    started.append(sup)
+        try:
+            if probe.samplerate != link.rate:
+                raise BridgeError(f"JACK server '{server}' runs at {probe.samplerate} Hz, the config wants "
+                                  f"{link.rate} Hz (archibaldos.netjack.sample_rate): restart it at {link.rate} Hz")
+            if probe.blocksize != link.period:
+                say(f"JACK server '{server}': period {probe.blocksize} -> {link.period} frames")
+                probe.blocksize = link.period
+        finally:
+            probe.close()
+        status_file.unlink(missing_ok=True)
+        _exclude_path(link.domain).unlink(missing_ok=True)
+        hook_args = ([] if hook is None else
+                     ["--hook-fd", str(hook.listener), "--hook-pid", str(hook.pid), "--master-ip", link.master_ip,
+                      "--port", str(link.port)])
+        sup = spawn_detached(
+            [sys.executable, "-P", "-m", "archdsp_libvirt.audio.jack2.supervisor", "--server", server,
+             "--slave", link.slave, "--channels", str(link.channels), "--status", str(status_file),
+             "--stale", str(_exclude_path(link.domain)), "--log", str(log), *hook_args],
+            log, env=jack_env(server), pass_fds=(hook.listener,) if hook else (),
+        )
+        started.append(sup)
+    finally:
+        if hook is not None:
+            hook.close()  # the supervisor holds the listener now (or the start is undone)
+    netmanager = _load_master(server, link.master_ip, link.port)
+    table, ifname = _verify_master(link, owned_server, hook is not None, options.allow_any_address, model, server, say)
     state = JackState(domain=link.domain, server=server, server_process=owned_server, server_kind=options.start_server,
                       device=options.device, nperiods=options.nperiods, supervisor=sup, master_ip=link.master_ip,
-                      port=link.port, slave=link.slave, channels=link.channels, started=time.time())
+                      port=link.port, slave=link.slave, channels=link.channels, started=time.time(),
+                      hooked=hook is not None, nft_table=table, interface=ifname,
+                      allow_any_address=options.allow_any_address)
     write_record(state_file, state)
     started.clear()  # on the record now: stop stops them
+    say(f"NETJACK master listening on {', '.join(f'{w}/udp' for w in listening(state))} (netmanager {netmanager}; "
+        "the kernel's table)")
     say(f"bridge supervisor pid {sup.pid}: VM ports as {ALIAS_CLIENT}:capture_N (host -> VM) and "
         f"{ALIAS_CLIENT}:playback_N (VM -> host)")
     return state
+
+
+def _verify_master(link: Link, owned_server: Owned | None, hooked: bool, allow_any: bool, model: HostModel,
+                   server: str, say) -> tuple[str | None, str | None]:
+    """Where the loaded master listens, read from the kernel: master_ip alone, or (``allow_any``) every
+    address behind the nftables table (its name and interface). Else the master is unloaded and the start
+    refused."""
+    where = sockets.listening(owned_server.pid, link.port) if owned_server is not None else sockets.bound(link.port)
+    wildcard = [w for w in where if sockets.is_wildcard(w)]
+    want = f"{link.master_ip}:{link.port}"
+    if hooked and where == [want]:
+        return None, None
+    if not wildcard and want in where:
+        return None, None
+    if wildcard and allow_any:
+        ifname = model.files.interface_of(link.master_ip) if model.files is not None else None
+        if ifname is None:
+            _unload_master(server)
+            raise BridgeError(f"archibaldos.netjack.master_ip {link.master_ip} is on no interface of this host: "
+                              "start the VM's network (virsh net-start default)")
+        table = guard.install(link.domain, ifname, link.master_ip, link.port)
+        say(f"nftables table inet {table}: port {link.port}/udp only on {ifname} to {link.master_ip} (JACK2's "
+            f"master itself listens on {', '.join(wildcard)}; --allow-any-address)")
+        return table, ifname
+    _unload_master(server)
+    if wildcard:
+        owner = ("the bridge's own jackd" if owned_server is not None
+                 else f"JACK server '{server}' (not started by the bridge, so its binds cannot be hooked)")
+        raise BridgeError(f"the NETJACK master in {owner} listens on {', '.join(f'{w}/udp' for w in wildcard)} "
+                          f"(every address, the kernel's table), not {want} alone: start the bridge on a jackd of its "
+                          "own (netjack start --jack-server NAME --server dummy), or pass --allow-any-address to keep "
+                          "the port behind an nftables rule")
+    raise BridgeError(f"the NETJACK master does not listen on {want}/udp (the kernel's table: "
+                      f"{', '.join(where) or 'nothing on that port'}): see the bridge's log")
+
+
+def _unload_master(server: str) -> None:
+    try:
+        _jack_tool(["jack_unload", "netmanager", server], server, timeout=20)
+    except BridgeError:
+        pass
 
 
 def stop(domain: str, say=print) -> bool:
@@ -247,6 +320,8 @@ def _stop(domain: str, say) -> bool:
             say(f"could not unload the NETJACK master from '{server}' ({err}); it stays until that server stops")
     elif srv.stop():
         say(f"stopped jackd '{server}' (pid {srv.pid}) and the NETJACK master in it")
+    if state.nft_table and guard.drop(domain):
+        say(f"removed nftables table inet {state.nft_table}")
     for path in (state_file, status_file, _exclude_path(domain)):
         path.unlink(missing_ok=True)
     return True
@@ -315,6 +390,13 @@ def status(domain: str) -> dict:
         info["problem"] = "the bridge supervisor stopped reporting"
     elif info["ignored"]:
         info["problem"] = ignored_problem(info["ignored"], info["slave"], state.slave, state.master_ip)
+    wildcard = [w for w in where if sockets.is_wildcard(w)]
+    if state.nft_table:
+        info["guard"] = f"nftables table inet {state.nft_table}: only {state.interface} to {state.master_ip}"
+    elif wildcard and not info.get("problem"):
+        info["problem"] = (f"the NETJACK master listens on {', '.join(wildcard)} (every address, the kernel's table): "
+                           "any machine that reaches this host can join the link (archdsp-virt netjack restart "
+                           "--jack-server NAME --server dummy: a jackd of the bridge's own, bound to master_ip)")
     return info
 
 
@@ -323,6 +405,7 @@ def format_status(info: dict) -> list[str]:
     if not info.get("running") and "server" not in info:
         return lines + [f"  {info.get('problem')}"]
     owner = f"started by the bridge, pid {info['server_pid']}" if info["server_started_by_bridge"] else "external"
+    guard_note = f" ({info['guard']})" if info.get("guard") else ""
     lines.append(f"  server: JACK '{info['server']}' ({owner})   master: {info['master']}   "
-                 f"listening: {info.get('listening', '?')}")
+                 f"listening: {info.get('listening', '?')}{guard_note}")
     return lines + link_lines(info)

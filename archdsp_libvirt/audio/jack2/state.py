@@ -18,6 +18,10 @@ class JackState(BridgeState, kw_only=True):
     server_kind: str | None = None       # the driver it was started with (--server)
     device: str = "hw:0"
     nperiods: int = 2
+    hooked: bool = False                 # our jackd runs under the bind hook its supervisor answers
+    nft_table: str | None = None         # the nftables table guarding a master on every address
+    interface: str | None = None         # master_ip's interface (what the table keeps the port to)
+    allow_any_address: bool = False
 
 
 class JackSeen(Seen, kw_only=True):

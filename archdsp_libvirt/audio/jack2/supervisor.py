@@ -4,7 +4,10 @@
   ``netjack:playback_N`` (VM -> host) are JACK aliases of the slave's
   ``to_slave_N`` / ``from_slave_N``, re-made whenever the slave rejoins;
 - counts the server's xruns since the bridge started;
-- writes what it sees to a status file once a second.
+- writes what it sees to a status file once a second;
+- answers the bind hook of the jackd the bridge started (``--hook-fd``: the listener, handed over by the
+  start): the master's bind lands on master_ip (:mod:`..bindhook`). While the supervisor runs, jackd's
+  binds are answered; once it is gone, the kernel answers them ENOSYS (a master cannot be loaded again).
 
 Run as ``python -P -m archdsp_libvirt.audio.jack2.supervisor ...`` by :func:`.bridge.start`.
 """
@@ -84,10 +87,15 @@ def choose_slave(present: Iterable[str], slave: str, stale: set[str], current: s
 
 
 def supervise(server: str, slave: str, channels: int, status_file: Path, exclude_file: Path,
-              log: Path | None = None) -> int:
+              log: Path | None = None, hook=None) -> int:
     import threading
 
-    client = open_client(server, SUPERVISOR_CLIENT)
+    try:
+        client = open_client(server, SUPERVISOR_CLIENT)
+    except BaseException:
+        if hook is not None:
+            hook.close()
+        raise
     xruns = 0
     gone = threading.Event()
     stop_flag = threading.Event()
@@ -149,6 +157,8 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
             client.close()
         except Exception:  # noqa: BLE001 - the server may be gone already
             pass
+        if hook is not None:
+            hook.close()
     return 0
 
 
@@ -185,9 +195,19 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--status", type=Path, required=True)
     ap.add_argument("--stale", type=Path, required=True)
     ap.add_argument("--log", type=Path)
+    ap.add_argument("--hook-fd", type=int, help="the bind hook's listener of the jackd the bridge started")
+    ap.add_argument("--hook-pid", type=int)
+    ap.add_argument("--master-ip")
+    ap.add_argument("--port", type=int)
     args = ap.parse_args(argv)
+    hook = None
+    if args.hook_fd is not None:  # first: jackd's binds wait for an answer meanwhile
+        from ..bindhook import Hook
+
+        hook = Hook(args.hook_fd, args.hook_pid, args.master_ip, args.port,
+                    say=lambda m: print(f"bridge supervisor: {m}", file=sys.stderr, flush=True))
     try:
-        return supervise(args.server, args.slave, args.channels, args.status, args.stale, args.log)
+        return supervise(args.server, args.slave, args.channels, args.status, args.stale, args.log, hook)
     except ArchdspError as err:
         print(f"bridge supervisor: {err}", file=sys.stderr)
         return 1

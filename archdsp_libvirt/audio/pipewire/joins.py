@@ -1,14 +1,12 @@
-"""What the bind hook (:mod:`.sockhook`) decides, apart from how it intercepts the calls: which binds of
-the manager's port are rebound, refused or denied (:func:`bind_action`), and which of a slave's join
-packets make a new pair, are repeats, or would let a live pair go too soon (:class:`Joins`).
+"""What the join hook (:mod:`.sockhook`) decides, apart from how it intercepts the calls: which of a
+slave's join packets make a new pair, are repeats, or would let a live pair go too soon (:class:`Joins`).
+(Which binds are rebound is :func:`..bindhook.bind_action`.)
 
 Pure decisions on addresses and clocks, so they are tested without seccomp.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 
 from msgspec import Struct
 
@@ -23,18 +21,6 @@ QUICK, STRAY_REPEATS = 0.5, 20  # see Joins
 # so a spoofed join can still make the VM's slave join again; Joins(let_go_every=...) sets a limit.
 LET_GO_EVERY = 0.0
 ADDRESSES_KEPT = 1024  # slave addresses Joins remembers at most (the oldest go first)
-
-
-class Event(Struct, frozen=True):
-    """What the hook did with one call: a bind ``rebound`` (to master_ip) or ``refused``; a slave's
-    join ``new`` (``closed`` older pairs to that address let go), ``repeat`` (refused) or ``held``
-    (refused: a live pair to that address was let go too recently)."""
-
-    call: str
-    action: str
-    asked: str
-    detail: str = ""
-    closed: int = 0
 
 
 class Pair(Struct):
@@ -111,20 +97,3 @@ class Joins:
 
     def counts(self) -> dict:
         return {"new": self.new, "let_go": self.let_go, "refused": self.refused, "held": self.held}
-
-
-def bind_action(family: int, host: str, port: int, master_ip: str, want_port: int, manager: bool = True) -> str:
-    """``rebind`` a wildcard IPv4 bind of the manager's port, ``refuse`` a wildcard IPv6 one (``::`` or
-    the IPv4-mapped ``::ffff:0.0.0.0``), ``pass`` the rest. A process other than the manager's own
-    (``manager`` false: a child of it) may not bind the port at all: ``deny``."""
-    if port != want_port:
-        return "pass"
-    if not manager:
-        return "deny"
-    if family == socket.AF_INET and host == "0.0.0.0":
-        return "rebind" if ipaddress.ip_address(master_ip).version == 4 else "refuse"
-    if family == socket.AF_INET6:
-        ip = ipaddress.IPv6Address(host)
-        if ip.is_unspecified or (ip.ipv4_mapped is not None and ip.ipv4_mapped.is_unspecified):
-            return "refuse"
-    return "pass"

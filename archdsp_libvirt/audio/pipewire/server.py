@@ -38,6 +38,9 @@ from msgspec import Struct
 from ...errors import BridgeError, UsageError
 from ...errors import shown as _shown
 from ...procs import child_env
+from .. import guard
+from ..guard import drop as drop_guard  # noqa: F401  (the bridge's name for it)
+from ..guard import nft_rules, nft_table  # noqa: F401
 
 MODULE = "libpipewire-module-netjack2-manager"
 CAPTURE_NODE = "netjack-capture"    # host -> VM: the manager's sink; its ports are send_AUXn
@@ -271,32 +274,7 @@ def logical_ports(port_names: list[str]) -> dict[str, str]:
     return out
 
 
-# --- keeping the port to the VM's bridge (nftables) -------------------------------------------
-
-def nft_table(domain: str) -> str:
-    return "archdsp_netjack_" + re.sub(r"[^A-Za-z0-9_]", "_", domain)
-
-
-def nft_rules(domain: str, ifname: str, master_ip: str, port: int) -> str:
-    """Drop datagrams to the manager's port unless they come in on the VM's bridge to master_ip."""
-    return (
-        f"table inet {nft_table(domain)} {{\n"
-        "    chain input {\n"
-        "        type filter hook input priority -10; policy accept;\n"
-        f"        udp dport {port} iifname != \"{ifname}\" drop\n"
-        f"        udp dport {port} meta nfproto ipv6 drop\n"
-        f"        udp dport {port} ip daddr != {master_ip} drop\n"
-        "    }\n}\n"
-    )
-
-
-def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=15,
-                              env=child_env())
-    except subprocess.TimeoutExpired:
-        raise BridgeError("nft did not answer within 15 s") from None
-
+# --- keeping the port to the VM's bridge (nftables: :mod:`..guard`) ----------------------------
 
 def address_guard(domain: str, master_ip: str, ifname: str, port: int, allow_any: bool,
                   hook_missing: str | None) -> str | None:
@@ -310,17 +288,4 @@ def address_guard(domain: str, master_ip: str, ifname: str, port: int, allow_any
             f"PipeWire's netjack2 manager cannot be bound to {master_ip} here ({hook_missing}): it would listen "
             f"on 0.0.0.0:{port}/udp (every address); pass --allow-any-address to start it behind an nftables "
             "rule that keeps the port to the VM's bridge, or use JACK (--audio-server jack)")
-    if not shutil.which("nft"):
-        raise BridgeError(f"--allow-any-address needs nftables to keep port {port}/udp to {ifname}: "
-                          "apt-get install nftables (or use --audio-server jack)")
-    _nft(["delete", "table", "inet", nft_table(domain)])
-    r = _nft(["-f", "-"], nft_rules(domain, ifname, master_ip, port))
-    if r.returncode != 0:
-        raise BridgeError(f"cannot install the nftables rule for port {port}/udp: {r.stderr.strip()[:200]}")
-    return nft_table(domain)
-
-
-def drop_guard(domain: str) -> bool:
-    if not shutil.which("nft"):
-        return False
-    return _nft(["delete", "table", "inet", nft_table(domain)]).returncode == 0
+    return guard.install(domain, ifname, master_ip, port, otherwise="or use --audio-server jack")

@@ -9,6 +9,7 @@ from msgspec import Struct
 from ...config import PAGE_SIZES_KIB, DspConfig
 from ...cpuset import format_cpuset
 from ..findings import Finding
+from ..network import is_wildcard
 from ..model import HostModel
 
 if TYPE_CHECKING:
@@ -96,6 +97,11 @@ def master_address(ip: str, allow_lan: bool, host: Host) -> MasterAddress:
     return MasterAddress("warn" if exposed else "ok", iface, exposed)
 
 
+WILDCARD_FIX = ("archdsp-virt netjack restart CONFIG: the bridge binds the master it starts to master_ip; a JACK "
+                "server it did not start cannot be bound, so start it on one of its own (netjack start --jack-server "
+                "NAME --server dummy), or keep the port behind the nftables rule of --allow-any-address")
+
+
 def check_netjack_master(cfg: DspConfig, model: HostModel) -> list[Finding]:
     """The master's address: this host's, on a network only VMs reach (:func:`master_address`)."""
     nj = cfg.netjack
@@ -114,4 +120,19 @@ def check_netjack_master(cfg: DspConfig, model: HostModel) -> list[Finding]:
                         rule.fix)]
     if rule.exposed:
         return [Finding("netjack.master", "warn", f"{rule.exposed} (allow_lan = true)", expected)]
-    return [Finding("netjack.master", "ok", f"{nj.master_ip} on {rule.interface}", expected)]
+    where = host.udp_listeners(nj.source_port)  # the kernel's table: where the port is really bound
+    asked = f"{nj.master_ip}:{nj.source_port}"
+    if where is None:
+        return [Finding("netjack.master", "ok", f"{nj.master_ip} on {rule.interface}", expected)]
+    if not where:
+        return [Finding("netjack.master", "ok", f"{nj.master_ip} on {rule.interface}; nothing listens on "
+                                                f"{nj.source_port}/udp now", expected)]
+    bound = ", ".join(f"{w}/udp" for w in where)
+    if any(is_wildcard(w) for w in where):
+        return [Finding("netjack.master", "warn", f"{nj.master_ip} on {rule.interface}, but port {nj.source_port} "
+                        f"listens on {bound} (every address, the kernel's table): any machine that reaches this host "
+                        "can join the link", expected, WILDCARD_FIX)]
+    if where != [asked]:
+        return [Finding("netjack.master", "warn", f"port {nj.source_port} listens on {bound}, not {asked}/udp "
+                        "(the kernel's table)", expected, WILDCARD_FIX)]
+    return [Finding("netjack.master", "ok", f"listening on {bound} ({rule.interface}; the kernel's table)", expected)]
