@@ -107,7 +107,7 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
 
 
 def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, skip: set[str],
-               preflight: bool, say) -> None:
+               preflight: bool, say, host_root: str = "/") -> None:
     """``archdsp-virt up``: preflight, define, start, verify, on one host model."""
     from ..host.checks import require
     from ..virt.connection import Session
@@ -120,7 +120,7 @@ def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, sk
 
     with _naming(config):
         with Session(uri) as session:
-            model = host_model(cfg, session)
+            model = host_model(cfg, session, host_root=host_root)
             if not model.is_local:
                 say(f"host: {session.uri} (facts from libvirt; nothing of this machine is read)")
             _say_accel(cfg, model, say)
