@@ -43,11 +43,11 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
 
 
 def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, skip: set[str],
-               preflight: bool, say) -> None:
+               preflight: bool, say, host_root: str = "/") -> None:
     from . import domain
 
     return domain.up_command(config, uri, restart=restart, autostart=autostart, skip=skip, preflight=preflight,
-                             say=say)
+                             say=say, host_root=host_root)
 
 
 def down_command(config: Path, uri: str | None, timeout: float, force: bool, undefine: bool, say) -> None:

@@ -97,7 +97,7 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
         rendered = render_domain(cfg, model, uuid=uuid)
     accel = rendered.plan.accel
     if accel is not None and accel.asked == "auto":
-        notes.append(f"domain_type = \"auto\": {accel.name.upper()}: {accel.reason}")
+        notes.append(f"note: domain_type = \"auto\" renders {accel.name.upper()}: {accel.reason}")
     backend = rendered.plan.port_forward_backend
     if backend == "passt":
         notes.append("port forwards: libvirt <portForward> on the passt backend")
