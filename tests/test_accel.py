@@ -159,8 +159,8 @@ def test_xml_with_host_cpus_renders_kvm_and_says_why(tmp_path):
     r = CliRunner().invoke(cli, ["xml", "--host-cpus", "0-3", str(config)])
     assert r.exit_code == 0, r.output
     assert domain_type(r.stdout) == "kvm"
-    assert ('note: domain_type = "auto" renders KVM: KVM assumed: the host\'s KVM was not read (offline default'
-            in r.stderr)
+    assert ('note: domain_type = "auto" renders KVM: the host\'s KVM was not read, so KVM is assumed (offline '
+            'default' in r.stderr)
 
 
 # --- up says the fallback once ------------------------------------------------------------------------

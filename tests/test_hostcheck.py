@@ -271,7 +271,7 @@ def test_auto_on_hardware_kvm_picks_kvm(fake):
     found = check(fake)
     assert found["kvm.device"].status == "ok"
     assert found["kvm.accel"].status == "ok"
-    assert found["kvm.accel"].observed == "auto picks KVM: KVM: /dev/kvm present, not nested PVM (no kvm_pvm module)"
+    assert found["kvm.accel"].observed == "auto picks KVM: /dev/kvm present, not nested PVM (no kvm_pvm module)"
 
 
 def test_explicit_kvm_on_nested_pvm_warns_but_stays_kvm(fake):

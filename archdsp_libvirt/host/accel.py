@@ -65,19 +65,23 @@ def resolve(domain_type: str, model: HostModel) -> Accel:
         return Accel("qemu", "auto", _pvm_reason(model))
     if model.kvm is False:
         if model.kvm_from == "libvirt":
-            seen = "with /dev/kvm present (its QEMU user may not open it)" if model.is_local and \
-                model.files.exists("/dev/kvm") else "on that host" if not model.is_local else "and no /dev/kvm"
+            if not model.is_local:
+                seen = "on that host"
+            elif model.files.exists("/dev/kvm"):
+                seen = "with /dev/kvm present (its QEMU user may not open it: chgrp kvm /dev/kvm && chmod 0660 /dev/kvm)"
+            else:
+                seen = "and there is no /dev/kvm"
             return Accel("qemu", "auto", f"no KVM: libvirt at {model.where} offers no KVM guests {seen}; {TCG_COST}")
         return Accel("qemu", "auto", f"no KVM here (no /dev/kvm); {TCG_COST}")
     if model.kvm is None:
-        return Accel("kvm", "auto", "KVM assumed: the host's KVM was not read (offline default; 'up' decides "
+        return Accel("kvm", "auto", "the host's KVM was not read, so KVM is assumed (offline default; 'up' decides "
                                     "against the host, domain_type = \"qemu\" renders TCG)", assumed=True)
     if model.kvm_pvm is None:
-        return Accel("kvm", "auto", f"KVM: libvirt at {model.where} offers KVM guests; assumed not nested PVM "
+        return Accel("kvm", "auto", f"libvirt at {model.where} offers KVM guests; assumed not nested PVM "
                                     "(libvirt cannot tell it; if stock kernels do not boot there, set "
                                     "domain_type = \"qemu\")", assumed=True)
     if not model.is_local:
-        return Accel("kvm", "auto", f"KVM: libvirt at {model.where} offers KVM guests and its host CPU has "
+        return Accel("kvm", "auto", f"libvirt at {model.where} offers KVM guests and its host CPU has "
                                     "vmx/svm (hardware virtualisation, not nested PVM)")
     source = "libvirt offers KVM guests" if model.kvm_from == "libvirt" else "/dev/kvm present"
-    return Accel("kvm", "auto", f"KVM: {source}, not nested PVM (no kvm_pvm module)")
+    return Accel("kvm", "auto", f"{source}, not nested PVM (no kvm_pvm module)")
