@@ -114,7 +114,8 @@ def test_remote_host_is_decided_from_libvirt_never_from_this_machine(tmp_path):
     assert "libvirt at qemu+ssh://dsp-host/system offers KVM guests; assumed not nested PVM" in accel.reason
     no_kvm = resolve("auto", HostModel(uri="qemu+ssh://dsp-host/system", source="libvirt", kvm=False,
                                        kvm_from="libvirt"))
-    assert no_kvm.fallback and "libvirt at qemu+ssh://dsp-host/system offers no KVM guests on that host" in no_kvm.reason
+    assert no_kvm.fallback
+    assert "libvirt at qemu+ssh://dsp-host/system offers no KVM guests on that host" in no_kvm.reason
 
 
 def test_capabilities_with_vmx_or_svm_rule_out_pvm():
@@ -125,6 +126,19 @@ def test_capabilities_with_vmx_or_svm_rule_out_pvm():
     assert _kvm_pvm(caps("<feature name='svm'/><feature name='x2apic'/>")) is False
     assert _kvm_pvm(caps("<feature name='vmx'/>")) is False
     assert _kvm_pvm(caps("<feature name='hypervisor'/>")) is None  # libvirt cannot tell PVM: unknown
+
+
+def test_kvm_is_offered_for_the_domain_s_arch_only():
+    from archdsp_libvirt.virt.hostfacts import _kvm
+
+    def caps(arch: str, types: str):
+        domains = "".join(f"<domain type='{t}'/>" for t in types.split())
+        return etree.fromstring(f"<capabilities><guest><os_type>hvm</os_type><arch name='{arch}'>{domains}"
+                                "</arch></guest></capabilities>".encode())
+
+    assert _kvm(caps("x86_64", "qemu kvm")) is True
+    assert _kvm(caps("x86_64", "qemu")) is False
+    assert _kvm(caps("aarch64", "qemu kvm")) is False  # KVM for another arch does not run an x86_64 guest
 
 
 def test_local_session_asks_libvirt_whether_it_offers_kvm(tmp_path, test_uri):

@@ -68,7 +68,8 @@ def resolve(domain_type: str, model: HostModel) -> Accel:
             if not model.is_local:
                 seen = "on that host"
             elif model.files.exists("/dev/kvm"):
-                seen = "with /dev/kvm present (its QEMU user may not open it: chgrp kvm /dev/kvm && chmod 0660 /dev/kvm)"
+                seen = ("with /dev/kvm present (its QEMU user may not open it: "
+                        "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm)")
             else:
                 seen = "and there is no /dev/kvm"
             return Accel("qemu", "auto", f"no KVM: libvirt at {model.where} offers no KVM guests {seen}; {TCG_COST}")

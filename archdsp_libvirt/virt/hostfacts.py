@@ -77,9 +77,10 @@ def _pci_devices(conn: libvirt.virConnect) -> tuple[PciDevice, ...]:
 
 
 def _kvm(caps) -> bool:
-    """Whether the hypervisor offers KVM guests: the capabilities list ``<domain type='kvm'/>`` then
-    (readable on a read-only connection, unlike the domain capabilities)."""
-    return bool(caps.xpath("guest/arch/domain[@type='kvm']"))
+    """Whether the hypervisor offers KVM guests of the arch the domain is rendered for (x86_64 hvm): the
+    capabilities list ``<domain type='kvm'/>`` under it then (readable on a read-only connection, unlike
+    the domain capabilities)."""
+    return bool(caps.xpath("guest[os_type='hvm']/arch[@name='x86_64']/domain[@type='kvm']"))
 
 
 def _kvm_pvm(caps) -> bool | None:
