@@ -53,7 +53,7 @@ CASES = [
     ("disk-format-bad", GOOD + "[archibaldos]\ndisk_format = \"vmdk\"\n", ["archibaldos.disk_format", "'qcow2' or 'raw'"]),
     ("hugepages-short", "isolated_cores = [1]\nmemory_mb = 1024\nhugepages = 10\n", ["hugepages", "do not cover"]),
     ("hugepage-size-bad", GOOD + "hugepage_size = \"4K\"\n", ["hugepage_size", "'2M' or '1G'"]),
-    ("domain-type-bad", GOOD + "domain_type = \"xen\"\n", ["domain_type", "'kvm' or 'qemu'"]),
+    ("domain-type-bad", GOOD + "domain_type = \"xen\"\n", ["domain_type", "'auto', 'kvm' or 'qemu', got 'xen'"]),
     ("network-mode-bad", GOOD + "[network]\nmode = \"macvtap\"\n", ["network.mode"]),
     ("hostfwd-exposed", GOOD + "[network]\nhostfwd_address = \"0.0.0.0\"\n", ["network.hostfwd_address", "loopback"]),
     ("master-multicast", GOOD + "[archibaldos.netjack]\nmaster_ip = \"225.3.19.154\"\n",

@@ -43,6 +43,7 @@ def demo(tmp_path):
 case "$*" in
   "check "*) echo "12 ok, 0 warn, 0 fail" ;;
   "netjack status "*) echo "=== NETJACK Bridge ==="; echo "  master: 192.168.122.1:19123/udp   listening: ?" ;;
+  "up "*) echo "KVM here is nested PVM: stock kernels cannot boot; running under TCG, software emulation" ;;
 esac
 ''')
     shims = tmp_path / "shims"  # a python3 that records being called: the demo must not call it
@@ -74,6 +75,19 @@ def test_the_jack_demo_reports_the_bridge_s_port(demo):
     assert r.returncode == 0, r.stderr
     assert "sport = :19123" in r.stdout and "sport = :1'" not in r.stdout
     assert not [c for c in calls if c.startswith("python")], calls
+
+
+def test_the_demo_shows_up_s_tcg_fallback_line_once(demo):
+    r, calls = demo()
+    assert r.returncode == 0, r.stderr
+    assert "archdsp-virt up domains/demo-dsp.toml" in calls
+    assert r.stdout.count("KVM here is nested PVM: stock kernels cannot boot; running under TCG") == 1, r.stdout
+
+
+def test_the_demo_config_leaves_the_accelerator_to_auto():
+    from archdsp_libvirt import load_config
+
+    assert load_config(REPO / "domains" / "demo-dsp.toml", files_here=False).domain_type == "auto"
 
 
 def test_down_stops_the_headless_pipewire_through_archdsp_virt(demo, tmp_path):

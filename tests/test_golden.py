@@ -17,6 +17,8 @@ VARIANTS = {
     # name of golden -> (config file, host facts)
     "archibaldos-dsp.passt.xml": ("archibaldos-dsp.toml", HostFacts(online_cpus=frozenset(range(4)), passt=True)),
     "archibaldos-dsp.two-cpus.xml": ("archibaldos-dsp.toml", HostFacts(online_cpus=frozenset({0, 1}))),
+    # domain_type = "auto" on a host whose KVM is nested PVM (this build machine's kind): TCG.
+    "demo-dsp.tcg.xml": ("demo-dsp.toml", HostFacts(online_cpus=frozenset(range(4)), kvm=True, kvm_pvm=True)),
 }
 
 

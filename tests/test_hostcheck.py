@@ -245,8 +245,41 @@ def test_every_finding_that_is_not_ok_says_how_to_fix_it(fake):
 
 def test_kvm_missing_fails_with_the_vendor_module(fake):
     fake.remove("/dev/kvm")
-    f = check(fake)["kvm.device"]
+    f = check(fake, cfg(domain_type="kvm"))["kvm.device"]
     assert f.status == "fail" and "modprobe kvm_amd" in f.fix
+
+
+def test_auto_without_kvm_picks_tcg_and_says_why(fake):
+    fake.remove("/dev/kvm")
+    found = check(fake)  # domain_type = "auto", the default
+    assert found["kvm.device"].status == "skip"
+    accel = found["kvm.accel"]
+    assert accel.status == "warn" and accel.fix
+    assert accel.observed.startswith("auto picks TCG: no KVM here (no /dev/kvm); running under TCG")
+
+
+def test_auto_on_nested_pvm_picks_tcg_and_says_why(fake):
+    fake.file("/sys/module/kvm_pvm/refcnt", "0\n")  # the module is loaded: /dev/kvm is PVM
+    found = check(fake)
+    assert found["kvm.device"].status == "skip"
+    assert found["kvm.accel"].status == "warn"
+    assert ("auto picks TCG: KVM here is nested PVM: stock kernels cannot boot; running under TCG, software "
+            "emulation: expect xruns") in found["kvm.accel"].observed
+
+
+def test_auto_on_hardware_kvm_picks_kvm(fake):
+    found = check(fake)
+    assert found["kvm.device"].status == "ok"
+    assert found["kvm.accel"].status == "ok"
+    assert found["kvm.accel"].observed == "auto picks KVM: /dev/kvm present, not nested PVM (no kvm_pvm module)"
+
+
+def test_explicit_kvm_on_nested_pvm_warns_but_stays_kvm(fake):
+    fake.file("/sys/module/kvm_pvm/refcnt", "0\n")
+    found = check(fake, cfg(domain_type="kvm"))
+    assert found["kvm.device"].status == "ok"  # the device is there; what boots under it is the warning
+    assert found["kvm.accel"].status == "warn" and "nested PVM" in found["kvm.accel"].observed
+    assert "domain_type = \"auto\"" in found["kvm.accel"].fix
 
 
 def test_kvm_root_only_fails_with_chmod(fake):

@@ -130,8 +130,9 @@ def latency(config: Path, measure: bool, seconds: float, target_ms: float | None
     """The latency budget of CONFIG's link, and with --measure the real round trip."""
     if plot_path and not measure:
         raise click.UsageError("--plot draws a measurement: add --measure")
+    uri = getattr(click.get_current_context().find_root().obj, "uri", None)  # -c: where the VM runs
     click.echo(service.latency_command(config, measure, seconds, target_ms, host_backend, nperiods, audio_server, as_json,
-                               plot_path), nl=False)
+                               plot_path, uri=uri), nl=False)
 
 
 # --- netjack headless: a headless PipeWire of our own for scripts/demo (plumbing, hidden from --help) -----

@@ -309,7 +309,7 @@ class DspConfig(_Section, kw_only=True):
     memory_mb: Annotated[int, Meta(gt=0, le=16 * 1024 * 1024)]
     hugepages: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 0
     hugepage_size: Literal["2M", "1G"] = "2M"
-    domain_type: Literal["kvm", "qemu"] = "kvm"
+    domain_type: Literal["auto", "kvm", "qemu"] = "auto"  # auto: KVM where a stock guest boots, else TCG
     machine: Literal["q35", "pc"] = "q35"
     cpu_disable_features: list[str] = []
     console_log: str | None = None

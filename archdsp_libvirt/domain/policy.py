@@ -16,13 +16,14 @@ from msgspec import Struct
 from ..config import DspConfig
 from ..cpuset import CpuSet, format_cpuset
 from ..errors import ConfigError
+from ..host.accel import Accel, resolve as resolve_accel
 from ..host.model import HostModel
 
 QCOW2_MAGIC = b"QFI\xfb"
 HOSTFWD_NETDEV = "archdspfwd0"
 # The host facts :func:`plan` reads (the host model's field names): a command that only renders asks
 # for these alone. The disk image's header is read through the model's files, where it has them.
-PLAN_FACTS = frozenset({"online_cpus", "isolated_cpus", "passt"})
+PLAN_FACTS = frozenset({"online_cpus", "isolated_cpus", "passt", "kvm", "kvm_pvm"})
 
 
 class VcpuPin(Struct, frozen=True):
@@ -60,6 +61,12 @@ class Plan(Struct, frozen=True):
     emulator_priority: int = 0  # SCHED_FIFO priority of the emulator threads; 0 = SCHED_OTHER
     iothreads: int = 0  # I/O threads serving the disk (pinned with the emulator)
     warnings: tuple[str, ...] = ()
+    accel: Accel | None = None  # domain_type resolved on the host (None: as the config says)
+
+    @property
+    def domain_type(self) -> str:
+        """libvirt's ``<domain type=...>``: the config's kvm or qemu, or what auto resolved to."""
+        return self.accel.domain_type if self.accel is not None else self.config.domain_type
 
     @property
     def port_forward_backend(self) -> str | None:
@@ -245,4 +252,5 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
         emulator_priority=emulator_priority,
         iothreads=iothreads,
         warnings=tuple(warnings),
+        accel=resolve_accel(cfg.domain_type, host),
     )

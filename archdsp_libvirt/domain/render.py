@@ -116,7 +116,7 @@ def cpu(plan: Plan) -> list[etree._Element]:
 
     KVM only: a TCG (``qemu``) domain keeps QEMU's default CPU model.
     """
-    if plan.config.domain_type != "kvm":
+    if plan.domain_type != "kvm":
         return []
     return [
         E.cpu(
@@ -136,7 +136,7 @@ def clock(plan: Plan) -> etree._Element:
         E.timer(name="pit", tickpolicy="delay"),
         E.timer(name="hpet", present="no"),
     ]
-    if plan.config.domain_type == "kvm":
+    if plan.domain_type == "kvm":
         timers.append(E.timer(name="kvmclock", present="yes"))
     return E.clock(*timers, offset="utc")
 
@@ -289,7 +289,7 @@ def domain(plan: Plan) -> etree._Element:
     """<domain type='kvm'> with every element above, in libvirt's own order."""
     cfg = plan.config
     nsmap = {"qemu": QEMU_NS} if plan.extra_args else None
-    root = etree.Element("domain", type=cfg.domain_type, nsmap=nsmap)
+    root = etree.Element("domain", type=plan.domain_type, nsmap=nsmap)
     root.append(E.name(cfg.name))
     if plan.uuid:
         root.append(E.uuid(plan.uuid))

@@ -20,7 +20,7 @@ _HUGEPAGE_DIR = re.compile(r"^hugepages-(\d+)kB$")
 
 # Every fact the host model has, by its field name; a command asks only for those it needs.
 ALL_FACTS = frozenset({"online_cpus", "isolated_cpus", "hugepages", "memory_kib", "pci", "kvm",
-                       "libvirt_version", "domains", "passt"})
+                       "kvm_pvm", "libvirt_version", "domains", "passt"})
 
 
 def _pools(files: Host) -> tuple[HugePool, ...]:
@@ -47,10 +47,12 @@ _FILE_FACTS = {
     "memory_kib": _memory_kib,
     "pci": lambda files: tuple(files.pci_devices()),
     "kvm": lambda files: files.exists("/dev/kvm"),
+    # PVM (kvm_pvm) runs only guest kernels built with CONFIG_PVM_GUEST: a stock kernel cannot boot there.
+    "kvm_pvm": lambda files: files.exists("/sys/module/kvm_pvm"),
 }
 
 
 def file_facts(files: Host, wanted: Collection[str] = ALL_FACTS) -> dict:
     """What this machine's files say of the ``wanted`` facts: CPUs, isolation, hugepage pools, memory,
-    PCI devices, /dev/kvm. Only those wanted are read."""
+    PCI devices, /dev/kvm, whether KVM is nested PVM. Only those wanted are read."""
     return {key: read(files) for key, read in _FILE_FACTS.items() if key in wanted}

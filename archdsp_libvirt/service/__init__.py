@@ -43,11 +43,11 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
 
 
 def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, skip: set[str],
-               preflight: bool, say) -> None:
+               preflight: bool, say, host_root: str = "/") -> None:
     from . import domain
 
     return domain.up_command(config, uri, restart=restart, autostart=autostart, skip=skip, preflight=preflight,
-                             say=say)
+                             say=say, host_root=host_root)
 
 
 def down_command(config: Path, uri: str | None, timeout: float, force: bool, undefine: bool, say) -> None:
@@ -116,12 +116,13 @@ def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool, note) -> 
 
 
 def latency_command(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
-                    nperiods: int, audio_server: str, as_json: bool, plot_path: Path | None) -> str:
+                    nperiods: int, audio_server: str, as_json: bool, plot_path: Path | None,
+                    uri: str | None = None) -> str:
     from . import audio
 
     return audio.latency_command(config, measure=measure, seconds=seconds, target_ms=target_ms,
                                  host_backend=host_backend, nperiods=nperiods, audio_server=audio_server,
-                                 as_json=as_json, plot_path=plot_path)
+                                 as_json=as_json, plot_path=plot_path, uri=uri)
 
 
 def rt_test_command(config: Path, uri: str | None, seconds: float, force: bool = False,

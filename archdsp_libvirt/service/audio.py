@@ -73,7 +73,8 @@ def netjack_dropin(config: Path, nixos: bool, allow_any_address: bool, note) -> 
 
 
 def latency_command(config: Path, measure: bool, seconds: float, target_ms: float | None, host_backend: str,
-                    nperiods: int, audio_server: str, as_json: bool, plot_path: Path | None) -> str:
+                    nperiods: int, audio_server: str, as_json: bool, plot_path: Path | None,
+                    uri: str | None = None) -> str:
     """``latency``: the budget, and with ``measure`` the real round trip (a soak), optionally plotted."""
     from ..audio.latency import budget, format_report, measure as do_measure, report
 
@@ -84,13 +85,39 @@ def latency_command(config: Path, measure: bool, seconds: float, target_ms: floa
         audio_server = of_domain(cfg.name).name if cfg.netjack.enable else None
     b = budget(cfg, host_backend=host_backend, host_nperiods=nperiods, target_ms=target_ms, audio_server=audio_server)
     rep = report(cfg, b, do_measure(cfg, _local_model(cfg), seconds=seconds) if measure else None)
+    if measure:  # what the figures were measured under: the running domain's accelerator
+        rep["accelerator"] = _running_accelerator(cfg, uri)
+        bad = not rep.get("matches_prediction", True) or rep.get("xruns", 0) > 0
+        if bad and rep["accelerator"] == "tcg":
+            from ..host.accel import TCG_CAUSE
+
+            rep["cause"] = TCG_CAUSE
     if plot_path:
         from ..audio.soak import plot
 
         rep["plot"] = str(plot(rep, plot_path))
     if as_json:
         return json.dumps(rep, indent=2, sort_keys=True) + "\n"
-    return format_report(rep, b) + (f"plot: {plot_path}\n" if plot_path else "")
+    text = format_report(rep, b)
+    if measure:
+        text += f"accelerator: {rep['accelerator'] or 'unknown (libvirt did not say)'}\n"
+        if rep.get("cause"):
+            text += f"cause: {rep['cause']}\n"
+    return text + (f"plot: {plot_path}\n" if plot_path else "")
+
+
+def _running_accelerator(cfg: DspConfig, uri: str | None) -> str | None:
+    """The accelerator CONFIG's domain runs under ("kvm" or "tcg"), from its live definition; None when
+    libvirt cannot say (not defined, or not answering: the measurement itself does not need it)."""
+    from ..errors import ArchdspError
+    from ..virt.connection import Session
+    from ..virt.inspect import accelerator
+
+    try:
+        with Session(uri, readonly=True, attempts=1) as session:
+            return accelerator(session, cfg.name)
+    except ArchdspError:
+        return None
 
 
 def rt_test_command(config: Path, uri: str | None, seconds: float, force: bool = False,

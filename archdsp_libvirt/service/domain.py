@@ -95,6 +95,9 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
             model = host_model(cfg, session, host_cpus=host_cpus, notes=notes, wanted=PLAN_FACTS)
     with _naming(config):
         rendered = render_domain(cfg, model, uuid=uuid)
+    accel = rendered.plan.accel
+    if accel is not None and accel.asked == "auto":
+        notes.append(f"note: domain_type = \"auto\" renders {accel.name.upper()}: {accel.reason}")
     backend = rendered.plan.port_forward_backend
     if backend == "passt":
         notes.append("port forwards: libvirt <portForward> on the passt backend")
@@ -104,7 +107,7 @@ def render_for_cli(config: Path, uri: str | None, host_cpus: str | None = None,
 
 
 def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, skip: set[str],
-               preflight: bool, say) -> None:
+               preflight: bool, say, host_root: str = "/") -> None:
     """``archdsp-virt up``: preflight, define, start, verify, on one host model."""
     from ..host.checks import require
     from ..virt.connection import Session
@@ -117,14 +120,26 @@ def up_command(config: Path, uri: str | None, restart: bool, autostart: bool, sk
 
     with _naming(config):
         with Session(uri) as session:
-            model = host_model(cfg, session)
+            model = host_model(cfg, session, host_root=host_root)
             if not model.is_local:
                 say(f"host: {session.uri} (facts from libvirt; nothing of this machine is read)")
+            _say_accel(cfg, model, say)
             if preflight:
                 reachable, detail = _reach(session)
                 require(cfg, model, reachable, skip, libvirt_detail=detail, say=say)
             up(cfg, session, model, lambda uuid: render_domain(cfg, model, uuid=uuid), restart=restart,
                autostart=autostart, say=say, before_start=before_start if model.is_local else None)
+
+
+def _say_accel(cfg: DspConfig, model: HostModel, say) -> None:
+    """The one line ``up`` says when ``domain_type = "auto"`` fell back to TCG, or rests on an assumption."""
+    from ..host.accel import resolve
+
+    accel = resolve(cfg.domain_type, model)
+    if accel.fallback:
+        say(accel.reason)
+    elif accel.asked == "auto" and accel.assumed:
+        say(f"running under KVM: {accel.reason}")
 
 
 def _fresh_master(cfg: DspConfig, say) -> None:
@@ -181,6 +196,11 @@ def status_command(config: Path, uri: str | None, as_json: bool) -> str:
 
         info["bridge"] = bridge_status(cfg.name)
         info["sections"] = [format_bridge(info["bridge"])]
+        xruns = info["bridge"].get("xruns")
+        if info.get("accelerator") == "tcg" and isinstance(xruns, int) and xruns > 0:
+            from ..host.accel import TCG_CAUSE
+
+            info["cause"] = f"{xruns} xruns on the bridge: {TCG_CAUSE}"
     elif cfg.netjack.enable:  # the bridge's host side runs on the VM's host, not on this machine
         info["bridge"] = {"running": "unknown", "problem": f"the bridge runs on {model.where}: "
                           "run 'archdsp-virt netjack status CONFIG' there"}

@@ -77,9 +77,17 @@ def _pci_devices(conn: libvirt.virConnect) -> tuple[PciDevice, ...]:
 
 
 def _kvm(caps) -> bool:
-    """Whether the hypervisor offers KVM guests: the capabilities list ``<domain type='kvm'/>`` then
-    (readable on a read-only connection, unlike the domain capabilities)."""
-    return bool(caps.xpath("guest/arch/domain[@type='kvm']"))
+    """Whether the hypervisor offers KVM guests of the arch the domain is rendered for (x86_64 hvm): the
+    capabilities list ``<domain type='kvm'/>`` under it then (readable on a read-only connection, unlike
+    the domain capabilities)."""
+    return bool(caps.xpath("guest[os_type='hvm']/arch[@name='x86_64']/domain[@type='kvm']"))
+
+
+def _kvm_pvm(caps) -> bool | None:
+    """Whether the host's KVM is nested PVM, as far as the capabilities tell: a host CPU listing vmx or svm
+    has hardware virtualisation (not PVM); otherwise libvirt cannot tell it (None: unknown)."""
+    features = set(caps.xpath("host/cpu/feature/@name"))
+    return False if features & {"vmx", "svm"} else None
 
 
 def libvirt_facts(conn: libvirt.virConnect, wanted: Collection[str] = ALL_FACTS) -> dict:
@@ -88,7 +96,7 @@ def libvirt_facts(conn: libvirt.virConnect, wanted: Collection[str] = ALL_FACTS)
     from lxml import etree
 
     caps = (etree.fromstring(conn.getCapabilities().encode())
-            if {"hugepages", "kvm"} & set(wanted) else None)
+            if {"hugepages", "kvm", "kvm_pvm"} & set(wanted) else None)
     asked = {
         "online_cpus": lambda: _online_cpus(conn),
         "isolated_cpus": lambda: None,  # isolcpus is the host kernel's: libvirt does not say
@@ -96,8 +104,11 @@ def libvirt_facts(conn: libvirt.virConnect, wanted: Collection[str] = ALL_FACTS)
         "memory_kib": lambda: conn.getInfo()[1] * 1024,
         "pci": lambda: _pci_devices(conn),
         "kvm": lambda: _kvm(caps),
+        "kvm_from": lambda: "libvirt",
+        "kvm_pvm": lambda: _kvm_pvm(caps),
         "libvirt_version": lambda: _version(conn),
     }
+    wanted = set(wanted) | ({"kvm_from"} if "kvm" in wanted else set())
     return {key: ask() for key, ask in asked.items() if key in wanted}
 
 
@@ -163,6 +174,8 @@ def gather(session: Session | None, *, files: Host | None = None, passt: bool | 
     facts: dict = {}
     if local and files is not None:
         facts.update(file_facts(files, wanted))
+        if "kvm" in facts:
+            facts["kvm_from"] = "/dev/kvm"
     source = "local" if local else "libvirt"
     if session is not None:
         from .connection import supports_passt
@@ -170,8 +183,11 @@ def gather(session: Session | None, *, files: Host | None = None, passt: bool | 
         try:
             if not local:
                 facts.update(session.run("reading the host's facts", lambda c: libvirt_facts(c, wanted)))
-            elif "libvirt_version" in wanted:
-                facts["libvirt_version"] = session.run("reading the libvirt version", _version)
+            else:
+                if "libvirt_version" in wanted:
+                    facts["libvirt_version"] = session.run("reading the libvirt version", _version)
+                if "kvm" in wanted:  # libvirt decides whether it can run KVM guests, here as on another host
+                    facts.update(session.run("reading the capabilities", lambda c: libvirt_facts(c, {"kvm"})))
             if passt is None and "passt" in wanted:
                 passt = session.run("reading domain capabilities", supports_passt)
             if "domains" in wanted:
@@ -181,8 +197,10 @@ def gather(session: Session | None, *, files: Host | None = None, passt: bool | 
                 raise
             notes.append(f"note: libvirt at {uri} did not answer ({err}); its facts are unknown"
                          + ("; port forwards use hostfwd" if passt is None else ""))
-    if online_cpus is not None:
+    if online_cpus is not None:  # a host given by hand: this machine's KVM says nothing of it
         facts["online_cpus"] = online_cpus
+        for key in ("kvm", "kvm_from", "kvm_pvm"):
+            facts.pop(key, None)
         source = "given"
     return HostModel(uri=uri, source=source, passt=bool(passt), files=files if local else None, **facts)
 

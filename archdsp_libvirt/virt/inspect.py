@@ -48,6 +48,21 @@ def live_xml(session: Session, name: str, secure: bool = False) -> str:
     return session.dom(name, "reading the running definition", lambda d: d.XMLDesc(flags))
 
 
+def accelerator_of(xml: str) -> str | None:
+    """The accelerator a definition runs under, from its ``<domain type=...>``: "kvm", or "tcg" for
+    libvirt's type 'qemu' (QEMU's software emulation); None when the XML has no type."""
+    from lxml import etree
+
+    from ..host.accel import accelerator_name
+
+    return accelerator_name(etree.fromstring(xml.encode()).get("type"))
+
+
+def accelerator(session: Session, name: str) -> str | None:
+    """The accelerator ``name`` runs under, as its live definition (``virsh dumpxml``) says."""
+    return accelerator_of(live_xml(session, name))
+
+
 def uuid_of(session: Session, name: str) -> str:
     return session.dom(name, "reading the UUID", lambda d: d.UUIDString())
 

@@ -15,6 +15,7 @@ from msgspec import Struct, structs
 from ..config import DspConfig
 from ..config.paths import write_output
 from ..errors import ArchdspError
+from ..host.accel import TCG_CAUSE
 from ..procs import child_env
 
 BEGIN = "ARCHDSP-RT-BEGIN"
@@ -38,6 +39,7 @@ class RtResult(Struct, frozen=True):
     verdict: str
     holds: bool
     via: str
+    accelerator: str | None = None  # "kvm" or "tcg", from the running domain's definition; None: unknown
 
     def as_dict(self) -> dict:
         d = structs.asdict(self)
@@ -58,7 +60,7 @@ def _summary(text: str, name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def parse(output: str, seconds: float, budget_us: float, via: str) -> RtResult:
+def parse(output: str, seconds: float, budget_us: float, via: str, accelerator: str | None = None) -> RtResult:
     """cyclictest's histogram output (``-h``, ``-q``) between the markers -> :class:`RtResult`."""
     start = output.rfind(BEGIN)
     body = output[start + len(BEGIN):] if start >= 0 else output
@@ -79,8 +81,11 @@ def parse(output: str, seconds: float, budget_us: float, via: str) -> RtResult:
     verdict = (f"max {maxs} us {'<=' if holds else '>'} the period budget {budget_us:.0f} us: "
                + ("every wake-up came within one period" if holds else
                   "a thread in the guest woke more than a period late: the audio cannot hold this period here"))
+    if not holds and accelerator == "tcg":
+        verdict += f"; cause: {TCG_CAUSE}"
     return RtResult(samples=total, min_us=mins, avg_us=avgs, max_us=maxs, overflows=overflows, histogram=hist,
-                    seconds=seconds, budget_us=round(budget_us, 1), verdict=verdict, holds=holds, via=via)
+                    seconds=seconds, budget_us=round(budget_us, 1), verdict=verdict, holds=holds, via=via,
+                    accelerator=accelerator)
 
 
 def budget_us(cfg: DspConfig) -> float:
@@ -98,6 +103,12 @@ def ssh_port(cfg: DspConfig) -> int | None:
 
 def run(cfg: DspConfig, session, seconds: float, force: bool = False, ssh_user: str = "root") -> RtResult:
     """Run cyclictest in ``cfg``'s running guest for ``seconds`` and parse it."""
+    from .inspect import accelerator
+
+    try:
+        accel = accelerator(session, cfg.name)
+    except ArchdspError:  # not defined: the console or ssh says what is wrong
+        accel = None
     line = command(seconds)
     port = ssh_port(cfg)
     if port is not None:
@@ -110,7 +121,7 @@ def run(cfg: DspConfig, session, seconds: float, force: bool = False, ssh_user: 
             raise ArchdspError(f"cyclictest over ssh (port {port}) did not finish within {seconds + 60:g} s") from None
         if proc.returncode == 255:
             raise ArchdspError(f"ssh to the guest (127.0.0.1:{port}) failed: {proc.stderr.strip()[-200:]}")
-        return parse(proc.stdout + proc.stderr, seconds, budget_us(cfg), f"ssh port {port}")
+        return parse(proc.stdout + proc.stderr, seconds, budget_us(cfg), f"ssh port {port}", accel)
     from .console import expect
 
     matched, seen = expect(session, cfg.name, END.pattern, seconds + 60, force=force,
@@ -121,12 +132,12 @@ def run(cfg: DspConfig, session, seconds: float, force: bool = False, ssh_user: 
             f"no answer from a shell on {cfg.name}'s console within {seconds + 60:g} s (last: {' / '.join(tail)}): "
             "the guest needs a shell on its serial console (the demo guest: archdsp.shell=1 in boot.cmdline) "
             "or a port forward to its SSH port (network.hostfwd = {\"2222\" = 22})")
-    return parse(seen, seconds, budget_us(cfg), "serial console")
+    return parse(seen, seconds, budget_us(cfg), "serial console", accel)
 
 
 def format_result(r: RtResult, bars: int = 12) -> str:
     lines = [f"cyclictest in the guest ({r.via}, {r.seconds:g} s, 1 thread on the vCPU, SCHED_FIFO {PRIORITY}, "
-             f"1 ms interval)",
+             f"1 ms interval" + (f", accelerator {r.accelerator}" if r.accelerator else "") + ")",
              f"samples {r.samples}   min {r.min_us} us   avg {r.avg_us} us   max {r.max_us} us"
              + (f"   overflows (> {HIST_BUCKETS_US} us) {r.overflows}" if r.overflows else ""),
              "histogram (us: count):"]

@@ -19,8 +19,9 @@ from ..host.model import HostModel
 from . import threads as qthreads
 from .connection import Session
 from .drift import differences
-from .inspect import (SHUTOFF_REASONS, STATE_NAMES, has_qemu_namespace, inactive_xml, is_updated, live_xml,
-                      uuid_of, vcpu_placement)
+from ..host.accel import TCG_CAUSE
+from .inspect import (SHUTOFF_REASONS, STATE_NAMES, accelerator_of, has_qemu_namespace, inactive_xml, is_updated,
+                      live_xml, uuid_of, vcpu_placement)
 
 UNKNOWN = "unknown"
 
@@ -67,6 +68,7 @@ def status(cfg: DspConfig, session: Session, model: HostModel, proc: str = "/pro
     from lxml import etree
 
     root = etree.fromstring(xml_live.encode())
+    info["accelerator"] = accelerator_of(xml_live)
     info["console_log"] = root.xpath("string(devices/serial/log/@file)") or None
     info["memory"] = {
         "mib": int(root.findtext("memory") or 0) // 1024,
@@ -134,6 +136,10 @@ def format_status(info: dict) -> str:
             lines.append(f"  up for {info['uptime_s']:.0f} s, QEMU pid {info['qemu_pid']}")
         elif info.get("qemu_pid") == UNKNOWN:
             lines.append("  QEMU runs on the remote host: its pid and uptime are unknown here")
+        if info.get("accelerator"):
+            accel = info["accelerator"]
+            lines.append(f"  accelerator: {accel}" + (" (software emulation, no KVM: expect xruns)"
+                                                       if accel == "tcg" else ""))
         if info.get("stale"):
             lines.append("  running an older definition: 'archdsp-virt up --restart' applies the new one")
     lines.append("")
@@ -174,4 +180,6 @@ def format_status(info: dict) -> str:
     for extra in info.get("sections", []):
         lines.append("")
         lines.extend(extra)
+    if info.get("cause"):
+        lines.append(f"  cause: {info['cause']}")
     return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ from .cpus import check_cpus
 from .memory import MEMLOCK_FIX, check_hugepages, check_memlock, check_memory_size
 from .neighbours import check_domains, check_netjack_master
 from .passthrough import check_passthrough
-from .platform import IOMMU_PARAMS, check_iommu, check_kvm, check_libvirt
+from .platform import IOMMU_PARAMS, check_accel, check_iommu, check_kvm, check_libvirt
 from .realtime import QEMU_CGROUP_LINE, check_realtime, rt_cgroup
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
 # Every id run_checks can produce, in the order it produces them.
 CHECK_IDS: tuple[str, ...] = (
     "kvm.device",
+    "kvm.accel",
     "libvirt.reachable",
     "boot.files",
     "iommu.param",
@@ -92,6 +93,7 @@ def run_checks(cfg: DspConfig, host: HostModel, libvirt_reachable: bool | None =
     model = host
     return [
         *check_kvm(cfg, model),
+        *check_accel(cfg, model),
         *check_libvirt(libvirt_reachable, libvirt_detail),
         *check_boot_files(cfg, model),
         *check_iommu(cfg, model),

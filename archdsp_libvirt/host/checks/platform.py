@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 
 from ...config import DspConfig
+from ..accel import resolve
 from ..files import cmdline_values
 from ..findings import Finding, Status
 from ..model import HostModel
@@ -19,11 +20,29 @@ IOMMU_PARAMS = {
 KVM_MODULES = {"AuthenticAMD": "kvm_amd", "HygonGenuine": "kvm_amd", "GenuineIntel": "kvm_intel"}
 
 
+def check_accel(cfg: DspConfig, model: HostModel) -> list[Finding]:
+    """Which accelerator the domain gets (``domain_type``, auto resolved on this host) and why."""
+    fid = "kvm.accel"
+    expected = "KVM where a stock Linux guest boots under it, else TCG said as such (domain_type = \"auto\")"
+    accel = resolve(cfg.domain_type, model)
+    if cfg.domain_type == "auto":
+        if accel.fallback:
+            return [Finding(fid, "warn", f"auto picks TCG: {accel.reason}", expected,
+                            "on a host with hardware KVM (VT-x/AMD-V, kvm_intel or kvm_amd) auto picks KVM")]
+        return [Finding(fid, "ok", f"auto picks KVM: {accel.reason}", expected)]
+    if cfg.domain_type == "kvm" and model.kvm_pvm:
+        return [Finding(fid, "warn", "domain_type = \"kvm\", but KVM here is nested PVM: only kernels built as PVM "
+                        "guests (CONFIG_PVM_GUEST) boot, stock kernels stop after the decompressor", expected,
+                        "set domain_type = \"auto\" (TCG here), unless the guest kernel is a PVM guest kernel")]
+    return [Finding(fid, "ok", f"{accel.reason}: as the config asks", expected)]
+
+
 def check_kvm(cfg: DspConfig, model: HostModel) -> list[Finding]:
     fid = "kvm.device"
     expected = "/dev/kvm present, read-write for the QEMU user (group kvm with g+rw, or o+rw)"
-    if cfg.domain_type != "kvm":
-        return [Finding(fid, "skip", f"domain_type = {cfg.domain_type!r} (TCG, no KVM)", expected)]
+    accel = resolve(cfg.domain_type, model)
+    if accel.domain_type != "kvm":
+        return [Finding(fid, "skip", f"domain_type = {cfg.domain_type!r}: TCG, no KVM needed", expected)]
     host = model.files
     if host is None:
         if model.kvm:
