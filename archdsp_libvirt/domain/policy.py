@@ -17,6 +17,7 @@ from ..config import DspConfig
 from ..cpuset import CpuSet, format_cpuset
 from ..errors import ConfigError
 from ..host.model import HostModel
+from . import contract
 
 QCOW2_MAGIC = b"QFI\xfb"
 HOSTFWD_NETDEV = "archdspfwd0"
@@ -53,6 +54,7 @@ class Plan(Struct, frozen=True):
     kernel: str | None
     initrd: str | None
     cmdline: str | None
+    oem_strings: tuple[str, ...]  # SMBIOS type 11 strings: the guest contract (see .contract)
     nics: tuple[Nic, ...]
     hostfwd_args: tuple[str, ...]
     console_log: str
@@ -109,27 +111,6 @@ def detect_disk_format(path: str, forced: str | None, head: bytes | None = None)
         f"archibaldos.disk_image: cannot tell the format of {path} (unreadable here, extension "
         f"{suffix or 'none'}); set archibaldos.disk_format = \"qcow2\" or \"raw\""
     )
-
-
-def netjack_cmdline(cfg: DspConfig) -> list[str]:
-    """Kernel arguments that tell the demo guest's init how to join the link."""
-    nj = cfg.netjack
-    if not nj.enable:
-        return []
-    args = [
-        f"archdsp.master={nj.master_ip}",
-        f"archdsp.port={nj.source_port}",
-        f"archdsp.name={nj.client_name}",
-        f"archdsp.latency={nj.network_latency}",
-        f"archdsp.channels={nj.channels}",
-    ]
-    if nj.guest_ip:
-        args.append(f"archdsp.ip={nj.guest_ip}")
-    if nj.sync:
-        args.append("archdsp.sync=1")
-    if not nj.dsp_client:
-        args.append("archdsp.dsp=direct")
-    return args
 
 
 def _hostfwd_args(cfg: DspConfig, mac: str) -> tuple[str, ...]:
@@ -198,7 +179,8 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
 
     kernel = os.path.expanduser(cfg.boot.kernel) if cfg.boot.kernel else None
     initrd = os.path.expanduser(cfg.boot.initrd) if cfg.boot.initrd else None
-    cmdline = " ".join([cfg.boot.cmdline, *netjack_cmdline(cfg)]).strip() if kernel else None
+    cmdline = cfg.boot.cmdline.strip() if kernel else None
+    oem = contract.oem_string(cfg)
 
     nics, hostfwd = _nics(cfg, host.passt)
     if hostfwd or cfg.qemu_extra_args:
@@ -238,6 +220,7 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline,
+        oem_strings=(oem,) if oem else (),
         nics=nics,
         hostfwd_args=hostfwd,
         console_log=console_log,
