@@ -300,3 +300,20 @@ def test_changing_the_link_port_shows_drift_then_up_redefines_with_the_same_uuid
     restarted = up(moved, session, restart=True)
     assert restarted.restarted and restarted.uuid == first.uuid
     assert up(moved, session).defined == "unchanged"
+
+
+def test_the_suites_guest_image_is_keyed_on_its_init(monkeypatch, tmp_path):
+    """Two trees whose guest init differs build (and boot) two images, never one over the other."""
+    import conftest
+
+    monkeypatch.delenv("ARCHDSP_GUEST_DIR", raising=False)
+    here = conftest.guest_dir()
+    assert here.parent == conftest.SHARED_GUEST_DIR.parent and here != conftest.SHARED_GUEST_DIR
+    other = tmp_path / "repo"
+    (other / "scripts").mkdir(parents=True)
+    (other / "scripts/build-dsp-guest").write_bytes((REPO / "scripts/build-dsp-guest").read_bytes())
+    (other / "scripts/dsp-guest-init.sh").write_text(INIT.read_text() + "# changed\n")
+    monkeypatch.setattr(conftest, "REPO", other)
+    assert conftest.guest_dir() != here
+    monkeypatch.setenv("ARCHDSP_GUEST_DIR", str(tmp_path / "mine"))
+    assert conftest.guest_dir() == tmp_path / "mine"
