@@ -54,13 +54,13 @@ class Plan(Struct, frozen=True):
     kernel: str | None
     initrd: str | None
     cmdline: str | None
-    oem_strings: tuple[str, ...]  # SMBIOS type 11 strings: the guest contract (see .contract)
     nics: tuple[Nic, ...]
     hostfwd_args: tuple[str, ...]
     console_log: str
     uuid: str | None = None
     emulator_priority: int = 0  # SCHED_FIFO priority of the emulator threads; 0 = SCHED_OTHER
     iothreads: int = 0  # I/O threads serving the disk (pinned with the emulator)
+    oem_strings: tuple[str, ...] = ()  # SMBIOS type 11 strings: the guest contract (see .contract)
     warnings: tuple[str, ...] = ()
 
     @property
