@@ -3,22 +3,24 @@
 # by scripts/build-dsp-guest).  It never exits: PID 1 exiting panics the
 # kernel.
 #
-# Kernel command line (console=ttyS0 is expected: markers go to /dev/console):
-#   archdsp.master=IP     NETJACK master's unicast IP (REQUIRED; multicast is
+# The link's settings come from the domain itself, as for every guest
+# (docs/guest-contract.md): the SMBIOS type 11 OEM string
+#   io.systemd.credential:archdsp.netjack=v=1 master=IP port=N name=S latency=N
+#       channels=N sync=0|1 dsp=thru|direct rate=N period=N [ip=A.B.C.D/N]
+# that archdsp-virt renders from [archibaldos.netjack], read here from
+# /sys/firmware/dmi/entries/11-*/raw (the kernel's CONFIG_DMI_SYSFS):
+#   master=IP             NETJACK master's unicast IP (REQUIRED; multicast is
 #                         refused: it would follow the default route out)
-#   archdsp.ip=A.B.C.D/N  static address for the NIC (default: DHCP, udhcpc)
-#   archdsp.gw=IP         default gateway with a static address (default none)
-#   archdsp.iface=eth0    network interface
-#   archdsp.port=19000    NETJACK UDP port (jackd -d net -p)
-#   archdsp.name=dsp      slave client name (jackd -d net -n); the master then
+#   ip=A.B.C.D/N          static address for the NIC (default: DHCP, udhcpc)
+#   port=19000            NETJACK UDP port (jackd -d net -p)
+#   name=dsp              slave client name (jackd -d net -n); the master then
 #                         shows ports NAME:from_slave_N / NAME:to_slave_N
-#   archdsp.latency=0     network latency in periods (jackd -d net -l)
-#   archdsp.channels=2    audio channels each way (jackd -d net -C/-P)
-#   archdsp.marker=ARCHDSP-READY   ready marker text
-#   archdsp.dsp=thru      DSP loop: "thru" = Debian's jack_thru pass-through
+#   latency=0             network latency in periods (jackd -d net -l)
+#   channels=2            audio channels each way (jackd -d net -C/-P)
+#   dsp=thru              DSP loop: "thru" = Debian's jack_thru pass-through
 #                         client (channels 1-2; further channels direct),
 #                         "direct" = system:capture_N -> system:playback_N
-#   archdsp.sync=0        1 = run jackd in synchronous mode (jackd -S): the
+#   sync=0                1 = run jackd in synchronous mode (jackd -S): the
 #                         slave returns a period's output in the same cycle,
 #                         so a client in the loop adds no period
 #                         Round trip measured with jack_iodelay on the master
@@ -26,6 +28,14 @@
 #                         frames at latency 0 and 384 at 1 ((L+2) periods,
 #                         the async slave adds one for a client in the loop);
 #                         direct, or thru with sync=1: 128 ((L+1) periods)
+#   rate, period          the master's; a NETJACK slave takes them from it
+# Link settings on the kernel command line (archdsp.master= ...) are ignored.
+#
+# Kernel command line: this guest's own knobs, none of them a link setting
+# (console=ttyS0 is expected: markers go to /dev/console):
+#   archdsp.gw=IP         default gateway with a static address (default none)
+#   archdsp.iface=eth0    network interface
+#   archdsp.marker=ARCHDSP-READY   ready marker text
 #   archdsp.timeout=120   seconds to wait for jackd + master before FAILED
 #   archdsp.debug=1       jackd output on the console, kernel log level kept
 #   archdsp.shell=1       also start a busybox shell on the console
@@ -85,24 +95,19 @@ fail() {
 
 IP='' GW='' IFACE=eth0 MASTER='' PORT=19000 NAME=dsp LATENCY=0 CHANNELS=2
 MARKER=ARCHDSP-READY DSP=thru SYNC=0 TIMEOUT=120 DEBUG=0 SHELL_ON_CONSOLE=0 RTPRIO=70
+IGNORED=''
 set -f # no globbing of kernel command line words
 for w in $(cat /proc/cmdline); do
 	case "$w" in
-	archdsp.ip=*) IP=${w#*=} ;;
 	archdsp.gw=*) GW=${w#*=} ;;
 	archdsp.iface=*) IFACE=${w#*=} ;;
-	archdsp.master=*) MASTER=${w#*=} ;;
-	archdsp.port=*) PORT=${w#*=} ;;
-	archdsp.name=*) NAME=${w#*=} ;;
-	archdsp.latency=*) LATENCY=${w#*=} ;;
-	archdsp.channels=*) CHANNELS=${w#*=} ;;
 	archdsp.marker=*) MARKER=${w#*=} ;;
-	archdsp.dsp=*) DSP=${w#*=} ;;
-	archdsp.sync=*) SYNC=${w#*=} ;;
 	archdsp.timeout=*) TIMEOUT=${w#*=} ;;
 	archdsp.debug=*) DEBUG=${w#*=} ;;
 	archdsp.shell=*) SHELL_ON_CONSOLE=${w#*=} ;;
 	archdsp.rtprio=*) RTPRIO=${w#*=} ;;
+	archdsp.master=* | archdsp.port=* | archdsp.name=* | archdsp.latency=* | archdsp.channels=* | \
+		archdsp.ip=* | archdsp.sync=* | archdsp.dsp=*) IGNORED="$IGNORED ${w%%=*}" ;;
 	esac
 done
 set +f
@@ -111,6 +116,75 @@ is_uint() {
 	case "$1" in '' | *[!0-9]*) return 1 ;; esac
 	[ ${#1} -le 9 ]
 }
+
+[ -r /etc/archdsp/build-info ] && log "$(tr '\n' ' ' </etc/archdsp/build-info)"
+
+# --------------------------------------------------------------- modules ---
+# (dmi_sysfs among them where it is a module: the link settings below need it)
+
+if [ -f /etc/archdsp/modules ]; then
+	while read -r ko; do
+		[ -n "$ko" ] || continue
+		mod=${ko%.ko}
+		[ -d "/sys/module/$mod" ] && continue
+		insmod "/lib/modules/archdsp/$ko" || fail "insmod $mod failed"
+	done </etc/archdsp/modules
+fi
+
+# ----------------------------------------------------- the guest contract ---
+
+# oem_contract DIR: the value of the first archdsp.netjack OEM string under
+# DIR (/sys/firmware/dmi/entries).  DIR/11-N/raw is one SMBIOS type 11
+# structure: a header (type 11, its length -- 5: the 4-byte header and the
+# string count --, a 2-byte handle), the count byte, then the strings, each
+# ended by a NUL, the set by one more NUL.
+CRED_PREFIX=io.systemd.credential:archdsp.netjack=
+oem_contract() {
+	for raw in "$1"/11-*/raw; do
+		[ -r "$raw" ] || continue
+		len=$(od -An -tu1 -j1 -N1 "$raw" | tr -d ' ')
+		is_uint "$len" && [ "$len" -ge 5 ] || continue
+		tail -c +$((len + 1)) "$raw" | tr '\0' '\n' | while read -r s; do
+			case "$s" in "$CRED_PREFIX"*) printf '%s\n' "${s#"$CRED_PREFIX"}" ;; esac
+		done
+	done | head -n 1
+}
+# parse_contract VALUE: the link settings of a v=1 value (space-separated
+# key=value words); keys it does not know are not this init's (rate, period,
+# later ones of v=1).  False when the value is not v=1.
+parse_contract() {
+	V=''
+	set -f
+	for kv in $1; do
+		case "$kv" in
+		v=*) V=${kv#*=} ;;
+		master=*) MASTER=${kv#*=} ;;
+		ip=*) IP=${kv#*=} ;;
+		port=*) PORT=${kv#*=} ;;
+		name=*) NAME=${kv#*=} ;;
+		latency=*) LATENCY=${kv#*=} ;;
+		channels=*) CHANNELS=${kv#*=} ;;
+		dsp=*) DSP=${kv#*=} ;;
+		sync=*) SYNC=${kv#*=} ;;
+		esac
+	done
+	set +f
+	[ "$V" = 1 ]
+}
+# (end of the contract reader)
+
+DMI_ENTRIES=/sys/firmware/dmi/entries
+CONTRACT=$(oem_contract "$DMI_ENTRIES")
+if [ -z "$CONTRACT" ]; then
+	if [ -d "$DMI_ENTRIES" ]; then
+		fail "no SMBIOS OEM string ${CRED_PREFIX}... (the domain's <sysinfo type='smbios'><oemStrings>, rendered by archdsp-virt from [archibaldos.netjack] with <smbios mode='sysinfo'/>)"
+	fi
+	fail "no $DMI_ENTRIES: this kernel has no CONFIG_DMI_SYSFS (module dmi_sysfs), so the link settings cannot be read"
+fi
+parse_contract "$CONTRACT" || fail "the OEM string archdsp.netjack is version v=$V; this init reads v=1"
+log "link settings from the SMBIOS OEM string archdsp.netjack: $CONTRACT"
+[ -z "$IGNORED" ] || log "ignored on the kernel command line (link settings come from the OEM string):$IGNORED"
+
 is_ipv4() {
 	case "$1" in *[!0-9.]* | *..* | .* | *.) return 1 ;; esac
 	old_ifs=$IFS; IFS=.
@@ -124,41 +198,29 @@ is_ipv4() {
 }
 
 case "$MARKER" in '' | *[!A-Za-z0-9._-]*) MARKER=ARCHDSP-READY; log "bad archdsp.marker, using $MARKER" ;; esac
-[ -n "$MASTER" ] || fail "no archdsp.master= on the kernel command line (the NETJACK master's unicast IP is required)"
-is_ipv4 "$MASTER" || fail "archdsp.master=$MASTER is not an IPv4 address"
+[ -n "$MASTER" ] || fail "no master= in the OEM string archdsp.netjack (the NETJACK master's unicast IP is required)"
+is_ipv4 "$MASTER" || fail "master=$MASTER is not an IPv4 address"
 first_octet=${MASTER%%.*}
 if [ "$first_octet" -ge 224 ] && [ "$first_octet" -le 239 ]; then
-	fail "archdsp.master=$MASTER is multicast; give the master's unicast IP"
+	fail "master=$MASTER is multicast; give the master's unicast IP"
 fi
-is_uint "$PORT" && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] || fail "bad archdsp.port=$PORT"
-is_uint "$LATENCY" && [ "$LATENCY" -le 64 ] || fail "bad archdsp.latency=$LATENCY"
-is_uint "$CHANNELS" && [ "$CHANNELS" -ge 1 ] && [ "$CHANNELS" -le 64 ] || fail "bad archdsp.channels=$CHANNELS"
+is_uint "$PORT" && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] || fail "bad port=$PORT"
+is_uint "$LATENCY" && [ "$LATENCY" -le 64 ] || fail "bad latency=$LATENCY"
+is_uint "$CHANNELS" && [ "$CHANNELS" -ge 1 ] && [ "$CHANNELS" -le 64 ] || fail "bad channels=$CHANNELS"
 is_uint "$TIMEOUT" && [ "$TIMEOUT" -ge 1 ] || fail "bad archdsp.timeout=$TIMEOUT"
-case "$NAME" in '' | *[!A-Za-z0-9_.-]*) fail "bad archdsp.name=$NAME (letters, digits, . _ - only)" ;; esac
+case "$NAME" in '' | *[!A-Za-z0-9_.-]*) fail "bad name=$NAME (letters, digits, . _ - only)" ;; esac
 case "$IFACE" in '' | *[!A-Za-z0-9_.-]*) fail "bad archdsp.iface=$IFACE" ;; esac
-case "$DSP" in thru | direct) ;; *) fail "bad archdsp.dsp=$DSP (thru or direct)" ;; esac
-case "$SYNC" in 0 | 1) ;; *) fail "bad archdsp.sync=$SYNC (0 or 1)" ;; esac
+case "$DSP" in thru | direct) ;; *) fail "bad dsp=$DSP (thru or direct)" ;; esac
+case "$SYNC" in 0 | 1) ;; *) fail "bad sync=$SYNC (0 or 1)" ;; esac
 is_uint "$RTPRIO" && [ "$RTPRIO" -ge 1 ] && [ "$RTPRIO" -le 90 ] || fail "bad archdsp.rtprio=$RTPRIO (1-90)"
 if [ -n "$IP" ]; then
 	case "$IP" in
-	*/*) is_ipv4 "${IP%/*}" && is_uint "${IP#*/}" && [ "${IP#*/}" -le 32 ] || fail "bad archdsp.ip=$IP" ;;
-	*) is_ipv4 "$IP" || fail "bad archdsp.ip=$IP"; IP=$IP/24; log "archdsp.ip without a prefix length, using $IP" ;;
+	*/*) is_ipv4 "${IP%/*}" && is_uint "${IP#*/}" && [ "${IP#*/}" -le 32 ] || fail "bad ip=$IP" ;;
+	*) is_ipv4 "$IP" || fail "bad ip=$IP"; IP=$IP/24; log "ip without a prefix length, using $IP" ;;
 	esac
 fi
 [ -z "$GW" ] || is_ipv4 "$GW" || fail "bad archdsp.gw=$GW"
 
-[ -r /etc/archdsp/build-info ] && log "$(tr '\n' ' ' </etc/archdsp/build-info)"
-
-# --------------------------------------------------------------- modules ---
-
-if [ -f /etc/archdsp/modules ]; then
-	while read -r ko; do
-		[ -n "$ko" ] || continue
-		mod=${ko%.ko}
-		[ -d "/sys/module/$mod" ] && continue
-		insmod "/lib/modules/archdsp/$ko" || fail "insmod $mod failed"
-	done </etc/archdsp/modules
-fi
 # keep the console for our markers (kernel messages would interleave)
 [ "$DEBUG" = 1 ] || dmesg -n 1 2>/dev/null
 

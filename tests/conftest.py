@@ -127,12 +127,46 @@ def remove_domain(name: str) -> None:
     virsh("undefine", name, check=False)
 
 
-GUEST_DIR = Path(os.environ.get("ARCHDSP_GUEST_DIR", "/var/lib/archdsp-libvirt/guest"))
+SHARED_GUEST_DIR = Path("/var/lib/archdsp-libvirt/guest")  # scripts/demo's, domains/demo-dsp.toml's
+
+
+def guest_dir() -> Path:
+    """Where the suite builds its demo guest: ARCHDSP_GUEST_DIR, else a folder keyed on the guest's
+    init and build script, so that two checkouts with different guests (a suite and a demo of another
+    tree at the same time) never boot, or overwrite, each other's image."""
+    import hashlib
+
+    if os.environ.get("ARCHDSP_GUEST_DIR"):
+        return Path(os.environ["ARCHDSP_GUEST_DIR"])
+    digest = hashlib.sha256()
+    for script in ("scripts/dsp-guest-init.sh", "scripts/build-dsp-guest"):
+        digest.update((REPO / script).read_bytes())
+    return SHARED_GUEST_DIR.with_name(f"guest-{digest.hexdigest()[:12]}")
+
+
+def seed_debs(target: Path, shared: Path = SHARED_GUEST_DIR / "debs") -> None:
+    """Hard-link the kernel packages already downloaded for the shared guest into ``target``'s cache
+    (best effort): a keyed build needs no second download of the same .deb."""
+    if target == shared.parent or not shared.is_dir():
+        return
+    (target / "debs").mkdir(parents=True, exist_ok=True)
+    for deb in shared.glob("*.deb"):
+        dest = target / "debs" / deb.name
+        if not dest.exists():
+            try:
+                os.link(deb, dest)
+            except OSError:
+                shutil.copy2(deb, dest)
+
+
+GUEST_DIR = guest_dir()
 
 
 @pytest.fixture(scope="session")
 def dsp_guest_files(system_libvirt):
-    """The demo guest's kernel and initramfs (built from Debian packages; cached between runs)."""
+    """The demo guest's kernel and initramfs (built from Debian packages; cached between runs, in
+    :func:`guest_dir`)."""
+    seed_debs(GUEST_DIR)
     proc = subprocess.run(["bash", str(REPO / "scripts/build-dsp-guest"), "--dir", str(GUEST_DIR)],
                           capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from archdsp_libvirt import load_config
+from archdsp_libvirt.domain import contract
 from archdsp_libvirt.procs import Owned
 from conftest import archdsp, virsh
 
@@ -40,6 +42,17 @@ def measure(cfg):
     return json.loads(r.stdout)
 
 
+def assert_link_in_oem_strings_only(name, cfg):
+    """The running domain's <cmdline> holds no link setting; its OEM string holds them all."""
+    live = etree.fromstring(virsh("dumpxml", name).encode())
+    cmdline = live.findtext("os/cmdline") or ""
+    for key in ("master", "port", "name", "latency", "channels", "ip", "sync", "dsp"):
+        assert f"archdsp.{key}=" not in cmdline, cmdline
+    entries = [e.text for e in live.iterfind("sysinfo[@type='smbios']/oemStrings/entry")]
+    assert contract.from_oem_strings(entries) == contract.settings(cfg), entries
+    assert live.find("os/smbios").get("mode") == "sysinfo"
+
+
 def test_link_comes_up_with_stable_port_names(demo_domain):
     cfg, name, server = demo_domain
     info = wait_link(cfg)
@@ -61,6 +74,10 @@ def test_link_comes_up_with_stable_port_names(demo_domain):
     while "ARCHDSP-READY" not in log.read_text(errors="replace") and time.monotonic() < deadline:
         time.sleep(1)
     assert f"ARCHDSP-READY name={want} master=192.168.122.1" in log.read_text(errors="replace")
+    # ...with no link setting on its kernel command line: the running domain carries them as its
+    # SMBIOS OEM string, and the guest's init read them from there.
+    assert_link_in_oem_strings_only(name, load_config(cfg))
+    assert "link settings from the SMBIOS OEM string archdsp.netjack: v=1 " in log.read_text(errors="replace")
     # status --json shows the link up.
     st = json.loads(archdsp("-c", "qemu:///system", "status", "--json", str(cfg)).stdout)
     assert st["state"] == "running" and st["bridge"]["link"] == "up"
@@ -120,7 +137,8 @@ def test_round_trip_matches_prediction_at_l1(demo_domain):
     r = archdsp("-c", "qemu:///system", "up", "--restart", str(l1), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "restarting it" in r.stdout and "is stale; the VM's new slave takes the aliases" in r.stdout
-    assert "archdsp.latency=1" in virsh("dumpxml", name)
+    assert_link_in_oem_strings_only(name, load_config(l1))
+    assert " latency=1 " in virsh("dumpxml", name)  # the new latency is in the OEM string the guest read
     wait_link(l1)
     rep = measure(l1)
     assert rep["predicted_frames"] == 384

@@ -131,3 +131,39 @@ def test_skip_check_is_recorded_in_the_output(kvm_config):
     assert r.returncode == 0, r.stderr
     assert "preflight: cpu.isolated skipped on request" in r.stdout
     assert virsh("domstate", name) == "running"
+
+
+def test_a_changed_link_port_is_drift_and_up_redefines_with_the_same_uuid(kvm_config):
+    """The link's guest settings are the domain's OEM string on QEMU too: libvirt keeps it and the agent
+    channel, `status` shows a changed port as drift, `up` redefines (same UUID) and `up --restart` runs it."""
+    import json
+
+    from lxml import etree
+
+    cfg, name = kvm_config
+    linked = cfg.parent / "linked.toml"
+    text = cfg.read_text().replace("[network]\nenable = false", '[network]\nenable = true\nmode = "nat"\nsource = "default"')
+    linked.write_text(text + "\n[archibaldos.netjack]\nenable = true\nsource_port = 19501\n")
+    r = archdsp("-c", "qemu:///system", "up", str(linked))
+    assert r.returncode == 0, r.stdout + r.stderr
+    uuid = virsh("domuuid", name)
+    live = etree.fromstring(virsh("dumpxml", name).encode())
+    (entry,) = [e.text for e in live.iterfind("sysinfo[@type='smbios']/oemStrings/entry")]
+    assert entry.startswith("io.systemd.credential:archdsp.netjack=v=1 ") and " port=19501 " in entry
+    agent = live.find("devices/channel[@type='unix']/target[@name='org.qemu.guest_agent.0']")
+    assert agent is not None and agent.get("type") == "virtio"
+    assert live.find("devices/channel[@type='unix']/source").get("path")  # libvirt made the socket
+
+    moved = cfg.parent / "moved.toml"
+    moved.write_text(linked.read_text().replace("source_port = 19501", "source_port = 19502"))
+    drift = json.loads(archdsp("-c", "qemu:///system", "status", "--json", str(moved)).stdout)["drift"]
+    assert len(drift) == 1 and drift[0].startswith("oem_strings:") and "port=19502" in drift[0], drift
+    again = archdsp("-c", "qemu:///system", "up", str(moved))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "(updated, uuid " in again.stdout and "older definition" in again.stdout
+    assert virsh("domuuid", name) == uuid
+    restarted = archdsp("-c", "qemu:///system", "up", "--restart", str(moved))
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert "restarting it" in restarted.stdout and virsh("domuuid", name) == uuid
+    assert " port=19502 " in virsh("dumpxml", name)
+    assert json.loads(archdsp("-c", "qemu:///system", "status", "--json", str(moved)).stdout)["drift"] == []

@@ -145,10 +145,20 @@ class ArchibaldosConfig(_Section, kw_only=True):
         _check(self, {"disk_image": _host_path})
 
 
+# The demo guest's kernel parameters that were link settings: the link reaches every guest as the
+# domain's SMBIOS OEM string now (docs/guest-contract.md), from [archibaldos.netjack] alone.
+LINK_CMDLINE_KEYS = ("archdsp.master", "archdsp.port", "archdsp.name", "archdsp.latency", "archdsp.channels",
+                     "archdsp.ip", "archdsp.sync", "archdsp.dsp")
+
+
 def _cmdline(v: str) -> None:
     _clean_text(v, "the kernel command line")
     if len(v) > 2048:
         raise Invalid(f"the kernel command line must be at most 2048 characters (x86 Linux), got {len(v)}")
+    for word in v.split():
+        if word.split("=", 1)[0] in LINK_CMDLINE_KEYS:
+            raise Invalid(f"holds {word.split('=', 1)[0]}=, a link setting: set it in [archibaldos.netjack] "
+                          "(the guest reads it from the domain's SMBIOS OEM string, docs/guest-contract.md)")
 
 
 class BootConfig(_Section, kw_only=True):

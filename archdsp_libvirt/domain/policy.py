@@ -18,6 +18,7 @@ from ..cpuset import CpuSet, format_cpuset
 from ..errors import ConfigError
 from ..host.accel import Accel, resolve as resolve_accel
 from ..host.model import HostModel
+from . import contract
 
 QCOW2_MAGIC = b"QFI\xfb"
 HOSTFWD_NETDEV = "archdspfwd0"
@@ -60,6 +61,7 @@ class Plan(Struct, frozen=True):
     uuid: str | None = None
     emulator_priority: int = 0  # SCHED_FIFO priority of the emulator threads; 0 = SCHED_OTHER
     iothreads: int = 0  # I/O threads serving the disk (pinned with the emulator)
+    oem_strings: tuple[str, ...] = ()  # SMBIOS type 11 strings: the guest contract (see .contract)
     warnings: tuple[str, ...] = ()
     accel: Accel | None = None  # domain_type resolved on the host (None: as the config says)
 
@@ -116,27 +118,6 @@ def detect_disk_format(path: str, forced: str | None, head: bytes | None = None)
         f"archibaldos.disk_image: cannot tell the format of {path} (unreadable here, extension "
         f"{suffix or 'none'}); set archibaldos.disk_format = \"qcow2\" or \"raw\""
     )
-
-
-def netjack_cmdline(cfg: DspConfig) -> list[str]:
-    """Kernel arguments that tell the demo guest's init how to join the link."""
-    nj = cfg.netjack
-    if not nj.enable:
-        return []
-    args = [
-        f"archdsp.master={nj.master_ip}",
-        f"archdsp.port={nj.source_port}",
-        f"archdsp.name={nj.client_name}",
-        f"archdsp.latency={nj.network_latency}",
-        f"archdsp.channels={nj.channels}",
-    ]
-    if nj.guest_ip:
-        args.append(f"archdsp.ip={nj.guest_ip}")
-    if nj.sync:
-        args.append("archdsp.sync=1")
-    if not nj.dsp_client:
-        args.append("archdsp.dsp=direct")
-    return args
 
 
 def _hostfwd_args(cfg: DspConfig, mac: str) -> tuple[str, ...]:
@@ -205,7 +186,8 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
 
     kernel = os.path.expanduser(cfg.boot.kernel) if cfg.boot.kernel else None
     initrd = os.path.expanduser(cfg.boot.initrd) if cfg.boot.initrd else None
-    cmdline = " ".join([cfg.boot.cmdline, *netjack_cmdline(cfg)]).strip() if kernel else None
+    cmdline = cfg.boot.cmdline.strip() if kernel else None
+    oem = contract.oem_string(cfg)
 
     nics, hostfwd = _nics(cfg, host.passt)
     if hostfwd or cfg.qemu_extra_args:
@@ -245,6 +227,7 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline,
+        oem_strings=(oem,) if oem else (),
         nics=nics,
         hostfwd_args=hostfwd,
         console_log=console_log,

@@ -16,6 +16,7 @@ from .policy import Nic, Plan
 
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 E = ElementMaker(typemap={int: lambda _el, v: str(v)})
 Q = ElementMaker(namespace=QEMU_NS, nsmap={"qemu": QEMU_NS})
@@ -92,8 +93,22 @@ def cputune(plan: Plan) -> etree._Element:
     )
 
 
+def sysinfo(plan: Plan) -> list[etree._Element]:
+    """<sysinfo type='smbios'><oemStrings><entry>io.systemd.credential:archdsp.netjack=v=1 ...</entry>
+    </oemStrings></sysinfo>: the guest contract (:mod:`.contract`) as SMBIOS type 11 strings."""
+    if not plan.oem_strings:
+        return []
+    return [E.sysinfo(E.oemStrings(*(E.entry(s) for s in plan.oem_strings)), type="smbios")]
+
+
+def smbios(plan: Plan) -> list[etree._Element]:
+    """<smbios mode='sysinfo'/>: the guest's SMBIOS tables carry <sysinfo>."""
+    return [E.smbios(mode="sysinfo")] if plan.oem_strings else []
+
+
 def os_(plan: Plan) -> etree._Element:
-    """<os><type arch='x86_64' machine='q35'>hvm</type><kernel/><initrd/><cmdline/><boot dev='hd'/></os>"""
+    """<os><type arch='x86_64' machine='q35'>hvm</type><kernel/><initrd/><cmdline/><boot dev='hd'/>
+    <smbios mode='sysinfo'/></os>"""
     children = [E.type("hvm", arch="x86_64", machine=plan.config.machine)]
     if plan.kernel:
         children.append(E.kernel(plan.kernel))
@@ -103,6 +118,7 @@ def os_(plan: Plan) -> etree._Element:
             children.append(E.cmdline(plan.cmdline))
     else:
         children.append(E.boot(dev="hd"))
+    children.extend(smbios(plan))
     return E.os(*children)
 
 
@@ -200,6 +216,12 @@ def console(plan: Plan) -> etree._Element:
     return E.console(E.target(type="serial", port=0), type="pty")
 
 
+def channel(plan: Plan) -> etree._Element:
+    """<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>: the QEMU
+    guest agent's channel, as virt-install adds it (libvirt picks the socket's path)."""
+    return E.channel(E.target(type="virtio", name=GUEST_AGENT_CHANNEL), type="unix")
+
+
 def graphics(plan: Plan) -> list[etree._Element]:
     """<graphics type='spice' autoport='yes' listen='127.0.0.1' passwd='...'>
     <listen type='address' address='127.0.0.1'/></graphics>
@@ -251,13 +273,14 @@ def memballoon(plan: Plan) -> etree._Element:
 
 
 def devices(plan: Plan) -> etree._Element:
-    """<devices>disk, controller, interfaces, serial, console, graphics, video, hostdev, memballoon</devices>"""
+    """<devices>disk, controller, interfaces, serial, console, channel, graphics, video, hostdev, memballoon</devices>"""
     return E.devices(
         *disk(plan),
         controller(plan),
         *(interface(n) for n in plan.nics),
         serial(plan),
         console(plan),
+        channel(plan),
         *graphics(plan),
         *video(plan),
         *hostdev(plan),
@@ -302,6 +325,7 @@ def domain(plan: Plan) -> etree._Element:
         vcpu(plan),
         *iothreads(plan),
         cputune(plan),
+        *sysinfo(plan),
         os_(plan),
         features(plan),
         *cpu(plan),

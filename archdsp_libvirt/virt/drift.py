@@ -54,6 +54,13 @@ def managed_parts(xml: str, with_commandline: bool = True) -> dict[str, object]:
         "kernel": root.findtext("os/kernel"),
         "initrd": root.findtext("os/initrd"),
         "cmdline": root.findtext("os/cmdline"),
+        "smbios": _attrs(root, "os/smbios", "mode"),
+        "oem_strings": [(e.text or "") for e in root.iterfind("sysinfo[@type='smbios']/oemStrings/entry")],
+        # what we render of a channel (libvirt adds the socket path, an address and, live, its state)
+        "channels": sorted(
+            (c.get("type"), c.find("target").get("type"), c.find("target").get("name"))
+            for c in root.iterfind("devices/channel") if c.find("target") is not None
+        ),
         "disks": sorted(s.get("file") for s in root.iterfind("devices/disk/source") if s.get("file")),
         "console_log": _attrs(root, "devices/serial/log", "file"),
         "memballoon": _attrs(root, "devices/memballoon", "model"),
