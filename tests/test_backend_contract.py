@@ -337,3 +337,17 @@ def test_one_master_address_rule_for_check_and_start(tmp_path):
                         "archibaldos": {"netjack": {"enable": True, "master_ip": "192.168.122.5"}}})
     found = check_netjack_master(cfg, model)[0]
     assert found.status == "warn" and "on no interface of this host" in found.observed
+
+
+@pytest.mark.parametrize(("running", "asked"), [("jack", "pipewire"), ("pipewire", "jack")])
+def test_start_on_the_other_server_while_a_bridge_runs_is_refused_in_one_line(run_dir, running, asked):
+    """It read the running bridge's state as the other backend's ("not a bridge state this version reads")."""
+    from archdsp_libvirt.host.model import HostModel
+
+    _write(run_dir, "contract", _state(running))
+    with pytest.raises(BridgeError) as err:
+        servers.start(_cfg(), HostModel.local(), audio_server=asked, say=lambda _m: None)
+    msg = str(err.value)
+    assert f"runs on {servers.get(running).label}, not {servers.get(asked).label}" in msg and "\n" not in msg
+    assert f"netjack restart --audio-server {asked} CONFIG" in msg
+    assert servers.of_domain("contract").name == running  # the running bridge's record is untouched

@@ -66,6 +66,10 @@ def start(cfg, model: HostModel, audio_server: str = "auto", wait: float = 0.0, 
     backend = current if running and audio_server == "auto" else \
         pick(audio_server, overrides.get("pipewire_user"),
              jack_options=bool(overrides.get("server") or overrides.get("start_server")))
+    if running and backend is not current:
+        raise BridgeError(f"the bridge for {cfg.name} runs on {current.label}, not {backend.label}: "
+                          f"'archdsp-virt netjack restart --audio-server {backend.name} CONFIG' moves it "
+                          "(or netjack stop CONFIG first)")
     return backend.start(cfg, _options(overrides), model, wait=wait, say=say)
 
 
