@@ -224,12 +224,16 @@ class Hook:
         self._thread.start()
 
     def close(self, timeout: float = 2.0) -> None:
+        """Stop answering and close the listener; again is a no-op (the descriptor's number may be another's
+        by then)."""
         self._stop.set()
         self._thread.join(timeout)
-        try:
-            os.close(self.listener)
-        except OSError:
-            pass
+        listener, self.listener = self.listener, -1
+        if listener >= 0:
+            try:
+                os.close(listener)
+            except OSError:
+                pass
 
     def _serve(self) -> None:
         poller = select.poll()
