@@ -65,25 +65,40 @@ def wait_for(log: Path, text: str, seconds: float = 10) -> str:
 
 
 @pytest.fixture
-def hooked(tmp_path):
-    why = sockhook.available()
+def run_hooked(tmp_path):
+    """``run_hooked(name, script, *args, master_ip=, port=, spawn=sockhook.spawn, **hook_args)``: run a Python
+    script under the hook, output to ``tmp_path/NAME.log``; (process, hook, log, what the hook said). Each is
+    stopped afterwards, with its session (a child it forked goes too)."""
+    why = bindhook.available()
     if why:
         pytest.skip(f"the bind hook cannot run here: {why}")
     started = []
 
-    def start(master_ip: str, port: int):
-        log = tmp_path / "binder.log"
-        said: list[str] = []
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        proc, hook = sockhook.spawn([sys.executable, "-c", BINDER, str(port)], log, master_ip, port, env=env,
-                                    say=said.append)
+    def run(name: str, script: str, *args, master_ip: str = "127.0.0.1", port: int, spawn=sockhook.spawn,
+            **hook_args):
+        log, said = tmp_path / f"{name}.log", []
+        proc, hook = spawn([sys.executable, "-c", script, *map(str, args)], log, master_ip, port,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), say=said.append, **hook_args)
         started.append((proc, hook))
-        return proc, hook, wait_for(log, "done"), said
+        return proc, hook, log, said
 
-    yield start
+    yield run
     for proc, hook in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session (spawn): a forked child goes with it
+        except ProcessLookupError:
+            pass
         proc.stop(timeout=5)
         hook.close()
+
+
+@pytest.fixture
+def hooked(run_hooked):
+    def start(master_ip: str, port: int):
+        proc, hook, log, said = run_hooked("binder", BINDER, port, master_ip=master_ip, port=port)
+        return proc, hook, wait_for(log, "done"), said
+
+    return start
 
 
 def test_the_managers_wildcard_bind_lands_on_master_ip_only(hooked):
@@ -181,23 +196,14 @@ time.sleep(30)
 """
 
 
-def test_a_repeated_join_is_refused_and_a_new_slave_lets_the_old_pair_go(tmp_path):
-    why = sockhook.available()
-    if why:
-        pytest.skip(f"the hook cannot run here: {why}")
+def test_a_repeated_join_is_refused_and_a_new_slave_lets_the_old_pair_go(run_hooked):
     slave_port, window = free_port(), 0.5
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
         tcp.bind(("127.0.0.1", 0))
         tcp.listen(1)
-        log, said = tmp_path / "joiner.log", []
-        proc, hook = sockhook.spawn([sys.executable, "-c", JOINER, str(slave_port), str(window * 2),
-                                     str(tcp.getsockname()[1])], log, "127.0.0.1", 1,
-                                    env=dict(os.environ, PYTHONPATH=str(ROOT)), say=said.append, window=window)
-        try:
-            out = wait_for(log, "done")
-        finally:
-            proc.stop(timeout=5)
-            hook.close()
+        _proc, hook, log, said = run_hooked("joiner", JOINER, slave_port, window * 2, tcp.getsockname()[1], port=1,
+                                            window=window)
+        out = wait_for(log, "done")
     assert "first True" in out
     assert f"refused {errno.ECONNREFUSED}" in out and "again False" in out  # the repeat: no second pair
     assert "second True" in out and "first hup True" in out and "second hup False" in out
@@ -280,27 +286,12 @@ time.sleep(30)
 
 
 @pytest.fixture
-def caller(tmp_path):
-    why = sockhook.available()
-    if why:
-        pytest.skip(f"the bind hook cannot run here: {why}")
-    started = []
-
+def caller(run_hooked):
     def start(who: str, port: int):
-        log, said = tmp_path / f"{who}.log", []
-        proc, hook = sockhook.spawn([sys.executable, "-c", CALLERS, str(port), who], log, "127.0.0.1", port,
-                                    env=dict(os.environ, PYTHONPATH=str(ROOT)), say=said.append)
-        started.append((proc, hook))
+        proc, hook, log, said = run_hooked(who, CALLERS, port, who, port=port)
         return proc, hook, wait_for(log, "done"), said
 
-    yield start
-    for proc, hook in started:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session (spawn): the forked child goes with it
-        except ProcessLookupError:
-            pass
-        proc.stop(timeout=5)
-        hook.close()
+    return start
 
 
 def _wildcards(port: int) -> list[str]:
@@ -474,29 +465,20 @@ def test_the_bind_only_filter_hands_over_bind_and_no_connect():
     assert bindhook.program("x86_64") == sockhook.program("x86_64")  # the join hook's: both calls
 
 
-def test_the_bind_only_hook_rebinds_and_lets_connect_run_unasked(tmp_path):
-    why = bindhook.available()
-    if why:
-        pytest.skip(f"the bind hook cannot run here: {why}")
+def test_the_bind_only_hook_rebinds_and_lets_connect_run_unasked(run_hooked, tmp_path):
     port, peer = free_port(), free_port()
-    log = tmp_path / "bc.log"
-    said: list[str] = []
     go = tmp_path / "go"
-    proc, hook = bindhook.spawn([sys.executable, "-c", BIND_CONNECT, str(port), str(peer), str(go)], log,
-                                "127.0.0.1", port,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)), say=said.append)
+    proc, hook, log, said = run_hooked("bc", BIND_CONNECT, port, peer, go, port=port, spawn=bindhook.spawn)
+    out = wait_for(log, "connected")
+    assert "bound 127.0.0.1" in out
+    assert rxqueue.listening(proc.pid, port) == [f"127.0.0.1:{port}"]
+    assert [(e.call, e.action) for e in hook.events] == [("bind", "rebound")]
+    # the listener handed to another holder (as the bridge hands jackd's to its supervisor) keeps answering
+    second = bindhook.Hook(os.dup(hook.listener), proc.pid, "127.0.0.1", port, say=said.append)
     try:
-        out = wait_for(log, "connected")
-        assert "bound 127.0.0.1" in out
-        assert rxqueue.listening(proc.pid, port) == [f"127.0.0.1:{port}"]
-        assert [(e.call, e.action) for e in hook.events] == [("bind", "rebound")] and hook.rebound() == 1
-        # the listener handed to another holder (as the bridge hands jackd's to its supervisor) keeps answering
-        second = bindhook.Hook(os.dup(hook.listener), proc.pid, "127.0.0.1", port, say=said.append)
         hook.close()
         go.touch()
         assert "again 127.0.0.1" in wait_for(log, "again")
         assert [(e.call, e.action) for e in second.events] == [("bind", "rebound")]
-        second.close()
     finally:
-        proc.stop(timeout=5)
-        hook.close()
+        second.close()

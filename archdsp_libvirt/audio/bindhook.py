@@ -301,10 +301,6 @@ class Hook:
     def _connect(self, fd: int, host: str, port: int, asked: str) -> tuple[int, int]:
         return 0, _CONTINUE
 
-    def rebound(self) -> int:
-        """How many binds were rebound to master_ip since the process started (of the events kept)."""
-        return sum(1 for e in self.events if e.call == "bind" and e.action == "rebound")
-
     def _note(self, e: Event) -> None:
         self.events.append(e)
         detail = "" if not e.detail else f" {e.detail}" if e.action == "rebound" else f" ({e.detail})"
