@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,12 +38,14 @@ from typing import TYPE_CHECKING
 
 from ...cpuset import format_cpuset
 from ...errors import BridgeError
-from ...procs import Owned, child_env, spawn_detached
+from ...procs import Owned, spawn_detached
 from .. import bindhook, guard, placement, sockets
 from ..backend import StartOptions, wait_until
 from ..link import (STATUS_PERIOD, Link, bound_log, bridge_lock, guard_master, ignored_problem, link_lines, run_file,
                     state_paths)
 from ..records import read_record, write_record
+from . import master
+from .master import jack_env
 from .state import JackSeen, JackState, Stale
 
 if TYPE_CHECKING:
@@ -56,12 +57,6 @@ SUPERVISOR_CLIENT = "archdsp-bridge"
 
 def default_server() -> str:
     return os.environ.get("JACK_DEFAULT_SERVER") or "default"
-
-
-def jack_env(server: str) -> dict[str, str]:
-    """Environment for JACK tools: this server, never auto-started, no D-Bus device reservation."""
-    return child_env({"JACK_DEFAULT_SERVER": server, "JACK_NO_START_SERVER": "1",
-                      "JACK_NO_AUDIO_RESERVATION": "1"})
 
 
 def open_client(server: str, name: str):
@@ -128,28 +123,6 @@ def _start_server(link: Link, model: HostModel, server: str, kind: str, device: 
     if keep:  # the threads jackd made before the first pin
         placement.pin_process(proc.pid, keep)
     return proc, hook
-
-
-def _jack_tool(argv: list[str], server: str, timeout: float = 15) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=jack_env(server))
-    except subprocess.TimeoutExpired:
-        raise BridgeError(f"{argv[0]} did not finish within {timeout:g} s") from None
-
-
-def _load_master(server: str, master_ip: str, port: int) -> str:
-    """(Re)load JACK2's netmanager bound to ``master_ip:port``; retried briefly while an unloaded
-    master still holds the port."""
-    _jack_tool(["jack_unload", "netmanager", server], server)  # a master from an earlier run
-    options = f"-a {master_ip} -p {port}"
-    out = ""
-    for _attempt in range(20):
-        loaded = _jack_tool(["jack_load", "-s", server, "netmanager", "-i", options], server)
-        if loaded.returncode == 0:
-            return options
-        out = (loaded.stderr or loaded.stdout).strip()[-300:]
-        time.sleep(0.5)
-    raise BridgeError(f"cannot load the NETJACK master on {master_ip}:{port}: {out}")
 
 
 def start(link: Link, options: StartOptions, model: HostModel, say=print) -> tuple[JackState, bool]:
@@ -237,8 +210,9 @@ def _start_owned(link: Link, model: HostModel, server: str, options: StartOption
     finally:
         if hook is not None:
             hook.close()  # the supervisor holds the listener now (or the start is undone)
-    netmanager = _load_master(server, link.master_ip, link.port)
-    table, ifname = _verify_master(link, owned_server, hook is not None, options.allow_any_address, model, server, say)
+    netmanager = master.load(server, link.master_ip, link.port)
+    table, ifname = master.verify(link, owned_server, hook is not None, options.allow_any_address, model, server,
+                                  say)
     state = JackState(domain=link.domain, server=server, server_process=owned_server, server_kind=options.start_server,
                       device=options.device, nperiods=options.nperiods, supervisor=sup, master_ip=link.master_ip,
                       port=link.port, slave=link.slave, channels=link.channels, started=time.time(),
@@ -251,47 +225,6 @@ def _start_owned(link: Link, model: HostModel, server: str, options: StartOption
     say(f"bridge supervisor pid {sup.pid}: VM ports as {ALIAS_CLIENT}:capture_N (host -> VM) and "
         f"{ALIAS_CLIENT}:playback_N (VM -> host)")
     return state
-
-
-def _verify_master(link: Link, owned_server: Owned | None, hooked: bool, allow_any: bool, model: HostModel,
-                   server: str, say) -> tuple[str | None, str | None]:
-    """Where the loaded master listens, read from the kernel: master_ip alone, or (``allow_any``) every
-    address behind the nftables table (its name and interface). Else the master is unloaded and the start
-    refused."""
-    where = sockets.listening(owned_server.pid, link.port) if owned_server is not None else sockets.bound(link.port)
-    wildcard = [w for w in where if sockets.is_wildcard(w)]
-    want = f"{link.master_ip}:{link.port}"
-    if hooked and where == [want]:
-        return None, None
-    if not wildcard and want in where:
-        return None, None
-    if wildcard and allow_any:
-        ifname = model.files.interface_of(link.master_ip) if model.files is not None else None
-        if ifname is None:
-            _unload_master(server)
-            raise BridgeError(f"archibaldos.netjack.master_ip {link.master_ip} is on no interface of this host: "
-                              "start the VM's network (virsh net-start default)")
-        table = guard.install(link.domain, ifname, link.master_ip, link.port)
-        say(f"nftables table inet {table}: port {link.port}/udp only on {ifname} to {link.master_ip} (JACK2's "
-            f"master itself listens on {', '.join(wildcard)}; --allow-any-address)")
-        return table, ifname
-    _unload_master(server)
-    if wildcard:
-        owner = ("the bridge's own jackd" if owned_server is not None
-                 else f"JACK server '{server}' (not started by the bridge, so its binds cannot be hooked)")
-        raise BridgeError(f"the NETJACK master in {owner} listens on {', '.join(f'{w}/udp' for w in wildcard)} "
-                          f"(every address, the kernel's table), not {want} alone: start the bridge on a jackd of its "
-                          "own (netjack start --jack-server NAME --server dummy), or pass --allow-any-address to keep "
-                          "the port behind an nftables rule")
-    raise BridgeError(f"the NETJACK master does not listen on {want}/udp (the kernel's table: "
-                      f"{', '.join(where) or 'nothing on that port'}): see the bridge's log")
-
-
-def _unload_master(server: str) -> None:
-    try:
-        _jack_tool(["jack_unload", "netmanager", server], server, timeout=20)
-    except BridgeError:
-        pass
 
 
 def stop(domain: str, say=print) -> bool:
@@ -313,7 +246,7 @@ def _stop(domain: str, say) -> bool:
     srv = state.server_process
     if srv is None:  # someone else's server: take our master out of it, leave the server alone
         try:
-            r = _jack_tool(["jack_unload", "netmanager", server], server, timeout=20)
+            r = master.unload(server)
             if r.returncode == 0:
                 say(f"unloaded the NETJACK master from JACK server '{server}'")
         except BridgeError as err:
@@ -349,9 +282,7 @@ def _exclude_path(domain: str) -> Path:
 def listening(state: JackState) -> list[str]:
     """Where the master's port is bound, as the kernel says: the sockets of the jackd the bridge started,
     else (a server it joined, whose PID it does not know) every socket on the port."""
-    if state.server_process is not None:
-        return sockets.listening(state.server_process.pid, state.port)
-    return sockets.bound(state.port)
+    return master.where_bound(state.server_process, state.port)
 
 
 def status(domain: str) -> dict:
