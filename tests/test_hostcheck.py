@@ -26,7 +26,7 @@ from archdsp_libvirt.host.critical import root_storage_devices
 from archdsp_libvirt.host.files import Host, split_cmdline
 
 GOOD_CMDLINE = ("BOOT_IMAGE=/vmlinuz root=/dev/nvme0n1p2 ro amd_iommu=on iommu=pt isolcpus=2-3 "
-                "nohz_full=2-3 rcu_nocbs=2,3 threadirqs hugepagesz=2M hugepages=1024 -- single")
+                "nohz_full=2-3 rcu_nocbs=2,3 threadirqs hugepagesz=2M hugepages=1024 skew_tick=1 irqaffinity=0-1 -- single")
 ALL_CAPS = "000001ffffffffff"
 NO_RESOURCE = "000001fffeffffff"  # every capability but CAP_SYS_RESOURCE (24), as on the CI machine
 NO_NICE_NO_RESOURCE = "000001fffe7fffff"
@@ -37,7 +37,10 @@ class FakeHost:
 
     The default tree is a 4-core AMD host (SMT pairs 0-1 and 2-3, cores 2-3 isolated) on which
     every check passes for :data:`GOOD`: IOMMU on, 1024 free 2 MiB pages, cgroup v2, unlimited
-    memlock, an HD audio controller 0000:00:1b.0 alone in IOMMU group 7 and a second one for the host.
+    memlock, an HD audio controller 0000:00:1b.0 alone in IOMMU group 7 and a second one for the host;
+    no RT throttling, ksoftirqd and rcuc of cores 2-3 at FIFO 2 and 4, a vfio-msi IRQ thread at FIFO 50,
+    device IRQs on 0-1, KVM (kvm_amd) tuned as tuned's realtime-virtual-host does, THP never, KSM off,
+    deep C-states of 2-3 disabled, no timer migration, no NMI watchdog, no tuned, no irqbalance.
     """
 
     def __init__(self, root: Path) -> None:
@@ -83,8 +86,51 @@ class FakeHost:
         self.net("eth0", "0000:00:02.0/0000:02:00.0/net/eth0")
         self.pci("0000:00:1b.0", cls=0x040300, vd="1022:15e3", driver="snd_hda_intel", group="7")
         self.pci("0000:0a:00.1", cls=0x040300, vd="1002:1640", driver="snd_hda_intel", group="9")
+        self.file("/proc/sys/kernel/sched_rt_runtime_us", "-1\n")
+        self.file("/proc/sys/kernel/sched_rt_period_us", "1000000\n")
+        for cpu in range(4):
+            self.proc(10 + cpu, f"ksoftirqd/{cpu}", policy=1 if cpu >= 2 else 0, prio=2 if cpu >= 2 else 0,
+                      allowed=str(cpu))
+            self.proc(20 + cpu, f"rcuc/{cpu}", policy=1, prio=4 if cpu >= 2 else 1, allowed=str(cpu))
+        self.proc(30, "irq/45-vfio-msi", policy=1, prio=50, allowed="0-1")
+        self.irq(24, "ahci", "0-1")
+        self.irq(25, "eth0", "0-1")
+        self.irq(26, None, "0-3")  # no handler: no device uses it
+        for name, value in (("halt_poll_ns", "0"), ("kvmclock_periodic_sync", "N"), ("nx_huge_pages", "N")):
+            self.file(f"/sys/module/kvm/parameters/{name}", value + "\n")
+        self.file("/sys/module/kvm_amd/parameters/pause_filter_count", "0\n")
+        self.file("/sys/devices/system/cpu/vulnerabilities/itlb_multihit", "Not affected\n")
+        self.file("/sys/kernel/mm/transparent_hugepage/enabled", "always madvise [never]\n")
+        self.file("/sys/kernel/mm/ksm/run", "0\n")
+        self.file("/proc/sys/kernel/timer_migration", "0\n")
+        self.file("/proc/sys/kernel/nmi_watchdog", "0\n")
+        for cpu in range(4):
+            for state, (name, latency) in enumerate((("POLL", 0), ("C1", 1), ("C6", 100))):
+                self.cstate(cpu, state, name, latency, disabled=cpu >= 2 and latency > 10)
 
     # --- building blocks -----------------------------------------------------
+
+    def proc(self, pid: int, comm: str, policy: int = 0, prio: int = 0, allowed: str = "0-3", nice: int = 0,
+             start: int = 100) -> None:
+        """A process as /proc shows it: comm, stat (nice, start time, RT priority and policy), status."""
+        fields = ["0"] * 53
+        fields[1], fields[2], fields[3] = str(pid), f"({comm})", "S"
+        fields[19], fields[22], fields[40], fields[41] = str(nice), str(start), str(prio), str(policy)
+        self.file(f"/proc/{pid}/comm", comm + "\n")
+        self.file(f"/proc/{pid}/stat", " ".join(fields[1:]) + "\n")
+        self.file(f"/proc/{pid}/status", f"Name:\t{comm}\nCpus_allowed_list:\t{allowed}\n")
+
+    def irq(self, n: int, handler: str | None, cpus: str) -> None:
+        self.file(f"/proc/irq/{n}/smp_affinity_list", cpus + "\n")
+        self.file(f"/proc/irq/{n}/node", "0\n")
+        if handler:
+            self.path(f"/proc/irq/{n}/{handler}").mkdir(parents=True, exist_ok=True)
+
+    def cstate(self, cpu: int, state: int, name: str, latency: int, disabled: bool = False) -> None:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/cpuidle/state{state}"
+        self.file(f"{base}/name", name + "\n")
+        self.file(f"{base}/latency", f"{latency}\n")
+        self.file(f"{base}/disable", f"{int(disabled)}\n")
 
     def path(self, p: str) -> Path:
         return self.root / p.lstrip("/")
@@ -365,6 +411,11 @@ def test_an_offline_core_fails_with_the_command_to_online_it(fake):
 
 def test_emulator_cores_must_exist_too(fake):
     assert check(fake, cfg(emulator_cores=[9]))["cpu.online"].status == "fail"
+
+
+def test_vhost_cores_must_exist_too(fake):
+    f = check(fake, cfg(realtime={"vhost_cores": [9]}))["cpu.online"]
+    assert f.status == "fail" and "no core 9" in f.observed and "realtime.vhost_cores" in f.fix
 
 
 def test_cores_not_isolated_by_the_kernel_warn(fake):

@@ -25,7 +25,16 @@ def test_the_design_list_in_its_order():
     assert kernel_params(load_config(DESIGN), "AuthenticAMD") == [
         "amd_iommu=on", "iommu=pt", "isolcpus=0-1", "nohz_full=0-1", "rcu_nocbs=0-1", "threadirqs",
         "hugepagesz=2M", "hugepages=2048", "default_hugepagesz=2M",
+        "skew_tick=1", "kvm.kvmclock_periodic_sync=0", "kvm_amd.pause_filter_count=0",
     ]
+
+
+def test_the_real_time_host_knobs_follow_the_vendor_and_the_online_cpus():
+    c = parse_config({"isolated_cores": [2, 3], "memory_mb": 2048})
+    intel = kernel_params(c, "GenuineIntel", frozenset(range(6)))
+    assert intel[-4:] == ["skew_tick=1", "kvm.kvmclock_periodic_sync=0", "kvm_intel.ple_gap=0", "irqaffinity=0-1,4-5"]
+    assert "irqaffinity=0-1,4-5" in diff_cmdline(intel, split_cmdline("irqaffinity=0,1,4,5")).present
+    assert not any(p.startswith("irqaffinity=") for p in kernel_params(c, "AuthenticAMD"))  # online unknown
 
 
 def test_vendor_and_page_size():
@@ -33,12 +42,13 @@ def test_vendor_and_page_size():
     params = kernel_params(c, "GenuineIntel")
     assert params[0] == "intel_iommu=on"
     assert "isolcpus=1-3" in params
-    assert params[-3:] == ["hugepagesz=1G", "hugepages=2", "default_hugepagesz=1G"]
+    assert params[6:9] == ["hugepagesz=1G", "hugepages=2", "default_hugepagesz=1G"]
 
 
 def test_no_hugepage_parameters_without_hugepages():
     params = kernel_params(load_config(DOMAINS / "minimal.toml"), "AuthenticAMD")
-    assert params == ["amd_iommu=on", "iommu=pt", "isolcpus=1", "nohz_full=1", "rcu_nocbs=1", "threadirqs"]
+    assert params[:7] == ["amd_iommu=on", "iommu=pt", "isolcpus=1", "nohz_full=1", "rcu_nocbs=1", "threadirqs",
+                          "skew_tick=1"]
 
 
 def test_unknown_vendor_asks_for_one():
@@ -51,7 +61,8 @@ def test_diff_missing_conflicting_present():
     tokens = split_cmdline("root=/dev/sda1 amd_iommu=on iommu=soft isolcpus=domain,managed_irq,0,1 nohz_full=1 "
                            "threadirqs hugepagesz=1G hugepages=4 hugepagesz=2M hugepages=4096 -- rcu_nocbs=0-1")
     d = diff_cmdline(params, tokens)
-    assert d.missing == ["rcu_nocbs=0-1", "default_hugepagesz=2M"]
+    assert d.missing == ["rcu_nocbs=0-1", "default_hugepagesz=2M", "skew_tick=1", "kvm.kvmclock_periodic_sync=0",
+                         "kvm_amd.pause_filter_count=0"]
     assert d.conflicting == [("iommu=pt", "iommu=soft"), ("nohz_full=0-1", "nohz_full=1")]
     assert d.present == ["amd_iommu=on", "isolcpus=0-1", "threadirqs", "hugepagesz=2M", "hugepages=2048"]
     assert d.differs
@@ -80,7 +91,8 @@ def fake_host(tmp_path, cmdline: str, vendor: str = "AuthenticAMD") -> Host:
 
 
 def test_cli_formats_and_diff(tmp_path):
-    host = fake_host(tmp_path, "quiet amd_iommu=on iommu=pt isolcpus=1 nohz_full=1 rcu_nocbs=1 threadirqs")
+    host = fake_host(tmp_path, "quiet amd_iommu=on iommu=pt isolcpus=1 nohz_full=1 rcu_nocbs=1 threadirqs skew_tick=1 "
+                               "kvm.kvmclock_periodic_sync=0 kvm_amd.pause_filter_count=0")
     root = ["--host-root", str(host.root)]
     run = CliRunner().invoke
     nix = run(cli, ["host", "kernel-params", "--format", "nix", str(DESIGN), *root])

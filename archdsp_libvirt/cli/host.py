@@ -1,5 +1,5 @@
-"""``check``, ``host kernel-params``, ``vfio`` and ``host prepare`` (hidden: what scripts/host-services asks):
-the host side of the CLI.
+"""``check``, ``host kernel-params``, ``host tuned-profile``, ``vfio`` and ``host prepare`` (``apply`` and
+``undo``; the rest hidden: what scripts/host-services asks): the host side of the CLI.
 
 Thin, like the rest of it: each command parses its options and calls one
 library function. ``--host-root`` (hidden) reads a fake host tree instead
@@ -55,6 +55,14 @@ def kernel_params(config: Path, fmt: str, diff: bool, cpu_vendor: str | None, ho
         raise click.exceptions.Exit(1)
 
 
+@host.command("tuned-profile")
+@config_argument
+def tuned_profile(config: Path) -> None:
+    """Print tuned's realtime-virtual-host variables for CONFIG's cores
+    (/etc/tuned/realtime-virtual-host-variables.conf)."""
+    click.echo(service.tuned_profile(config), nl=False)
+
+
 @click.group()
 def vfio() -> None:
     """Show a PCI device, bind it to vfio-pci, give it back (for managed = false)."""
@@ -106,12 +114,40 @@ NO = 3  # the answer "no" (nothing to fix, not ours, no such process): never 1 (
 pid_argument = click.argument("pid", type=click.IntRange(min=1))
 
 
-@host.group("prepare", hidden=True)
+@host.group("prepare")
 def prepare() -> None:
-    """What scripts/host-services asks the package: exit 0 for yes, 3 for no, anything else is an error."""
+    """Make the runtime fixes check names (apply), and put back what they changed (undo).
+
+    The other subcommands are what scripts/host-services asks: exit 0 for yes, 3 for no, anything else is an error.
+    """
 
 
-@prepare.command("rt-budget")
+state_option = click.option("--state", "state", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                            help="Where apply records what it changed "
+                                 "(default /run/archdsp-libvirt/host-prepare.json).")
+
+
+@prepare.command("apply")
+@config_argument
+@click.option("--dry-run", is_flag=True, help="Print the changes without making them.")
+@state_option
+@host_root_option
+def prepare_apply(config: Path, dry_run: bool, state: Path | None, host_root: Path) -> None:
+    """Make the runtime fixes CONFIG's check rows name (RT throttling, kernel threads' priorities, IRQs, KVM and
+    latency knobs), recording each value before it; boot-time ones are host kernel-params'."""
+    service.prepare_apply(config, host_root, state, dry_run=dry_run, say=click.echo)
+
+
+@prepare.command("undo")
+@state_option
+@host_root_option
+def prepare_undo(state: Path | None, host_root: Path) -> None:
+    """Put back what apply changed, each only while it is still what apply made it (exit 1 if one fails)."""
+    if not service.prepare_undo(host_root, state, say=click.echo):
+        raise click.exceptions.Exit(1)
+
+
+@prepare.command("rt-budget", hidden=True)
 @host_root_option
 def prepare_rt_budget(host_root: Path) -> None:
     """Exit 0 when SCHED_FIFO vCPUs need the qemu.conf cgroup fix, 3 when not; print what was seen."""
@@ -121,13 +157,13 @@ def prepare_rt_budget(host_root: Path) -> None:
         raise click.exceptions.Exit(NO)
 
 
-@prepare.command("qemu-conf-line")
+@prepare.command("qemu-conf-line", hidden=True)
 def prepare_qemu_conf_line() -> None:
     """The cgroup_controllers line the qemu.conf fix writes."""
     click.echo(service.qemu_conf_line())
 
 
-@prepare.command("start-time")
+@prepare.command("start-time", hidden=True)
 @pid_argument
 def prepare_start_time(pid: int) -> None:
     """PID's start time (clock ticks since boot); exit 3 when there is no such process."""
@@ -137,7 +173,7 @@ def prepare_start_time(pid: int) -> None:
     click.echo(ticks)
 
 
-@prepare.command("owned")
+@prepare.command("owned", hidden=True)
 @click.argument("name")
 @pid_argument
 @click.argument("start", type=click.IntRange(min=0))

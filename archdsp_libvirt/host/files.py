@@ -162,6 +162,37 @@ class Host(NetworkFiles):
         with open(self.path(p), "w") as fh:
             fh.write(value)
 
+    @property
+    def is_this_machine(self) -> bool:
+        """Whether the root is / (this machine's own files, not a fake tree)."""
+        return os.path.realpath(self.root) == "/"
+
+    def setting(self, p: str) -> str | None:
+        """A kernel setting's value: the file's text stripped, or the bracketed choice of a selection
+        file (``always [madvise] never`` -> ``madvise``); None when the file is missing."""
+        text = self.read(p)
+        if text is None:
+            return None
+        m = re.search(r"\[([^\]]*)\]", text)
+        return m.group(1) if m else text.strip()
+
+    def set_setting(self, p: str, value: str) -> None:
+        """Write a kernel setting (raises OSError). On a fake tree the file then reads as the kernel's
+        would: a selection file with ``value`` bracketed, any other with ``value`` and a newline."""
+        if self.is_this_machine:
+            self.write(p, value)
+            return
+        text = self.read(p)
+        if text is None:
+            raise FileNotFoundError(2, "no such file", p)
+        if "[" in text:
+            words = text.replace("[", "").replace("]", "").split()
+            if value not in words:
+                raise OSError(22, f"invalid argument {value!r}", p)
+            self.write(p, " ".join(f"[{w}]" if w == value else w for w in words) + "\n")
+        else:
+            self.write(p, value + "\n")
+
     # --- procfs and sysfs facts -------------------------------------------------
 
     def cmdline(self) -> list[str]:

@@ -6,6 +6,11 @@ design's ``boot.kernelParams``::
     amd_iommu=on iommu=pt isolcpus=0-1 nohz_full=0-1 rcu_nocbs=0-1 threadirqs
     hugepagesz=2M hugepages=2048 default_hugepagesz=2M
 
+then the real-time KVM host's boot-time knobs (what ``check``'s rows name, the values tuned's
+realtime-virtual-host sets)::
+
+    skew_tick=1 kvm.kvmclock_periodic_sync=0 kvm_amd.pause_filter_count=0 irqaffinity=2-3
+
 The IOMMU parameters are always included, not only when ``audio_device`` is
 enabled: the design lists them for every DSP host, ``iommu=pt`` keeps host
 devices off the translation path, and enabling passthrough later then needs
@@ -22,17 +27,19 @@ from pathlib import Path
 from msgspec import Struct, field
 
 from ..config import DspConfig, load_config
-from ..cpuset import format_cpuset
+from ..cpuset import CpuSet, format_cpuset
 from ..errors import UsageError
 from .checks import IOMMU_PARAMS
+from .checks.knobs import PLE
 from .files import Host, cmdline_cpus, cmdline_values, page_size_kib
 
 FORMATS = ("plain", "nix", "grub")
-CPU_LIST_KEYS = ("isolcpus", "nohz_full", "rcu_nocbs")
+CPU_LIST_KEYS = ("isolcpus", "nohz_full", "rcu_nocbs", "irqaffinity")
 
 
-def kernel_params(cfg: DspConfig, cpu_vendor: str | None) -> list[str]:
-    """The kernel parameters ``cfg`` needs on a host whose /proc/cpuinfo vendor_id is ``cpu_vendor``."""
+def kernel_params(cfg: DspConfig, cpu_vendor: str | None, online: CpuSet | None = None) -> list[str]:
+    """The kernel parameters ``cfg`` needs on a host whose /proc/cpuinfo vendor_id is ``cpu_vendor``;
+    ``irqaffinity=`` (the cores left to the host) only when its ``online`` CPUs are known."""
     iommu = IOMMU_PARAMS.get(cpu_vendor or "")
     if iommu is None:
         raise UsageError(
@@ -44,6 +51,11 @@ def kernel_params(cfg: DspConfig, cpu_vendor: str | None) -> list[str]:
     if cfg.hugepages:
         size = cfg.hugepage_size
         params += [f"hugepagesz={size}", f"hugepages={cfg.hugepages}", f"default_hugepagesz={size}"]
+    module, ple = PLE[cpu_vendor or ""]
+    params += ["skew_tick=1", "kvm.kvmclock_periodic_sync=0", f"{module}.{ple}=0"]
+    keep = (online or frozenset()) - frozenset(cfg.isolated_cores)
+    if keep:
+        params.append(f"irqaffinity={format_cpuset(keep)}")
     return params
 
 
@@ -149,7 +161,7 @@ def kernel_params_command(config: str | Path, host: Host, fmt: str = "plain", di
                           cpu_vendor: str | None = None) -> tuple[str, bool]:
     """What ``host kernel-params`` prints, and whether the running kernel lacks any of it."""
     cfg = load_config(config)
-    params = kernel_params(cfg, cpu_vendor or host.cpu_vendor())
+    params = kernel_params(cfg, cpu_vendor or host.cpu_vendor(), host.cpus("online"))
     if not diff:
         return format_params(params, fmt), False
     d = diff_cmdline(params, host.cmdline())

@@ -75,6 +75,7 @@ class HostModel(Struct, frozen=True):
     kvm: bool | None = None
     kvm_from: str | None = None  # who said so: "libvirt" (its capabilities) or "/dev/kvm" (this machine's files)
     kvm_pvm: bool | None = None  # KVM is nested PVM (only PVM guest kernels boot); None: cannot be told
+    vhost_net: bool | None = None  # /dev/vhost-net is there (virtio-net in a vhost worker); None: unknown
     pci: tuple[Any, ...] | None = None  # PciDevice, with IOMMU groups
     libvirt_version: str | None = None
     domains: tuple[DspDomain, ...] = ()

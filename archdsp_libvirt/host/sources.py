@@ -20,7 +20,7 @@ _HUGEPAGE_DIR = re.compile(r"^hugepages-(\d+)kB$")
 
 # Every fact the host model has, by its field name; a command asks only for those it needs.
 ALL_FACTS = frozenset({"online_cpus", "isolated_cpus", "hugepages", "memory_kib", "pci", "kvm",
-                       "kvm_pvm", "libvirt_version", "domains", "passt"})
+                       "kvm_pvm", "vhost_net", "libvirt_version", "domains", "passt"})
 
 
 def _pools(files: Host) -> tuple[HugePool, ...]:
@@ -49,10 +49,12 @@ _FILE_FACTS = {
     "kvm": lambda files: files.exists("/dev/kvm"),
     # PVM (kvm_pvm) runs only guest kernels built with CONFIG_PVM_GUEST: a stock kernel cannot boot there.
     "kvm_pvm": lambda files: files.exists("/sys/module/kvm_pvm"),
+    # Without /dev/vhost-net (the vhost_net module), libvirt's QEMU runs virtio-net in its own main loop.
+    "vhost_net": lambda files: files.exists("/dev/vhost-net"),
 }
 
 
 def file_facts(files: Host, wanted: Collection[str] = ALL_FACTS) -> dict:
     """What this machine's files say of the ``wanted`` facts: CPUs, isolation, hugepage pools, memory,
-    PCI devices, /dev/kvm, whether KVM is nested PVM. Only those wanted are read."""
+    PCI devices, /dev/kvm, whether KVM is nested PVM, /dev/vhost-net. Only those wanted are read."""
     return {key: read(files) for key, read in _FILE_FACTS.items() if key in wanted}

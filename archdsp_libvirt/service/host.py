@@ -14,6 +14,28 @@ def kernel_params(config: Path, host_root: Path, fmt: str, diff: bool, cpu_vendo
     return kernel_params_command(config, Host(host_root), fmt=fmt, diff=diff, cpu_vendor=cpu_vendor)
 
 
+def tuned_profile(config: Path) -> str:
+    from ..config import load_config
+    from ..host.checks.tuned import tuned_variables
+
+    return tuned_variables(load_config(config))
+
+
+def prepare_apply(config: Path, host_root: Path, state: Path | None, dry_run: bool, say) -> int:
+    from ..config import load_config
+    from ..host.prepare import PREPARE_STATE, apply
+
+    host = Host(host_root)
+    return apply(load_config(config), host, state or host.path(PREPARE_STATE), dry_run=dry_run, say=say)
+
+
+def prepare_undo(host_root: Path, state: Path | None, say) -> bool:
+    from ..host.prepare import PREPARE_STATE, undo
+
+    host = Host(host_root)
+    return undo(host, state or host.path(PREPARE_STATE), say=say)
+
+
 def vfio_show(pci: str, host_root: Path) -> str:
     from ..host.vfio import show
 

@@ -117,9 +117,15 @@ def vcpu_threads(pid: int, proc: str = "/proc") -> dict[int, Thread]:
     return {t.vcpu: t for t in threads(pid, proc) if t.vcpu is not None}
 
 
+def vhost_comm(pid: int) -> str:
+    """The name of QEMU ``pid``'s vhost-net workers (a kernel thread, or from Linux 6.4 a thread of
+    QEMU's own): placed apart, see :mod:`.vhost`."""
+    return f"vhost-{pid}"
+
+
 def emulator_threads(pid: int, proc: str = "/proc") -> list[Thread]:
-    """QEMU's own threads: everything that is not a vCPU."""
-    return [t for t in threads(pid, proc) if t.vcpu is None]
+    """QEMU's own threads: everything that is neither a vCPU nor a vhost-net worker."""
+    return [t for t in threads(pid, proc) if t.vcpu is None and t.comm != vhost_comm(pid)]
 
 
 def renice(tids: list[int], nice: int) -> None:

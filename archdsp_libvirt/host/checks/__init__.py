@@ -16,9 +16,13 @@ config (or was skipped on request by :func:`preflight`).
 Every read of sysfs, procfs, /dev and /etc goes through :class:`Host`,
 whose one root directory tests point at a fake host tree.
 
-One module a group: platform (KVM, libvirt, IOMMU), boot, cpus, memory, realtime,
-passthrough, neighbours (other DSP VMs, the NETJACK master's network); audio threads in
-:mod:`..audiothreads`.
+One module a group: platform (KVM, libvirt, IOMMU), boot, cpus, memory, realtime (with RT
+throttling and the kernel threads above the vCPUs), irqs, knobs (KVM's module parameters, THP, KSM,
+C-states, timer migration, skew_tick, the NMI watchdog), tuned, passthrough, neighbours (other DSP VMs,
+the NETJACK master's network); audio threads in :mod:`..audiothreads`.
+
+The runtime fixes the rows name are also values (:class:`~..findings.Write`,
+:class:`~..findings.Resched`): :func:`runtime_changes` lists them for ``host prepare apply``.
 """
 
 from __future__ import annotations
@@ -30,19 +34,31 @@ from msgspec import structs
 from ...config import DspConfig
 from ...errors import HostError, UsageError
 from ..audiothreads import check_audio_threads
-from ..findings import STATUSES, Finding
+from ..files import Host
+from ..findings import STATUSES, Finding, Resched, Write
 from ..model import HostModel
 from .boot import check_boot_files
 from .cpus import check_cpus
+from .irqs import check_irqs, irq_writes, vfio_changes
+from .knobs import check_knobs, knob_writes
 from .memory import MEMLOCK_FIX, check_hugepages, check_memlock, check_memory_size
 from .neighbours import check_domains, check_netjack_master
 from .passthrough import check_passthrough
 from .platform import IOMMU_PARAMS, check_accel, check_iommu, check_kvm, check_libvirt
-from .realtime import QEMU_CGROUP_LINE, check_realtime, rt_cgroup
+from .realtime import (
+    QEMU_CGROUP_LINE,
+    check_kthreads,
+    check_realtime,
+    check_throttling,
+    kthread_changes,
+    rt_cgroup,
+    throttling_writes,
+)
+from .tuned import check_tuned
 
 __all__ = [
     "CHECK_IDS", "IOMMU_PARAMS", "MEMLOCK_FIX", "QEMU_CGROUP_LINE", "Finding", "check_boot_files", "failures",
-    "findings_json", "format_findings", "preflight", "rt_cgroup", "run_checks",
+    "findings_json", "format_findings", "preflight", "rt_cgroup", "run_checks", "runtime_changes",
 ]
 
 # Every id run_checks can produce, in the order it produces them.
@@ -68,6 +84,22 @@ CHECK_IDS: tuple[str, ...] = (
     "memlock.limit",
     "rt.cgroup",
     "rt.rtprio",
+    "rt.throttling",
+    "rt.kthreads",
+    "irq.affinity",
+    "irq.balance",
+    "irq.vfio",
+    "kvm.halt_poll",
+    "kvm.ple",
+    "kvm.kvmclock_sync",
+    "kvm.nx_huge_pages",
+    "mm.thp",
+    "mm.ksm",
+    "cpu.cstates",
+    "cpu.timer_migration",
+    "cpu.skew_tick",
+    "cpu.nmi_watchdog",
+    "tuned.profile",
     "vfio.device",
     "vfio.vendor",
     "vfio.group",
@@ -102,11 +134,28 @@ def run_checks(cfg: DspConfig, host: HostModel, libvirt_reachable: bool | None =
         *check_hugepages(cfg, model),
         *check_memlock(cfg, model),
         *check_realtime(cfg, model),
+        *check_throttling(cfg, model),
+        *check_kthreads(cfg, model),
+        *check_irqs(cfg, model),
+        *check_knobs(cfg, model),
+        *check_tuned(cfg, model),
         *check_passthrough(cfg, model),
         *check_domains(cfg, model),
         *check_netjack_master(cfg, model),
         *check_audio_threads(cfg, model),
     ]
+
+
+def runtime_changes(cfg: DspConfig, host: Host) -> list[Write | Resched]:
+    """The runtime fixes of the rows above on this host: what ``host prepare apply`` makes (and undoes).
+
+    RT throttling and the kernel threads' priorities only with ``realtime.enable``; IRQs off the vCPU
+    cores, the vfio IRQ threads, and the knobs of :mod:`.knobs`.
+    """
+    changes: list[Write | Resched] = []
+    if cfg.realtime.enable:
+        changes += [*throttling_writes(host), *kthread_changes(cfg, host), *vfio_changes(cfg, host)]
+    return changes + [*irq_writes(cfg, host), *knob_writes(cfg, host)]
 
 
 def preflight(cfg: DspConfig, host: HostModel, libvirt_reachable: bool | None, skip: Iterable[str] = (), *,

@@ -18,7 +18,7 @@ def check_cpus(cfg: DspConfig, model: HostModel) -> list[Finding]:
     kernel_isolated = model.isolated_cpus or frozenset()
 
     # Existence: a core that is not there is a VM that cannot be pinned.
-    asked = wanted | frozenset(cfg.emulator_cores or ())
+    asked = wanted | frozenset(cfg.emulator_cores or ()) | frozenset(cfg.realtime.vhost_cores or ())
     if online is None:
         seen = ("/sys/devices/system/cpu/online unreadable" if host is not None
                 else f"libvirt at {model.where} did not give its CPU map")
@@ -40,7 +40,7 @@ def check_cpus(cfg: DspConfig, model: HostModel) -> list[Finding]:
                 seen.append(f"core {format_cpuset(offline)} offline")
             fix = "; ".join(
                 ([f"echo 1 > /sys/devices/system/cpu/cpu{c}/online" for c in offline])
-                + ([f"set isolated_cores/emulator_cores to online cores (this host: {format_cpuset(online)})"]
+                + ([f"set isolated_cores/emulator_cores/realtime.vhost_cores to online cores (this host: {format_cpuset(online)})"]
                    if absent else [])
             )
             out.append(Finding("cpu.online", "fail", "; ".join(seen) + f" (online {format_cpuset(online)})",
