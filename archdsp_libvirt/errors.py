@@ -70,3 +70,11 @@ class Invalid(ValueError):
         super().__init__(message)
         self.message = message
         self.key = key
+
+
+class GuestAgentError(ArchdspError):
+    """The QEMU guest agent answered, but not what was asked (a command that failed or did not finish)."""
+
+
+class AgentUnavailable(GuestAgentError):
+    """No QEMU guest agent answers in the guest (no channel, none connected, or not responding)."""

@@ -48,6 +48,8 @@
 # to /run/archdsp-restart; within a second init stops jackd, waits S seconds
 # (default 1; the host drops its master for the old slave meanwhile), starts
 # jackd with the new settings (and the DSP client), then prints the marker again.
+# /run/archdsp-state says the same for a reader without the console (archdsp-virt through the
+# guest agent): "RESTARTING latency=N sync=S", then "READY latency=N sync=S" or "FAILED reason".
 #
 # While the loop runs, init opens no JACK client (jack_lsp, jack_connect):
 # it checks jackd and the DSP client by PID and the master by the NIC's
@@ -82,8 +84,12 @@ mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run 2>/dev/null
 [ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
 
 log() { echo "archdsp-init: $*"; }
+# /run/archdsp-state: the console protocol's last word, for a reader without the console (the
+# guest agent): READY latency=N sync=0|1 | RESTARTING latency=N sync=0|1 | FAILED <reason>
+STATE_FILE=/run/archdsp-state
 fail_msg() {
 	echo "ARCHDSP-FAILED $*"
+	echo "FAILED $*" >"$STATE_FILE" 2>/dev/null
 }
 fail() {
 	# fatal: report once, then keep PID 1 alive
@@ -172,6 +178,54 @@ parse_contract() {
 	[ "$V" = 1 ]
 }
 # (end of the contract reader)
+
+# ----------------------------------------------------------- guest agent ---
+# The QEMU guest agent on the domain's virtio-serial port org.qemu.guest_agent.0:
+# archdsp-virt's rt-test, tune, status and guest check talk to the guest through
+# it.  No udev here: the port is found by its name in sysfs, its node
+# (/dev/vportNpM) is devtmpfs's.  Started before the link settings are read, so
+# that a guest whose link cannot come up can still be looked at.  Restarted when
+# it dies, at most AGENT_RESTARTS times.
+
+AGENT_PORT_NAME=org.qemu.guest_agent.0
+AGENT_RESTARTS=10
+agent_port() {
+	for n in /sys/class/virtio-ports/*/name; do
+		[ -r "$n" ] || continue
+		[ "$(cat "$n")" = "$AGENT_PORT_NAME" ] || continue
+		d=${n%/name}
+		printf '/dev/%s\n' "${d##*/}"
+		return 0
+	done
+	return 1
+}
+start_agent() {
+	command -v qemu-ga >/dev/null 2>&1 || { log "no qemu-ga in this guest"; return 0; }
+	i=0
+	port=
+	while [ $i -lt 30 ]; do
+		port=$(agent_port) && [ -c "$port" ] && break
+		port=
+		usleep 100000
+		i=$((i + 1))
+	done
+	if [ -z "$port" ]; then
+		log "no virtio-serial port $AGENT_PORT_NAME: the guest agent is not started"
+		return 0
+	fi
+	(
+		n=0
+		while [ $n -lt $AGENT_RESTARTS ]; do
+			qemu-ga -m virtio-serial -p "$port" -t /run -f /run/qemu-ga.pid >>/tmp/qemu-ga.log 2>&1
+			n=$((n + 1))
+			sleep 1
+		done
+		echo "archdsp-init: qemu-ga exited $n times, not restarted"
+	) </dev/null &
+	log "guest agent: qemu-ga on $port ($AGENT_PORT_NAME)"
+}
+start_agent
+
 
 DMI_ENTRIES=/sys/firmware/dmi/entries
 CONTRACT=$(oem_contract "$DMI_ENTRIES")
@@ -301,6 +355,7 @@ restart_requested() {
 		esac
 	done
 	log "restart requested: latency=$LATENCY sync=$SYNC"
+	echo "RESTARTING latency=$LATENCY sync=$SYNC" >"$STATE_FILE"
 	return 0
 }
 
@@ -407,7 +462,9 @@ start_events() {
 	command -v jack_evmon >/dev/null 2>&1 || return 0
 	: >"$EVMON_LOG"
 	exec 8<"$EVMON_LOG"
-	jack_evmon >>"$EVMON_LOG" 2>&1 &
+	# jack_evmon's printf into a file is buffered 4 KiB at a time: stdbuf -oL
+	# (coreutils) makes it a line at a time
+	stdbuf -oL jack_evmon >>"$EVMON_LOG" 2>&1 &
 	EVMON_PID=$!
 }
 stop_events() {
@@ -431,7 +488,10 @@ dsp_client_gone() {
 	[ "$DSP" = thru ] && [ "$CHANNELS" -ge 2 ] && ! alive "$THRU_PID"
 }
 
-ready_line() { echo "$MARKER name=$NAME master=$MASTER port=$PORT"; }
+ready_line() {
+	echo "$MARKER name=$NAME master=$MASTER port=$PORT"
+	echo "READY latency=$LATENCY sync=$SYNC" >"$STATE_FILE"
+}
 
 trim_logs() {
 	for f in "$JACKD_LOG" "$DSP_LOG" "$EVMON_LOG"; do

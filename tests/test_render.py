@@ -264,3 +264,70 @@ def test_disk_gets_an_iothread_pinned_and_scheduled_with_the_emulator(tmp_path):
 def test_bad_realtime_scheduling_keys(key, value):
     with pytest.raises(ConfigError, match=f"realtime.{key}"):
         cfg(realtime={key: value})
+
+
+# --- the network data path: vhost-net under KVM -----------------------------------------------------
+
+KVM_HOST = HostFacts(online_cpus=frozenset(range(4)), kvm=True, kvm_pvm=False)
+NAT = {"enable": True, "mode": "nat"}
+
+
+def test_vhost_driver_on_a_tap_nic_under_kvm():
+    root = xml_of(cfg(domain_type="kvm", network=NAT))
+    nic = root.find("devices/interface")
+    assert [c.tag for c in nic] == ["mac", "source", "model", "driver"]
+    assert nic.find("driver").attrib == {"name": "vhost"}
+
+
+def test_no_vhost_driver_under_tcg_nor_on_a_user_nic():
+    assert xml_of(cfg(domain_type="qemu", network=NAT)).find("devices/interface/driver") is None
+    user = xml_of(cfg(domain_type="kvm", network={"enable": True, "mode": "user"}))
+    assert user.find("devices/interface") is not None
+    assert user.find("devices/interface/driver") is None
+
+
+def test_a_host_without_dev_vhost_net_gets_no_vhost_driver_and_a_warning():
+    host = HostFacts(online_cpus=frozenset(range(4)), kvm=True, kvm_pvm=False, vhost_net=False)
+    r = render_domain(cfg(domain_type="kvm", network=NAT), host)
+    assert "<driver name=\"vhost\"/>" not in r.xml
+    assert any("no /dev/vhost-net" in w and "modprobe vhost_net" in w for w in r.warnings)
+    # unknown (a remote host, a host given by hand): rendered, libvirt at that host decides
+    unknown = render_domain(cfg(domain_type="kvm", network=NAT), HostFacts(online_cpus=frozenset(range(4))))
+    assert "<driver name=\"vhost\"/>" in unknown.xml and not any("vhost" in w for w in unknown.warnings)
+
+
+def test_vhost_tuning_follows_the_emulator_below_the_vcpus():
+    p = plan(cfg(), HOST4)
+    # vCPUs at FIFO 1: nothing below it is FIFO, so SCHED_OTHER at the emulator's nice
+    assert (p.vhost.cpus, p.vhost.priority, p.vhost.nice) == (frozenset({0, 1}), 0, -20)
+    p = plan(cfg(realtime={"priority": 10, "nice": -5}), HOST4)
+    assert (p.vhost.cpus, p.vhost.priority, p.vhost.nice) == (frozenset({0, 1}), 9, None)
+    p = plan(cfg(isolated_cores=[3], realtime={"priority": 10, "vhost_priority": 4, "vhost_cores": [2]}), HOST4)
+    assert (p.vhost.cpus, p.vhost.priority, p.vhost.nice) == (frozenset({2}), 4, None)
+    p = plan(cfg(realtime={"enable": False}), HOST4)
+    assert (p.vhost.cpus, p.vhost.priority, p.vhost.nice) == (frozenset({0, 1}), 0, None)  # pinned, not rescheduled
+
+
+def test_vhost_net_is_read_from_the_hosts_files_and_never_for_a_host_given_by_hand(tmp_path):
+    from archdsp_libvirt.host.files import Host
+    from archdsp_libvirt.virt.hostfacts import gather
+
+    (tmp_path / "dev").mkdir()
+    assert gather(None, files=Host(tmp_path)).vhost_net is False
+    (tmp_path / "dev/vhost-net").write_text("")
+    assert gather(None, files=Host(tmp_path)).vhost_net is True
+    # --host-cpus: this machine's /dev says nothing of the host given by hand
+    assert gather(None, files=Host(tmp_path), online_cpus=frozenset({0, 1})).vhost_net is None
+
+
+def test_kvm_cpu_and_features_follow_libvirts_realtime_guide():
+    """kbase/kvm-realtime: host-passthrough with a topology matching the placement and tsc-deadline
+    required, the PMU off; TCG keeps QEMU's CPU model (the PMU stays off there too)."""
+    root = xml_of(cfg(domain_type="kvm", isolated_cores=[1, 2, 3]))
+    c = root.find("cpu")
+    assert (c.get("mode"), c.get("check"), c.get("migratable")) == ("host-passthrough", "none", "off")
+    assert c.find("topology").attrib == {"sockets": "1", "dies": "1", "cores": "3", "threads": "1"}
+    assert c.find("feature[@name='tsc-deadline']").get("policy") == "require"
+    assert root.find("features/pmu").get("state") == "off"
+    tcg = xml_of(cfg(domain_type="qemu"))
+    assert tcg.find("cpu") is None and tcg.find("features/pmu").get("state") == "off"

@@ -25,7 +25,7 @@ ARCHDSP-RT-END rc=0\r
 
 
 def test_parse_reads_samples_summary_and_histogram_between_the_markers():
-    r = parse(OUTPUT, 5, 1333.3, "serial console")
+    r = parse(OUTPUT, 5, 1333.3, "console")
     assert (r.samples, r.min_us, r.avg_us, r.max_us) == (500, 10, 22, 1500)
     assert r.histogram == ((10, 2), (14, 495), (1500, 3))
     assert not r.holds and "1500 us > the period budget 1333 us" in r.verdict

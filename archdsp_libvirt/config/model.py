@@ -205,7 +205,7 @@ class AudioDeviceConfig(_Section, kw_only=True):
 
 
 class RealtimeConfig(_Section, kw_only=True):
-    """``[realtime]``: SCHED_FIFO vCPUs, locked memory, emulator niceness."""
+    """``[realtime]``: SCHED_FIFO vCPUs, locked memory, emulator niceness, the vhost-net threads."""
 
     enable: bool = True
     mlock: bool = True
@@ -216,11 +216,25 @@ class RealtimeConfig(_Section, kw_only=True):
     emulator_priority: Annotated[int, Meta(ge=0, le=99)] = 0
     # I/O threads for the disk (<iothreads>, pinned and scheduled like the emulator); 0 = QEMU's main loop.
     iothreads: Annotated[int, Meta(ge=0, le=16)] = 1
+    # The network data path under KVM: the vhost-net worker threads, pinned and scheduled after the start
+    # (libvirt has no element for them). Cores: left out = the emulator's. Priority: SCHED_FIFO, below the
+    # vCPUs'; 0 = SCHED_OTHER at ``nice``; left out = priority - 1 (SCHED_OTHER when the vCPUs run at 1).
+    vhost_cores: list[Annotated[int, Meta(ge=0, le=4095)]] | None = None
+    vhost_priority: Annotated[int, Meta(ge=0, le=98)] | None = None
 
     def __post_init__(self) -> None:
         if self.emulator_priority and not self.enable:
             raise Invalid("takes effect only with realtime.enable = true (QEMU's threads stay SCHED_OTHER): "
                           "set emulator_priority = 0, or enable = true", ("emulator_priority",))
+        cores = self.vhost_cores
+        if cores is not None and (not cores or len(set(cores)) != len(cores)):
+            raise Invalid("must list distinct host cores, or be left out to use the emulator's", ("vhost_cores",))
+        if self.vhost_priority and not self.enable:
+            raise Invalid("takes effect only with realtime.enable = true (the vhost threads stay as the kernel "
+                          "made them): leave vhost_priority out, or set enable = true", ("vhost_priority",))
+        if self.vhost_priority and self.vhost_priority >= self.priority:
+            raise Invalid(f"must be below realtime.priority = {self.priority} (the vCPUs'): set vhost_priority "
+                          f"= {self.priority - 1} (0 = SCHED_OTHER), or raise priority", ("vhost_priority",))
 
 
 def _source(v: str) -> None:
@@ -371,6 +385,9 @@ class DspConfig(_Section, kw_only=True):
         """Checks across keys; each message names the keys."""
         if self.emulator_cores and set(self.emulator_cores) & set(self.isolated_cores):
             raise Invalid("emulator_cores must not overlap isolated_cores")
+        if self.realtime.vhost_cores and set(self.realtime.vhost_cores) & set(self.isolated_cores):
+            raise Invalid("realtime.vhost_cores must not overlap isolated_cores: a FIFO vCPU starves the network "
+                          "thread on its core; name a housekeeping core, or leave vhost_cores out")
         if not _is_loopback(self.display_listen) and not self.display_password:
             raise Invalid(
                 f"display_listen = {self.display_listen!r} lets other hosts reach the spice/vnc display: "

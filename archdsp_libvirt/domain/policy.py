@@ -24,7 +24,7 @@ QCOW2_MAGIC = b"QFI\xfb"
 HOSTFWD_NETDEV = "archdspfwd0"
 # The host facts :func:`plan` reads (the host model's field names): a command that only renders asks
 # for these alone. The disk image's header is read through the model's files, where it has them.
-PLAN_FACTS = frozenset({"online_cpus", "isolated_cpus", "passt", "kvm", "kvm_pvm"})
+PLAN_FACTS = frozenset({"online_cpus", "isolated_cpus", "passt", "kvm", "kvm_pvm", "vhost_net"})
 
 
 class VcpuPin(Struct, frozen=True):
@@ -41,6 +41,19 @@ class Nic(Struct, frozen=True):
     forwards: tuple[tuple[int, int], ...] = ()
     address: str = "127.0.0.1"
     passt: bool = False
+    vhost: bool = False  # <driver name='vhost'/>: virtio-net in the kernel's vhost-net worker (KVM, tap NICs)
+
+
+TAP_KINDS = ("network", "bridge")  # the NICs on a tap device, the ones vhost-net can serve
+
+
+class VhostTuning(Struct, frozen=True):
+    """Where and how the network data path's vhost-net threads run. libvirt has no element for them:
+    ``up`` sets it on the threads after the start (``virt.vhost``)."""
+
+    cpus: CpuSet  # empty: left where the kernel put them
+    priority: int = 0  # SCHED_FIFO priority, below the vCPUs'; 0 = SCHED_OTHER
+    nice: int | None = None  # SCHED_OTHER's niceness; None: the scheduling is left as the kernel made it
 
 
 class Plan(Struct, frozen=True):
@@ -64,6 +77,7 @@ class Plan(Struct, frozen=True):
     oem_strings: tuple[str, ...] = ()  # SMBIOS type 11 strings: the guest contract (see .contract)
     warnings: tuple[str, ...] = ()
     accel: Accel | None = None  # domain_type resolved on the host (None: as the config says)
+    vhost: VhostTuning = VhostTuning(frozenset())
 
     @property
     def domain_type(self) -> str:
@@ -132,7 +146,7 @@ def _hostfwd_args(cfg: DspConfig, mac: str) -> tuple[str, ...]:
     )
 
 
-def _nics(cfg: DspConfig, passt: bool) -> tuple[tuple[Nic, ...], tuple[str, ...]]:
+def _nics(cfg: DspConfig, passt: bool, vhost: bool) -> tuple[tuple[Nic, ...], tuple[str, ...]]:
     net = cfg.network
     if not net.enable:
         return (), ()
@@ -140,7 +154,7 @@ def _nics(cfg: DspConfig, passt: bool) -> tuple[tuple[Nic, ...], tuple[str, ...]
     hostfwd: tuple[str, ...] = ()
     if net.mode in ("nat", "bridge"):
         kind = "network" if net.mode == "nat" else "bridge"
-        nics.append(Nic(kind=kind, source=net.source, mac=mac_for(cfg.name, 0)))
+        nics.append(Nic(kind=kind, source=net.source, mac=mac_for(cfg.name, 0), vhost=vhost))
     forwards = tuple(net.forwards)
     if net.mode == "user" or forwards:
         mac = mac_for(cfg.name, len(nics))
@@ -189,7 +203,14 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
     cmdline = cfg.boot.cmdline.strip() if kernel else None
     oem = contract.oem_string(cfg)
 
-    nics, hostfwd = _nics(cfg, host.passt)
+    accel = resolve_accel(cfg.domain_type, host)
+    kvm = accel.domain_type == "kvm"
+    # vhost-net: explicit under KVM (libvirt then fails the start where it cannot have it, rather than
+    # carrying the audio in QEMU's main loop unsaid), except where the host is known to lack it.
+    nics, hostfwd = _nics(cfg, host.passt, vhost=kvm and host.vhost_net is not False)
+    if kvm and host.vhost_net is False and any(n.kind in TAP_KINDS for n in nics):
+        warnings.append("no /dev/vhost-net on the host: virtio-net runs in QEMU's main loop, not in a vhost-net "
+                        "thread (modprobe vhost_net, then 'up --restart')")
     if hostfwd or cfg.qemu_extra_args:
         users = " and ".join(
             what for what, used in (("port forwards (hostfwd)", hostfwd), ("qemu_extra_args", cfg.qemu_extra_args))
@@ -217,6 +238,7 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
                         "without starving the vCPUs (set emulator_cores)")
         emulator_priority = 0
     iothreads = rt.iothreads if disk_path else 0
+    vhost = _vhost_tuning(cfg, emulator)
     return Plan(
         config=cfg,
         pins=pins,
@@ -235,5 +257,18 @@ def plan(cfg: DspConfig, host: HostModel, uuid: str | None = None) -> Plan:
         emulator_priority=emulator_priority,
         iothreads=iothreads,
         warnings=tuple(warnings),
-        accel=resolve_accel(cfg.domain_type, host),
+        accel=accel,
+        vhost=vhost,
     )
+
+
+def _vhost_tuning(cfg: DspConfig, emulator: CpuSet) -> VhostTuning:
+    """The vhost threads on ``realtime.vhost_cores``, else with the emulator; SCHED_FIFO one below the
+    vCPUs (``vhost_priority`` to choose), or SCHED_OTHER at the emulator's nice when the vCPUs run at
+    FIFO 1; untouched scheduling without ``realtime.enable``."""
+    rt = cfg.realtime
+    cpus = frozenset(rt.vhost_cores) if rt.vhost_cores is not None else emulator
+    if not rt.enable:
+        return VhostTuning(cpus)
+    prio = rt.vhost_priority if rt.vhost_priority is not None else rt.priority - 1
+    return VhostTuning(cpus, prio, rt.nice if prio == 0 else None)

@@ -128,14 +128,17 @@ def features(plan: Plan) -> etree._Element:
 
 
 def cpu(plan: Plan) -> list[etree._Element]:
-    """<cpu mode='host-passthrough' check='none' migratable='off'><feature policy='require' name='tsc-deadline'/></cpu>
+    """<cpu mode='host-passthrough' check='none' migratable='off'><topology sockets='1' dies='1' cores='N'
+    threads='1'/><feature policy='require' name='tsc-deadline'/></cpu>
 
-    KVM only: a TCG (``qemu``) domain keeps QEMU's default CPU model.
+    KVM only, as libvirt's real-time guide has it (the topology matching the placement: one vCPU per
+    host core, all on one socket); a TCG (``qemu``) domain keeps QEMU's default CPU model.
     """
     if plan.domain_type != "kvm":
         return []
     return [
         E.cpu(
+            E.topology(sockets=1, dies=1, cores=len(plan.pins), threads=1),
             E.feature(policy="require", name="tsc-deadline"),
             *(E.feature(policy="disable", name=f) for f in plan.config.cpu_disable_features),
             mode="host-passthrough",
@@ -185,7 +188,8 @@ def controller(plan: Plan) -> etree._Element:
 
 
 def interface(nic: Nic) -> etree._Element:
-    """<interface type='network'><mac address='52:54:00:..'/><source network='default'/><model type='virtio'/></interface>
+    """<interface type='network'><mac address='52:54:00:..'/><source network='default'/><model type='virtio'/>
+    <driver name='vhost'/></interface> (the driver under KVM: virtio-net in the kernel's vhost-net worker)
 
     A user-mode NIC with port forwards on passt:
     <interface type='user'><mac/><portForward proto='tcp' address='127.0.0.1'><range start='2222' to='22'/>
@@ -201,6 +205,8 @@ def interface(nic: Nic) -> etree._Element:
             E.portForward(E.range(start=h, to=g), proto="tcp", address=nic.address) for h, g in nic.forwards
         )
     children.append(E.model(type="virtio"))
+    if nic.vhost:
+        children.append(E.driver(name="vhost"))
     if nic.passt:
         children.append(E.backend(type="passt"))
     return E.interface(*children, type=nic.kind)

@@ -96,6 +96,10 @@ def translate(err: libvirt.libvirtError, uri: str, doing: str) -> LibvirtFailure
         # MSR 0x10a is IA32_ARCH_CAPABILITIES: a nested (or older) KVM host cannot set it for the guest.
         hint = ("the host's KVM cannot give the guest the arch-capabilities MSR (usual under nested KVM): "
                 "set cpu_disable_features = [\"arch-capabilities\"]")
+    elif "vhost-net was requested" in text:
+        # <driver name='vhost'/> (rendered under KVM) on a host without /dev/vhost-net.
+        hint = ("the host has no /dev/vhost-net: load it there (modprobe vhost_net), then start again; "
+                "without it virtio-net would run in QEMU's main loop")
     elif "hugepages" in text.lower() and ("Cannot allocate memory" in text or "unable to map" in text):
         hint = "the hugepage pool is exhausted: see 'archdsp-virt check' (hugepages.free)"
     elif code == libvirt.VIR_ERR_XML_DETAIL and uri.startswith("test://") and uri[len("test://"):] in text:

@@ -197,9 +197,9 @@ def gather(session: Session | None, *, files: Host | None = None, passt: bool | 
                 raise
             notes.append(f"note: libvirt at {uri} did not answer ({err}); its facts are unknown"
                          + ("; port forwards use hostfwd" if passt is None else ""))
-    if online_cpus is not None:  # a host given by hand: this machine's KVM says nothing of it
+    if online_cpus is not None:  # a host given by hand: this machine's KVM and vhost say nothing of it
         facts["online_cpus"] = online_cpus
-        for key in ("kvm", "kvm_from", "kvm_pvm"):
+        for key in ("kvm", "kvm_from", "kvm_pvm", "vhost_net"):
             facts.pop(key, None)
         source = "given"
     return HostModel(uri=uri, source=source, passt=bool(passt), files=files if local else None, **facts)

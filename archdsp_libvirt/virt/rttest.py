@@ -1,7 +1,9 @@
 """In-guest scheduling latency: cyclictest (Debian's rt-tests) on the guest's vCPU while the audio runs.
 
-The command runs through the guest's serial console (a shell there, as the demo guest has with
-``archdsp.shell=1``) or, when the config forwards a host port to the guest's SSH port, over SSH.
+The command runs through the QEMU guest agent (``guest-exec``, :mod:`.agent`) where one answers;
+otherwise, when the config forwards a host port to the guest's SSH port, over SSH, else through the
+guest's serial console (a shell there, as the demo guest has with ``archdsp.shell=1``). The result's
+``via`` (and ``channel``) says which: ``guest-agent``, ``ssh`` or ``console``.
 The result is set against the period budget: a wake-up later than one period is a missed cycle.
 """
 
@@ -14,7 +16,7 @@ from msgspec import Struct, structs
 
 from ..config import DspConfig
 from ..config.paths import write_output
-from ..errors import ArchdspError
+from ..errors import AgentUnavailable, ArchdspError
 from ..host.accel import TCG_CAUSE
 from ..procs import child_env
 
@@ -25,6 +27,9 @@ PRIORITY = 90  # above the guest's jackd (archdsp.rtprio, 70) and its IRQ thread
 HOW_TO_ADD = ("cyclictest is not in the guest: add Debian's rt-tests (apt-get install rt-tests), or on "
               "ArchibaldOS/NixOS environment.systemPackages = [ pkgs.rt-tests ]; the demo guest "
               "(scripts/build-dsp-guest) carries it")
+
+
+CHANNEL_NAMES = {"guest-agent": "through the QEMU guest agent", "ssh": "over ssh", "console": "on the serial console"}
 
 
 class RtResult(Struct, frozen=True):
@@ -38,11 +43,12 @@ class RtResult(Struct, frozen=True):
     budget_us: float
     verdict: str
     holds: bool
-    via: str
+    via: str  # the channel: "guest-agent", "ssh" or "console"
     accelerator: str | None = None  # "kvm" or "tcg", from the running domain's definition; None: unknown
 
     def as_dict(self) -> dict:
         d = structs.asdict(self)
+        d["channel"] = self.via
         d["histogram"] = [list(b) for b in self.histogram]
         return d
 
@@ -110,6 +116,14 @@ def run(cfg: DspConfig, session, seconds: float, force: bool = False, ssh_user: 
     except ArchdspError:  # not defined: the console or ssh says what is wrong
         accel = None
     line = command(seconds)
+    from . import agent
+
+    try:
+        r = agent.sh(session, cfg.name, line, timeout=seconds + 30)
+    except AgentUnavailable:
+        pass  # the other channels below
+    else:
+        return parse(r.out + r.err, seconds, budget_us(cfg), agent.VIA, accel)
     port = ssh_port(cfg)
     if port is not None:
         argv = ["ssh", "-p", str(port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
@@ -121,7 +135,7 @@ def run(cfg: DspConfig, session, seconds: float, force: bool = False, ssh_user: 
             raise ArchdspError(f"cyclictest over ssh (port {port}) did not finish within {seconds + 60:g} s") from None
         if proc.returncode == 255:
             raise ArchdspError(f"ssh to the guest (127.0.0.1:{port}) failed: {proc.stderr.strip()[-200:]}")
-        return parse(proc.stdout + proc.stderr, seconds, budget_us(cfg), f"ssh port {port}", accel)
+        return parse(proc.stdout + proc.stderr, seconds, budget_us(cfg), "ssh", accel)
     from .console import expect
 
     matched, seen = expect(session, cfg.name, END.pattern, seconds + 60, force=force,
@@ -130,13 +144,14 @@ def run(cfg: DspConfig, session, seconds: float, force: bool = False, ssh_user: 
         tail = seen.strip().splitlines()[-2:] if seen.strip() else ["(no output)"]
         raise ArchdspError(
             f"no answer from a shell on {cfg.name}'s console within {seconds + 60:g} s (last: {' / '.join(tail)}): "
-            "the guest needs a shell on its serial console (the demo guest: archdsp.shell=1 in boot.cmdline) "
-            "or a port forward to its SSH port (network.hostfwd = {\"2222\" = 22})")
-    return parse(seen, seconds, budget_us(cfg), "serial console", accel)
+            "the guest needs its QEMU guest agent (" + agent.HOW_TO_ADD + "), a shell on its serial console "
+            "(the demo guest: archdsp.shell=1 in boot.cmdline) or a port forward to its SSH port "
+            "(network.hostfwd = {\"2222\" = 22})")
+    return parse(seen, seconds, budget_us(cfg), "console", accel)
 
 
 def format_result(r: RtResult, bars: int = 12) -> str:
-    lines = [f"cyclictest in the guest ({r.via}, {r.seconds:g} s, 1 thread on the vCPU, SCHED_FIFO {PRIORITY}, "
+    lines = [f"cyclictest in the guest ({CHANNEL_NAMES.get(r.via, r.via)}, {r.seconds:g} s, 1 thread on the vCPU, SCHED_FIFO {PRIORITY}, "
              f"1 ms interval" + (f", accelerator {r.accelerator}" if r.accelerator else "") + ")",
              f"samples {r.samples}   min {r.min_us} us   avg {r.avg_us} us   max {r.max_us} us"
              + (f"   overflows (> {HIST_BUCKETS_US} us) {r.overflows}" if r.overflows else ""),

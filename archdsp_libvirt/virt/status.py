@@ -17,8 +17,10 @@ from ..errors import ArchdspError
 from ..procs import age
 from ..host.model import HostModel
 from . import threads as qthreads
+from . import vhost
 from .connection import Session
 from .drift import differences
+from .guest import format_section as format_guest, status as guest_status
 from ..host.accel import TCG_CAUSE
 from .inspect import (SHUTOFF_REASONS, STATE_NAMES, accelerator_of, has_qemu_namespace, inactive_xml, is_updated,
                       live_xml, uuid_of, vcpu_placement)
@@ -47,8 +49,27 @@ def _hugepages(cfg: DspConfig, model: HostModel) -> dict:
     }
 
 
+def network_thread(root, model: HostModel, pid: int | None, local_qemu: bool, proc: str = "/proc") -> dict:
+    """The network data path of the running domain (``root``: its live XML): its vhost-net threads as
+    /proc has them, or the reason there are none (``reason``: why, or that it cannot be known here)."""
+    if not model.is_local:
+        return {"threads": [], "reason": "remote host: unknown (run 'archdsp-virt status' on that host)"}
+    if not local_qemu:
+        return {"threads": [], "reason": "unknown: this libvirt driver runs no QEMU process"}
+    if pid is None:
+        return {"threads": [], "reason": "unknown: QEMU's process was not found"}
+    found = vhost.find(pid, proc)
+    if found:
+        return {"threads": [nt.as_dict() for nt in found], "reason": None}
+    taps = [i for i in root.iterfind("devices/interface") if i.get("type") in vhost.TAP_TYPES]
+    forced_qemu = bool(taps) and all(i.xpath("string(driver/@name)") == "qemu" for i in taps)
+    return {"threads": [], "reason": vhost.why_none(pid, root.get("type"), len(taps),
+                                                    model.files.exists(vhost.VHOST_DEV), forced_qemu)}
+
+
 def status(cfg: DspConfig, session: Session, model: HostModel, proc: str = "/proc") -> dict:
-    """The ``dsp-status`` screen as data: domain, vCPUs, isolation, hugepages, memory, console, drift.
+    """The ``dsp-status`` screen as data: domain, vCPUs, isolation, hugepages, memory, console, the guest
+    (through its agent, only while the domain runs), drift.
     ``model`` is the host behind ``session``, the one the command built."""
     name = cfg.name
     info: dict = {"name": name, "uri": session.uri, "defined": False, "host": model.source,
@@ -111,9 +132,11 @@ def status(cfg: DspConfig, session: Session, model: HostModel, proc: str = "/pro
                 "thread": t.tid if t else UNKNOWN,
                 "source": "proc" if t else "libvirt",
             })
+        info["network_thread"] = network_thread(root, model, pid, local_qemu, proc)
     else:
         vcpus = [{"vcpu": n, "pinned": c} for n, c in sorted(pins.items())]
     info["vcpus"] = vcpus
+    info["guest"] = guest_status(session, name, state == libvirt.VIR_DOMAIN_RUNNING)
     # Drift: what libvirt has against what the config renders (with the same UUID).
     try:
         from ..domain.build import render_domain
@@ -124,6 +147,16 @@ def status(cfg: DspConfig, session: Session, model: HostModel, proc: str = "/pro
         info["drift"] = [f"cannot compare with the config: {err}"]
     info["stale"] = active and is_updated(session, name)
     return info
+
+
+def _network_lines(info: dict) -> list[str]:
+    """The network data path beside the vCPUs and emulator threads: each vhost thread, or why none."""
+    net = info.get("network_thread")
+    if net is None:
+        return []
+    if not net["threads"]:
+        return [f"  network data path: {net['reason']}"]
+    return [f"  network data path: {vhost.describe(t)}" for t in net["threads"]]
 
 
 def format_status(info: dict) -> str:
@@ -153,6 +186,7 @@ def format_status(info: dict) -> str:
             lines.append(f"  vCPU {v['vcpu']}: pinned {v['pinned']}")
     if info.get("emulatorpin"):
         lines.append(f"  emulator threads: {info['emulatorpin']}")
+    lines.extend(_network_lines(info))
     lines.append("")
     lines.append("=== CPU Isolation ===")
     iso = info["isolation"]
@@ -173,6 +207,9 @@ def format_status(info: dict) -> str:
     if info.get("console_log"):
         lines.append("")
         lines.append(f"=== Console ===\n  log: {info['console_log']}")
+    if info.get("guest"):
+        lines.append("")
+        lines.extend(format_guest(info["guest"]))
     if info.get("drift"):
         lines.append("")
         lines.append("=== Drift (definition differs from the config) ===")

@@ -1,16 +1,19 @@
-"""After the start: renice QEMU's emulator threads and check that every vCPU runs where and how the
-config says, from /proc on this machine, from libvirt's own report on a remote host."""
+"""After the start: renice QEMU's emulator threads, place the network data path's vhost threads, and
+check that every vCPU runs where and how the config says, from /proc on this machine, from libvirt's
+own report on a remote host."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
 from ..config import DspConfig
 from ..cpuset import format_cpuset
-from ..domain.policy import Plan
+from ..domain.policy import TAP_KINDS, Plan
 from ..errors import HostError
 from . import threads as qthreads
+from . import vhost
 from .connection import Session
 from .inspect import vcpu_placement
 
@@ -40,6 +43,9 @@ def verify_remote(cfg: DspConfig, plan: Plan, session: Session, say: Say) -> Non
     if cfg.realtime.enable:
         say(f"emulator threads' nice {cfg.realtime.nice}: not set (libvirt has no call for it; "
             "run 'archdsp-virt up' on that host to renice them)")
+    if any(n.vhost for n in plan.nics):
+        say("network data path (vhost threads): not placed (they run on that host and libvirt has no call "
+            "for them; run 'archdsp-virt up' on that host to place them)")
     if problems:
         raise HostError("the running domain does not match the config: " + "; ".join(problems))
 
@@ -65,14 +71,31 @@ def _renice_emulator(cfg: DspConfig, pid: int, proc: str, say: Say) -> None:
     say(f"emulator threads ({len(emu)}) at nice {cfg.realtime.nice}")
 
 
+def _place_vhost(plan: Plan, pid: int, proc: str, vhost_dev: str, say: Say,
+                 sched: vhost.Sched | None = None) -> list[str]:
+    """Pin and schedule the vhost threads of QEMU ``pid`` as the plan says, or say why there are none;
+    what differs after the read-back."""
+    found = vhost.find(pid, proc)
+    if not found:
+        taps = sum(1 for n in plan.nics if n.kind in TAP_KINDS)
+        say("network data path: " + vhost.why_none(pid, plan.domain_type, taps, os.path.exists(vhost_dev)))
+        return []
+    now, problems = vhost.tune(found, plan.vhost, proc, sched)
+    for nt in now:
+        say(f"network data path: {vhost.describe(nt.as_dict())} (wanted: {vhost.wanted(plan.vhost)})")
+    return problems
+
+
 def tune_and_verify(cfg: DspConfig, plan: Plan, say: Say, timeout: float = 30.0,
-                    proc: str = "/proc", run_dir: str = "/run/libvirt/qemu") -> None:
-    """Renice QEMU's emulator threads; check every vCPU thread's affinity and class."""
+                    proc: str = "/proc", run_dir: str = "/run/libvirt/qemu", vhost_dev: str = vhost.VHOST_DEV,
+                    sched: vhost.Sched | None = None) -> None:
+    """Renice QEMU's emulator threads; place the vhost threads; check every vCPU thread's affinity and
+    class."""
     deadline = time.monotonic() + timeout
     vcpus: dict[int, qthreads.Thread] = {}
     pid = None
     while time.monotonic() < deadline:
-        pid = qthreads.qemu_pid(cfg.name, run_dir)
+        pid = qthreads.qemu_pid(cfg.name, run_dir, proc)
         if pid is not None:
             vcpus = qthreads.vcpu_threads(pid, proc)
             if len(vcpus) >= len(plan.pins):
@@ -84,8 +107,8 @@ def tune_and_verify(cfg: DspConfig, plan: Plan, say: Say, timeout: float = 30.0,
         raise HostError(f"{cfg.name}: found {len(vcpus)} vCPU threads in QEMU (pid {pid}), expected {len(plan.pins)}")
     if cfg.realtime.enable:
         _renice_emulator(cfg, pid, proc, say)
+    problems = _place_vhost(plan, pid, proc, vhost_dev, say, sched)
 
-    problems = []
     for pin in plan.pins:
         t = vcpus[pin.vcpu]
         want_policy = "FIFO" if pin.vcpu in plan.fifo_vcpus else None
