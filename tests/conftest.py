@@ -22,6 +22,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# The disk-image guest's module (tests/test_real_disk_guest.py) runs last, with the session guest paused
+# meanwhile: two TCG guests side by side on a small machine starve each other's audio and take twice as long.
+LAST_MODULES = ("test_real_disk_guest.py",)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    last = [item for item in items if item.path.name in LAST_MODULES]
+    if last:
+        items[:] = [item for item in items if item.path.name not in LAST_MODULES] + last
+
+
 @pytest.fixture
 def golden(request: pytest.FixtureRequest):
     """``golden(name, text)``: exact compare with a unified diff, or rewrite with --regenerate-golden."""
@@ -271,6 +282,9 @@ def session_guest_text(text: str, name: str, slave: str, port: int, core: int, f
     return text
 
 
+SESSION_GUESTS: list[str] = []  # the domain of demo_domain, while it is up
+
+
 @pytest.fixture(scope="session")
 def demo_domain(dsp_guest_files, tmp_path_factory):
     """One TCG demo guest for the whole session (TCG boots are slow), joined to a host JACK
@@ -305,7 +319,9 @@ def demo_domain(dsp_guest_files, tmp_path_factory):
         remove_domain(name)
         archdsp("netjack", "stop", str(path))
         pytest.fail(f"archdsp-virt up of the demo guest failed:\n{r.stdout}\n{r.stderr}")
+    SESSION_GUESTS.append(name)
     yield path, name, server
+    SESSION_GUESTS.remove(name)
     remove_domain(name)
     archdsp("netjack", "stop", str(path))
     for leftover in Path("/run/archdsp-libvirt").glob(f"netjack-{name}.*"):  # the log and lock of this session's name

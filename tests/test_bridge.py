@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ import pytest
 from conftest import archdsp, free_udp_port
 
 from archdsp_libvirt import parse_config
-from archdsp_libvirt.audio.jack2.supervisor import _slave_clients, choose_slave
+from archdsp_libvirt.audio.jack2.state import slave_clients
+from archdsp_libvirt.audio.jack2.supervisor import choose_slave
 from archdsp_libvirt.errors import BridgeError
 from archdsp_libvirt.procs import Owned, spawn_detached
 
@@ -39,7 +41,7 @@ def state_of(cfg: Path) -> dict:
 def test_slave_clients_are_the_name_or_jacks_renamed_copies():
     names = ["system:capture_1", "dsp:to_slave_1", "dsp:from_slave_1", "dsp-01:to_slave_1", "dspx:to_slave_1",
              "other:to_slave_1", "dsp-7:to_slave_1", "dsp-01x:to_slave_1"]
-    assert set(_slave_clients(names, "dsp")) == {"dsp", "dsp-01"}
+    assert set(slave_clients(names, "dsp")) == {"dsp", "dsp-01"}
 
 
 @pytest.mark.parametrize(("present", "stale", "current", "chosen", "ignored"), [
@@ -185,11 +187,11 @@ network_latency = 0
 """)
     slaves: list[Owned] = []
 
-    def start_slave(name="lbslave"):
+    def start_slave(name="lbslave", server=None):
         env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1", "JACK_NO_START_SERVER": "1"}
-        proc = spawn_detached(["jackd", "-n", f"archdsp-test-{name}", "-d", "net", "-a", "127.0.0.1", "-p", str(port),
+        proc = spawn_detached(["jackd", "-n", server or f"archdsp-test-{name}", "-d", "net", "-a", "127.0.0.1", "-p", str(port),
                                "-n", name, "-l", "0", "-C", "2", "-P", "2", "-i", "0", "-o", "0"],
-                              tmp_path / f"{name}.log", env=env)
+                              tmp_path / f"{server or name}.log", env=env)
         slaves.append(proc)
         return proc
 
@@ -282,6 +284,48 @@ def test_a_second_guest_joining_under_the_slave_name_gets_no_host_audio(loopback
     assert second, lsp  # the second slave did join the master ...
     assert not any(a for a in second.values()), second  # ... and carries no alias
     assert aliases["lbslave:to_slave_1"] == ["netjack:capture_1"]
+
+
+@pytest.mark.real
+@pytest.mark.jack
+def test_a_restarting_vm_marks_the_slave_the_server_holds_stale_even_before_the_supervisor_saw_it(loopback,
+                                                                                                 monkeypatch):
+    """``up --restart`` marks the old slave stale before the VM starts again. The supervisor's report is up
+    to a second old: a slave that joined since (it rejoined after a lost link) must be marked all the same,
+    or the aliases stay on its dead ports while the VM's new slave joins as NAME-01."""
+    from archdsp_libvirt.audio import link
+    from archdsp_libvirt.audio.jack2.bridge import forget_slave
+
+    cfg, start_slave = loopback
+    monkeypatch.setattr(link, "RUN_DIR", Path(os.environ["ARCHDSP_RUN_DIR"]))  # this process reads the test's folder
+    r = archdsp("netjack", "start", "--jack-server", "archdsp-test-lb", "--server", "dummy", str(cfg))
+    assert r.returncode == 0, r.stderr
+    sup = Owned(**state_of(cfg)["supervisor"])
+    env = {**os.environ, "JACK_NO_START_SERVER": "1"}
+    os.kill(sup.pid, signal.SIGSTOP)  # its report now lags behind the server
+    try:
+        old = start_slave()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            lsp = subprocess.run(["jack_lsp", "-s", "archdsp-test-lb"], capture_output=True, text=True, timeout=30,
+                                 env=env).stdout
+            if "lbslave:to_slave_1" in lsp.splitlines():
+                break
+            time.sleep(0.3)
+        assert "lbslave:to_slave_1" in lsp.splitlines(), lsp
+        said: list[str] = []
+        assert forget_slave("archdsp-test-lb", say=said.append) == ["lbslave"]
+        assert said == ["bridge: the old NETJACK slave lbslave is stale; the VM's new slave takes the aliases"]
+    finally:
+        os.kill(sup.pid, signal.SIGCONT)
+    os.kill(old.pid, signal.SIGKILL)  # the VM is destroyed: its slave says no goodbye, JACK keeps its ports a while
+    start_slave(server="archdsp-test-lbslave-new")  # the VM's new slave: lbslave-01 while the old ports are there
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and status(cfg).get("link") != "up":
+        time.sleep(0.5)
+    st = status(cfg)
+    assert st["link"] == "up", st
+    assert st["ports"]["netjack:capture_1"] == f"{st['slave']}:to_slave_1", st
 
 
 @pytest.mark.real

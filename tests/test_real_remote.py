@@ -105,10 +105,12 @@ def test_up_status_down_over_ssh(remote_uri, kvm_config):
     assert info["isolation"]["host_isolated"] == "unknown"
     assert "run 'archdsp-virt check CONFIG' on that host" in info["isolation"]["source"]
     assert info["qemu_pid"] == "unknown" and info["drift"] == []
+    assert info["network_thread"] == {"threads": [], "reason": "remote host: unknown (run 'archdsp-virt status' on that host)"}
     text = archdsp("-c", remote_uri, "status", str(cfg)).stdout
     assert "None" not in text
     assert "QEMU runs on the remote host: its pid and uptime are unknown here" in text
     assert "(as libvirt reports it)" in text
+    assert "  network data path: remote host: unknown" in text
 
     down = archdsp("-c", remote_uri, "down", "--force", "--undefine", str(cfg))
     assert down.returncode == 0, down.stderr

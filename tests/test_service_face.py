@@ -10,7 +10,7 @@ import pytest
 
 import archdsp_libvirt.service as service
 
-MODULES = ("domain", "audio", "host")
+MODULES = ("domain", "audio", "host", "guest")
 
 
 def _real(name: str):

@@ -46,6 +46,7 @@ class Step(Struct, frozen=True):
     seconds: float = 0.0
     held: bool = False
     problem: str | None = None
+    channel: str | None = None  # how the guest's slave was restarted: "guest-agent" or "console"
 
     def as_dict(self) -> dict:
         return structs.asdict(self)
@@ -66,28 +67,46 @@ def plan_steps(cfg: DspConfig, sizes, latencies, syncs) -> list[Step]:
     return sorted(steps, key=lambda s: (s.predicted_frames, -s.buffer_size, s.sync))
 
 
-def _restart_guest(cfg: DspConfig, session, size: int, latency: int, sync: bool, timeout: float) -> None:
-    """Restart the guest's jackd with ``latency``/``sync`` while the host runs at ``size`` frames.
+def _restart_guest(cfg: DspConfig, session, size: int, latency: int, sync: bool, timeout: float) -> str:
+    """Restart the guest's jackd with ``latency``/``sync`` while the host runs at ``size`` frames; returns
+    the channel used: "guest-agent", else "console".
 
     The guest stops its jackd and waits (a master still serving the old slave keeps sending audio to
     the slave's port, and a new slave bound to it meanwhile spins on those packets); the host's period
     is set once that master is gone. Then the guest starts jackd and says it is ready.
     """
+    from ..errors import AgentUnavailable
+    from ..virt import guest
+
+    try:
+        how = guest.request_restart(session, cfg.name, latency, sync, RESTART_DELAY)
+    except AgentUnavailable:
+        _restart_on_console(cfg, session, size, latency, sync, timeout)
+        return "console"
+    # The old jackd is stopped; the master for it notices within a few cycles and exits by itself.
+    # Only then change the host's period (changing it while a master exits can hang JACK2 1.9.21).
+    time.sleep(3)
+    servers.of_domain(cfg.name).set_period(cfg.name, size)
+    guest.start_slave(session, cfg.name, how)
+    guest.wait_ready(session, cfg.name, how, latency, sync, timeout)
+    return "guest-agent"
+
+
+def _restart_on_console(cfg: DspConfig, session, size: int, latency: int, sync: bool, timeout: float) -> None:
+    """:func:`_restart_guest` through a shell on the guest's serial console (a guest without an agent)."""
     from ..virt.console import expect
 
     line = f"echo 'LATENCY={latency} SYNC={int(sync)} DELAY={RESTART_DELAY}' > /run/archdsp-restart\n"
     asked, seen = expect(session, cfg.name, r"restart requested", 30, send=b"\n" + line.encode())
     if asked:
-        # The old jackd is stopped; the master for it notices within a few cycles and exits by itself.
-        # Only then change the host's period (changing it while a master exits can hang JACK2 1.9.21).
         time.sleep(3)
         servers.of_domain(cfg.name).set_period(cfg.name, size)
         matched, seen = expect(session, cfg.name, f"{READY}|{FAILED}", timeout)
     if not asked or not matched or FAILED in seen:
         tail = " / ".join(seen.strip().splitlines()[-2:]) or "(no output)"
         raise ArchdspError(f"the guest did not rejoin with latency {latency}, sync {int(sync)} within {timeout:g} s "
-                           f"(last on its console: {tail}); tune needs the demo guest's init (scripts/dsp-guest-init.sh)"
-                           " and a shell on its console")
+                           f"(last on its console: {tail}); tune needs the guest's QEMU guest agent, or the demo "
+                           "guest's init (scripts/dsp-guest-init.sh) and a shell on its console")
 
 
 def run_step(cfg: DspConfig, session, model: HostModel, step: Step, seconds: float, say) -> Step:
@@ -95,7 +114,8 @@ def run_step(cfg: DspConfig, session, model: HostModel, step: Step, seconds: flo
 
     say(f"step: buffer_size {step.buffer_size}, network_latency {step.network_latency}, "
         f"sync {str(step.sync).lower()} (predicted {step.predicted_frames} frames = {step.predicted_ms:.3f} ms)")
-    _restart_guest(cfg, session, step.buffer_size, step.network_latency, step.sync, timeout=120)
+    channel = _restart_guest(cfg, session, step.buffer_size, step.network_latency, step.sync, timeout=120)
+    step = structs.replace(step, channel=channel)
     try:
         servers.wait_for_link(cfg.name, 60)
         time.sleep(2)  # the loop settles

@@ -25,10 +25,11 @@ class Failure(click.ClickException):
         self.exit_code = exit_code
 
 
-# The commands of cli/host.py, cli/audio.py and cli/rt.py, by name (Group.get_command adds them).
+# The commands of cli/host.py, cli/audio.py, cli/rt.py and cli/guest.py, by name (Group.get_command adds them).
 _HOST = ("check", "host", "vfio")
 _AUDIO = ("netjack", "latency")
 _RT = ("rt-test", "tune")
+_GUEST = ("guest",)
 
 
 class Group(click.Group):
@@ -36,10 +37,11 @@ class Group(click.Group):
 
     The commands of the other rooms are added when one of them runs or help lists them, so that a
     command imports only its own room: ``check``, ``host`` and ``vfio`` from cli/host.py, ``netjack``
-    and ``latency`` from cli/audio.py, ``rt-test`` and ``tune`` from cli/rt.py."""
+    and ``latency`` from cli/audio.py, ``rt-test`` and ``tune`` from cli/rt.py, the ``guest`` group from
+    cli/guest.py."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *_HOST, *_AUDIO, *_RT})
+        return sorted({*super().list_commands(ctx), *_HOST, *_AUDIO, *_RT, *_GUEST})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands:
@@ -55,6 +57,10 @@ class Group(click.Group):
                 from . import rt
 
                 self._add(rt.rt_test, rt.tune)
+            elif name in _GUEST:
+                from . import guest
+
+                self._add(guest.guest)
         return super().get_command(ctx, name)
 
     def _add(self, *commands: click.Command) -> None:

@@ -58,8 +58,8 @@ class OutputFile(click.ParamType):
         self.needs = needs  # the module that writes it (an optional dependency)
         self.extra = extra  # the package extra that installs it
 
-    def get_metavar(self, param, *args) -> str:  # type: ignore[override]
-        return "FILE"
+    def get_metavar(self, param, *args, **kwargs) -> str:  # type: ignore[override]
+        return "FILE"  # click 8.2 passes ctx, by keyword since 8.5
 
     def convert(self, value, param, ctx):  # type: ignore[override]
         from ..config.paths import output_file, shorten  # only when the option is given

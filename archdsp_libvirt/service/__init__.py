@@ -2,7 +2,7 @@
 
 Each command of :mod:`archdsp_libvirt.cli` parses its options and calls one function here; the
 functions load the config, build the host model once, and call the rooms below (domain, virt,
-audio, host). They live in :mod:`.domain`, :mod:`.audio` and :mod:`.host`.
+audio, host, guest). They live in :mod:`.domain`, :mod:`.audio`, :mod:`.host` and :mod:`.guest`.
 
 Each name below is a small function with the real one's signature that imports its module when
 first called and calls through, so that a command pays only for what it runs (``--help`` and
@@ -23,13 +23,16 @@ if TYPE_CHECKING:
 __all__ = [
     # domain.py
     "render_for_cli", "up_command", "down_command", "status_command", "console_command", "check_command",
+    "guest_check_command",
     # audio.py
     "netjack_start", "netjack_stop", "netjack_restart", "netjack_status", "netjack_unit", "netjack_dropin",
     "latency_command", "rt_test_command", "tune_command",
     # host.py
-    "kernel_params", "vfio_show", "vfio_bind", "vfio_unbind",
+    "kernel_params", "tuned_profile", "prepare_apply", "prepare_undo", "vfio_show", "vfio_bind", "vfio_unbind",
     "qemu_conf_fix", "qemu_conf_line", "process_start_time", "daemon_still_ours",
     "headless_pipewire_start", "headless_pipewire_stop",
+    # guest.py
+    "guest_unit", "guest_nixos",
 ]
 
 
@@ -73,6 +76,12 @@ def check_command(config: Path, uri: str | None, host_root: str = "/", as_json: 
     from . import domain
 
     return domain.check_command(config, uri, host_root=host_root, as_json=as_json)
+
+
+def guest_check_command(config: Path, uri: str | None, as_json: bool = False) -> tuple[str, bool]:
+    from . import domain
+
+    return domain.guest_check_command(config, uri, as_json=as_json)
 
 
 # --- the audio link: netjack, latency, rt-test, tune (service/audio.py) ---
@@ -148,6 +157,24 @@ def kernel_params(config: Path, host_root: Path, fmt: str, diff: bool, cpu_vendo
     return host.kernel_params(config, host_root, fmt=fmt, diff=diff, cpu_vendor=cpu_vendor)
 
 
+def tuned_profile(config: Path) -> str:
+    from . import host
+
+    return host.tuned_profile(config)
+
+
+def prepare_apply(config: Path, host_root: Path, state: Path | None, dry_run: bool, say) -> int:
+    from . import host
+
+    return host.prepare_apply(config, host_root, state, dry_run=dry_run, say=say)
+
+
+def prepare_undo(host_root: Path, state: Path | None, say) -> bool:
+    from . import host
+
+    return host.prepare_undo(host_root, state, say=say)
+
+
 def vfio_show(pci: str, host_root: Path) -> str:
     from . import host
 
@@ -202,3 +229,17 @@ def headless_pipewire_stop(directory: Path, say) -> bool:
     from . import host
 
     return host.headless_pipewire_stop(directory, say=say)
+
+
+# --- the guest's own side: guest unit, guest nixos (service/guest.py) ---
+
+def guest_unit(config: Path, rtprio: int, user: str | None, root: Path | None) -> tuple[str, list[Path]]:
+    from . import guest
+
+    return guest.guest_unit(config, rtprio=rtprio, user=user, root=root)
+
+
+def guest_nixos(config: Path, rtprio: int, user: str | None) -> str:
+    from . import guest
+
+    return guest.guest_nixos(config, rtprio=rtprio, user=user)

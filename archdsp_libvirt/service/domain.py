@@ -245,6 +245,25 @@ def probe_libvirt(uri: str | None) -> tuple[bool, str]:
         return True, f"connected to {session.uri.split('?', 1)[0]} (read-only)"
 
 
+def guest_check_command(config: Path, uri: str | None, as_json: bool = False) -> tuple[str, bool]:
+    """What ``archdsp-virt guest check`` prints (the in-guest preflight, through the guest agent), and
+    whether any check failed."""
+    import json
+
+    from ..host.checks import failures, findings_json, format_findings
+    from ..virt.connection import Session
+    from ..virt.guestcheck import run
+
+    cfg = load_config(config, files_here=is_local_uri(uri))
+    if not cfg.netjack.enable:
+        raise ConfigError(f"{config}: archibaldos.netjack.enable: guest check compares the guest's slave with "
+                          "the link's settings; set enable = true")
+    with Session(uri) as session:
+        found = run(cfg, session)
+    text = json.dumps(findings_json(found), indent=2) + "\n" if as_json else format_findings(found)
+    return text, bool(failures(found))
+
+
 def check_command(config: Path, uri: str | None, host_root: str = "/", as_json: bool = False) -> tuple[str, bool]:
     """What ``archdsp-virt check`` prints, and whether any check failed.
 

@@ -46,13 +46,38 @@ from ..link import (STATUS_PERIOD, Link, bound_log, bridge_lock, guard_master, i
 from ..records import read_record, write_record
 from . import master
 from .master import jack_env
-from .state import JackSeen, JackState, Stale
+from .state import JackSeen, JackState, Stale, slave_clients
 
 if TYPE_CHECKING:
     from ...host.model import HostModel
 
 ALIAS_CLIENT = "netjack"
 SUPERVISOR_CLIENT = "archdsp-bridge"
+# Seconds a jackd of the bridge's own gets to finish on SIGTERM before SIGKILL. JACK2 1.9.21 with the
+# netmanager loaded never finishes on SIGTERM (the netmanager's unload hangs, with or without a slave):
+# a longer wait only made every `netjack stop` take 19 s.
+SERVER_GRACE = 3.0
+
+
+class _Started:
+    """What a start has started and not yet put on the record (stopped again if the start fails)."""
+
+    def __init__(self, server: Owned | None = None) -> None:
+        self.server = server
+        self.supervisor: Owned | None = None
+
+
+def _stop_processes(sup: Owned | None, srv: Owned | None) -> tuple[bool, bool]:
+    """Stop the supervisor, then the bridge's own jackd ``srv`` (None: the server is someone else's);
+    whether each was running.
+
+    On a jackd of ours, the supervisor's goodbye to it (its client's close) can wait on the master of a
+    slave that just left, and the server stops next anyway: both get :data:`SERVER_GRACE`. On someone
+    else's server the supervisor gets Owned.stop's full time to close its client cleanly.
+    """
+    sup_stopped = sup is not None and (sup.stop(timeout=SERVER_GRACE) if srv is not None else sup.stop())
+    srv_stopped = srv is not None and srv.stop(timeout=SERVER_GRACE)
+    return sup_stopped, srv_stopped
 
 
 def default_server() -> str:
@@ -152,7 +177,7 @@ def _start(link: Link, options: StartOptions, model: HostModel, say) -> tuple[Ja
     if owned_server is not None and state.hooked:
         # its bind hook died with the supervisor: the kernel now answers its binds ENOSYS, a master cannot
         # be loaded into it again
-        owned_server.stop()
+        owned_server.stop(timeout=SERVER_GRACE)
         say(f"the bridge's supervisor had died; jackd '{server}' (pid {owned_server.pid}) it started ran under "
             "its bind hook: stopped, to be started again")
         owned_server = None
@@ -160,20 +185,19 @@ def _start(link: Link, options: StartOptions, model: HostModel, say) -> tuple[Ja
         say(f"the bridge's supervisor had died; jackd '{server}' (pid {owned_server.pid}) it started is kept")
     if state and state.nft_table:
         guard.drop(link.domain)
-    started: list[Owned] = [owned_server] if owned_server is not None else []
+    started = _Started(owned_server)
     try:
         return _start_owned(link, model, server, options, say, owned_server, log, status_file, state_file,
                             started), True
     except BaseException:
         # Whatever stopped us before the state was written (a JACK error, Ctrl-C, a full /run): leave no
         # jackd with a master and no supervisor behind.
-        for proc in reversed(started):
-            proc.stop()
+        _stop_processes(started.supervisor, started.server)
         raise
 
 
 def _start_owned(link: Link, model: HostModel, server: str, options: StartOptions, say, owned_server: Owned | None,
-                 log: Path, status_file: Path, state_file: Path, started: list[Owned]) -> JackState:
+                 log: Path, status_file: Path, state_file: Path, started: _Started) -> JackState:
     hook: bindhook.Hook | None = None
     try:
         probe = open_client(server, "archdsp-probe")
@@ -183,7 +207,7 @@ def _start_owned(link: Link, model: HostModel, server: str, options: StartOption
                               "or pass --server dummy (or --server alsa) to start one") from None
         owned_server, hook = _start_server(link, model, server, options.start_server, options.device,
                                            options.nperiods, log, say, options.allow_any_address)
-        started.append(owned_server)
+        started.server = owned_server
         probe = open_client(server, "archdsp-probe")
     try:
         try:
@@ -206,7 +230,7 @@ def _start_owned(link: Link, model: HostModel, server: str, options: StartOption
              "--stale", str(_exclude_path(link.domain)), "--log", str(log), *hook_args],
             log, env=jack_env(server), pass_fds=(hook.listener,) if hook else (),
         )
-        started.append(sup)
+        started.supervisor = sup
     finally:
         if hook is not None:
             hook.close()  # the supervisor holds the listener now (or the start is undone)
@@ -219,7 +243,7 @@ def _start_owned(link: Link, model: HostModel, server: str, options: StartOption
                       hooked=hook is not None, nft_table=table, interface=ifname,
                       allow_any_address=options.allow_any_address)
     write_record(state_file, state)
-    started.clear()  # on the record now: stop stops them
+    started.server = started.supervisor = None  # on the record now: stop stops them
     say(f"NETJACK master listening on {', '.join(f'{w}/udp' for w in listening(state))} (netmanager {netmanager}; "
         "the kernel's table)")
     say(f"bridge supervisor pid {sup.pid}: VM ports as {ALIAS_CLIENT}:capture_N (host -> VM) and "
@@ -239,11 +263,11 @@ def _stop(domain: str, say) -> bool:
     if not state:
         say(f"bridge for {domain} is not running")
         return False
-    sup = state.supervisor
-    if sup and sup.stop():
+    sup, srv = state.supervisor, state.server_process
+    sup_stopped, srv_stopped = _stop_processes(sup, srv)
+    if sup_stopped:
         say(f"stopped bridge supervisor (pid {sup.pid})")
     server = state.server
-    srv = state.server_process
     if srv is None:  # someone else's server: take our master out of it, leave the server alone
         try:
             r = master.unload(server)
@@ -251,7 +275,7 @@ def _stop(domain: str, say) -> bool:
                 say(f"unloaded the NETJACK master from JACK server '{server}'")
         except BridgeError as err:
             say(f"could not unload the NETJACK master from '{server}' ({err}); it stays until that server stops")
-    elif srv.stop():
+    elif srv_stopped:
         say(f"stopped jackd '{server}' (pid {srv.pid}) and the NETJACK master in it")
     if state.nft_table and guard.drop(domain):
         say(f"removed nftables table inet {state.nft_table}")
@@ -268,7 +292,11 @@ def forget_slave(domain: str, say=print) -> list[str]:
     (Unloading the master instead can deadlock JACK2 1.9.21 while a master is exiting.)
     """
     seen = read_record(state_paths(domain)[1], JackSeen) or JackSeen()
-    stale = sorted(seen.clients)
+    state = read_state(domain)
+    # The server's own list as well as the supervisor's last report (up to a second old: a slave that
+    # rejoined since would otherwise keep the aliases from the VM's new one).
+    now = slave_clients(master.port_names(state.server), state.slave) if state else {}
+    stale = sorted(set(seen.clients) | set(now))
     if stale:
         write_record(_exclude_path(domain), Stale(stale))
         say(f"bridge: the old NETJACK slave {', '.join(stale)} is stale; the VM's new slave takes the aliases")

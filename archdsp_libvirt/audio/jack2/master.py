@@ -31,6 +31,15 @@ def jack_tool(argv: list[str], server: str, timeout: float = 15) -> subprocess.C
         raise BridgeError(f"{argv[0]} did not finish within {timeout:g} s") from None
 
 
+def port_names(server: str) -> list[str]:
+    """Every port the JACK server has now (``jack_lsp``); empty when it does not answer."""
+    try:
+        r = jack_tool(["jack_lsp"], server, timeout=10)
+    except BridgeError:
+        return []
+    return r.stdout.splitlines() if r.returncode == 0 else []
+
+
 def load(server: str, master_ip: str, port: int) -> str:
     """(Re)load JACK2's netmanager bound to ``master_ip:port``; retried briefly while an unloaded
     master still holds the port."""

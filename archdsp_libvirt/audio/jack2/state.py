@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 from msgspec import Struct
@@ -35,3 +36,16 @@ class Stale(Struct):
     FIX: ClassVar[str] = "remove the file"
 
     stale: list[str] = []
+
+
+_SLAVE_PORT = re.compile(r"^(?P<client>[^:]+):(?P<dir>to|from)_slave_(?P<n>\d+)$")
+
+
+def slave_clients(port_names: list[str], slave: str) -> dict[str, set[str]]:
+    """Clients that may be the slave: ``dsp``, or ``dsp-01`` as JACK renames a second ``dsp``."""
+    out: dict[str, set[str]] = {}
+    for name in port_names:
+        m = _SLAVE_PORT.match(name)
+        if m and re.fullmatch(re.escape(slave) + r"(-\d{2,})?", m["client"]):
+            out.setdefault(m["client"], set()).add(name)
+    return out

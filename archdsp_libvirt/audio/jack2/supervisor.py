@@ -14,7 +14,6 @@ Run as ``python -P -m archdsp_libvirt.audio.jack2.supervisor ...`` by :func:`.br
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 import time
@@ -25,7 +24,7 @@ from ...errors import ArchdspError
 from ..link import STATUS_PERIOD, bound_log
 from ..records import read_record, write_record
 from .bridge import ALIAS_CLIENT, SUPERVISOR_CLIENT, open_client
-from .state import JackSeen, Stale
+from .state import JackSeen, Stale, slave_clients
 
 
 def _report(path: Path, seen: JackSeen) -> None:
@@ -45,19 +44,6 @@ def _bound(log: Path) -> None:
             print(f"bridge supervisor: {log} passed its bound; the older part is in {log.name}.1", file=sys.stderr)
     except OSError as exc:
         print(f"bridge supervisor: cannot bound {log}: {exc.strerror}", file=sys.stderr)
-
-
-_SLAVE_PORT = re.compile(r"^(?P<client>[^:]+):(?P<dir>to|from)_slave_(?P<n>\d+)$")
-
-
-def _slave_clients(port_names: list[str], slave: str) -> dict[str, set[str]]:
-    """Clients that may be the slave: ``dsp``, or ``dsp-01`` as JACK renames a second ``dsp``."""
-    out: dict[str, set[str]] = {}
-    for name in port_names:
-        m = _SLAVE_PORT.match(name)
-        if m and re.fullmatch(re.escape(slave) + r"(-\d{2,})?", m["client"]):
-            out.setdefault(m["client"], set()).add(name)
-    return out
 
 
 def _suffix(client: str, slave: str) -> int:
@@ -120,7 +106,7 @@ def supervise(server: str, slave: str, channels: int, status_file: Path, exclude
                                               since=started, link_changed=time.time()))
                 return 3
             names = [p.name for p in client.get_ports()]
-            clients = _slave_clients(names, slave)
+            clients = slave_clients(names, slave)
             try:
                 stale = set((read_record(exclude_file, Stale) or Stale()).stale)
             except ArchdspError:  # not what the bridge writes: no slave is stale
