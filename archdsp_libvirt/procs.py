@@ -108,6 +108,39 @@ class Owned(Struct, frozen=True):
         return {"pid": self.pid, "start": self.start}
 
 
+def stop_together(procs: list[Owned], timeout: float) -> list[bool]:
+    """Stop several processes at once: SIGTERM to each, one shared wait of up to ``timeout`` s, SIGKILL
+    to whatever is left, then each reaped (bounded, as :meth:`Owned.stop`). Whether each was running.
+
+    For processes that go down together anyway (a JACK server of ours and the client watching it): one
+    after the other, each would wait out its own grace on the other's goodbye."""
+    running = [p.alive() for p in procs]
+    for p, was in zip(procs, running):
+        if was:
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.alive() for p in procs):
+        for p in procs:
+            _reap(p.pid)
+        time.sleep(0.05)
+    for p in procs:
+        if p.alive():
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for _ in range(100):
+        for p in procs:
+            _reap(p.pid)
+        if all(start_time(p.pid) != p.start for p in procs):
+            break
+        time.sleep(0.05)
+    return running
+
+
 def fd_of(pid: int, fd: int) -> int:
     """A copy, in this process, of process ``pid``'s descriptor ``fd`` (``pidfd_getfd``): the same open
     socket or file. OSError when the kernel is older than 5.6 or this process may not trace ``pid``."""

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from ...cpuset import format_cpuset
 from ...errors import BridgeError
-from ...procs import Owned, spawn_detached
+from ...procs import Owned, spawn_detached, stop_together
 from .. import bindhook, guard, placement, sockets
 from ..backend import StartOptions, wait_until
 from ..link import (STATUS_PERIOD, Link, bound_log, bridge_lock, guard_master, ignored_problem, link_lines, run_file,
@@ -71,11 +71,15 @@ def _stop_processes(sup: Owned | None, srv: Owned | None) -> tuple[bool, bool]:
     """Stop the supervisor, then the bridge's own jackd ``srv`` (None: the server is someone else's);
     whether each was running.
 
-    On a jackd of ours, the supervisor's goodbye to it (its client's close) can wait on the master of a
-    slave that just left, and the server stops next anyway: both get :data:`SERVER_GRACE`. On someone
-    else's server the supervisor gets Owned.stop's full time to close its client cleanly.
+    On a jackd of ours, the supervisor's goodbye to it (its client's close) waits on a server whose
+    netmanager never lets it finish: both are signalled at once and share one :data:`SERVER_GRACE`
+    (one after the other, each waited out its own). On someone else's server the supervisor gets
+    Owned.stop's full time to close its client cleanly.
     """
-    sup_stopped = sup is not None and (sup.stop(timeout=SERVER_GRACE) if srv is not None else sup.stop())
+    if sup is not None and srv is not None:
+        sup_stopped, srv_stopped = stop_together([sup, srv], SERVER_GRACE)
+        return sup_stopped, srv_stopped
+    sup_stopped = sup is not None and sup.stop()
     srv_stopped = srv is not None and srv.stop(timeout=SERVER_GRACE)
     return sup_stopped, srv_stopped
 
