@@ -118,12 +118,9 @@ def test_soak_reports_xruns_per_minute_and_the_round_trip_over_time(demo_domain,
     assert rep["reading_times"] == sorted(rep["reading_times"])
     assert isinstance(rep["late_cycles"], int)  # the bridge started this jackd: its log is readable
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the text form of the same soak; the VM's ports are re-aliased a moment after a slave rejoins (under
-    # TCG the master can drop and re-add it between two runs), as in the tune test above
-    for _attempt in range(3):
-        r = archdsp("latency", "--measure", "--seconds", "5", str(cfg), timeout=180)
-        if r.returncode == 0:
-            break
-        time.sleep(5)
+    # the text form: the rate line; a run this short (under 20 s) has no table of windows (tests/test_soak.py
+    # checks the table)
+    r = archdsp("latency", "--measure", "--seconds", "5", str(cfg), timeout=180)
     assert r.returncode == 0, r.stderr + diagnose(cfg, name, server)
-    assert "xruns per minute:" in r.stdout and "round trip frames (min/mode/max)" in r.stdout
+    assert "measured round trip:" in r.stdout and "xruns per minute:" in r.stdout, r.stdout
+    assert "round trip frames (min/mode/max)" not in r.stdout, r.stdout
