@@ -117,31 +117,31 @@ def test_guest_round_trip_on_pipewire_is_in_the_budgets_range(on_pipewire):
     assert q["queued"] <= q["bound"] and q["raised"] <= 4, info
 
 
-def test_guest_restarts_leave_the_nodes_of_one_live_link(on_pipewire):
-    """The VM restarted the hard way, twice (`virsh reset`: its slave vanishes without a word and the new
-    one joins from the same address and port): each time the link comes back through a new join, with
-    one node pair and no restart of the manager, and the loop through the guest is in the range after."""
+def test_a_guest_reset_leaves_the_nodes_of_one_live_link(on_pipewire):
+    """The VM restarted the hard way (`virsh reset`: its slave vanishes without a word and the new one joins
+    from the same address and port): the link comes back through a new join, with one node pair and no
+    restart of the manager, and the loop through the guest is in the range after. (Many rejoins in a row:
+    tests/test_real_pipewire.py's ten slave restarts.)"""
     cfg, name, env, _out = on_pipewire
 
     def status():
         return json.loads(archdsp("netjack", "status", "--json", str(cfg), env=env, timeout=60).stdout)
 
     before = status()
-    for _ in range(2):
-        joins = status()["joins"]["new"]
-        virsh("reset", name)
-        deadline, info = time.monotonic() + 180, {}
-        while time.monotonic() < deadline:
-            info = status()
-            if info["joins"]["new"] > joins and info["link"] == "up":
-                break
-            time.sleep(2)
-        assert info["joins"]["new"] > joins and info["link"] == "up", info
+    joins = before["joins"]["new"]
+    virsh("reset", name)
+    deadline, info = time.monotonic() + 180, {}
+    while time.monotonic() < deadline:
+        info = status()
+        if info["joins"]["new"] > joins and info["link"] == "up":
+            break
+        time.sleep(2)
+    assert info["joins"]["new"] > joins and info["link"] == "up", info
     time.sleep(5)  # the guest's init loops jack_thru once its jackd runs; a pair left over would show by now
     info = status()
     assert info["pairs"] == 1 and len(info["nodes"]) == 2, info
     assert info["manager_restarts"] == before["manager_restarts"] and info["manager_pid"] == before["manager_pid"]
-    print(f"two guest resets: joins {info['joins']}")
+    print(f"a guest reset: joins {info['joins']}")
     r = archdsp("latency", "--measure", "--json", "--seconds", "6", str(cfg), env=env, timeout=240)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["matches_prediction"], r.stdout
