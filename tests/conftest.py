@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -24,13 +31,96 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 # The disk-image guest's module (tests/test_real_disk_guest.py) runs last, with the session guest paused
 # meanwhile: two TCG guests side by side on a small machine starve each other's audio and take twice as long.
+# Its image is built (scripts/build-dsp-guest --disk, about a minute, no libvirtd needed) while the fast tier
+# runs: the fast tier goes first, and the first real test waits for the build, so that the build never runs
+# beside a TCG guest's audio.
 LAST_MODULES = ("test_real_disk_guest.py",)
+DISK_MODULE = "test_real_disk_guest.py"
+_DISK_BUILD: dict = {}  # the build started at collection: proc, out, err (files), started
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    def real(item) -> bool:
+        return item.get_closest_marker("real") is not None
+
+    rest = [item for item in items if item.path.name not in LAST_MODULES]
     last = [item for item in items if item.path.name in LAST_MODULES]
-    if last:
-        items[:] = [item for item in items if item.path.name not in LAST_MODULES] + last
+    items[:] = [i for i in rest if not real(i)] + [i for i in rest if real(i)] + last
+
+
+def disk_guest_dir() -> Path:
+    """ARCHDSP_DISK_GUEST_DIR, else a folder keyed on the build script: a suite never boots, or
+    overwrites, the image another checkout built."""
+    if os.environ.get("ARCHDSP_DISK_GUEST_DIR"):
+        return Path(os.environ["ARCHDSP_DISK_GUEST_DIR"])
+    digest = hashlib.sha256((REPO / "scripts/build-disk-guest").read_bytes()).hexdigest()[:12]
+    return Path(f"/var/lib/archdsp-libvirt/disk-guest-{digest}")
+
+
+def disk_guest_wanted() -> str | None:
+    """Why the disk guest cannot be built here, or None."""
+    if os.environ.get("ARCHDSP_DISK_GUEST") == "0":
+        return "the disk-image guest is left out: ARCHDSP_DISK_GUEST=0"
+    if os.geteuid() != 0:
+        return "building the disk-image guest needs root (mmdebstrap --mode=root)"
+    if not shutil.which("mmdebstrap"):
+        return "mmdebstrap is not installed (scripts/install-test-deps installs it): no disk guest to build"
+    return None
+
+
+def _start_disk_build() -> None:
+    out, err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(["bash", str(REPO / "scripts/build-dsp-guest"), "--disk", "--dir", str(disk_guest_dir())],
+                            stdout=out, stderr=err, text=True, start_new_session=True)
+    _DISK_BUILD.update(proc=proc, out=out, err=err, started=time.monotonic())
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    if any(item.path.name == DISK_MODULE for item in session.items) and disk_guest_wanted() is None:
+        _start_disk_build()
+
+
+def disk_build_result(timeout: float = 1800) -> tuple[int, str, str, float]:
+    """(exit code, stdout, stderr, seconds) of the disk guest's build started at collection (or now)."""
+    if not _DISK_BUILD:
+        _start_disk_build()
+    proc = _DISK_BUILD["proc"]
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_disk_build()
+        raise
+    texts = []
+    for f in (_DISK_BUILD["out"], _DISK_BUILD["err"]):
+        f.seek(0)
+        texts.append(f.read())
+    return rc, texts[0], texts[1], time.monotonic() - _DISK_BUILD["started"]
+
+
+def _stop_disk_build() -> None:
+    proc = _DISK_BUILD.get("proc")
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the build and the mmdebstrap it runs
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    proc = _DISK_BUILD.get("proc")
+    if proc is not None and proc.poll() is None and item.get_closest_marker("real") is not None:
+        try:
+            proc.wait(timeout=1800)  # the image is built before any real test runs beside it
+        except subprocess.TimeoutExpired:
+            _stop_disk_build()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _stop_disk_build()  # a session that ended early (-x, ^C) leaves no build running
 
 
 @pytest.fixture
@@ -77,10 +167,6 @@ def unique_name() -> str:
 
 
 # --- the real tier: a real libvirtd with QEMU -------------------------------------------------
-
-import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
 
 SYSTEM_URI = "qemu:///system"
 TEST_IMAGES = Path("/var/lib/libvirt/images/archdsp-test")

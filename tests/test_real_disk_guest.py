@@ -10,9 +10,7 @@ the built image: the image itself stays as built, for the next session and for s
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -23,45 +21,33 @@ from lxml import etree
 
 from archdsp_libvirt import load_config
 from archdsp_libvirt.domain import contract
-from conftest import (DOMAINS, REPO, SESSION_GUESTS, SYSTEM_URI, archdsp, busy_cores, free_jack_server_name,
-                      free_udp_port, pick_guest_cores, remove_domain, virsh)
+from conftest import (DOMAINS, SESSION_GUESTS, SYSTEM_URI, archdsp, busy_cores, disk_build_result, disk_guest_wanted,
+                      free_jack_server_name, free_udp_port, pick_guest_cores, remove_domain, virsh)
 
 # It goes last in the session (tests/conftest.py's LAST_MODULES), with the session guest paused meanwhile
 # (two TCG guests side by side on 2 cores starve each other's audio). With its image's build on a fresh
-# machine it adds about three minutes; ARCHDSP_DISK_GUEST=0 leaves it out.
-pytestmark = [pytest.mark.real,
-              pytest.mark.skipif(os.environ.get("ARCHDSP_DISK_GUEST") == "0",
-                                 reason="the disk-image guest is left out: ARCHDSP_DISK_GUEST=0")]
+# machine it adds about three minutes; ARCHDSP_DISK_GUEST=0 leaves it out (its tests then skip and say so).
+pytestmark = [pytest.mark.real]
 
 # Words of mmdebstrap's (apt's) output when the Debian mirror cannot be reached.
 MIRROR_UNREACHABLE = ("Temporary failure resolving", "Could not resolve", "Failed to fetch", "Network is unreachable",
                       "Connection timed out", "Could not connect", "is not reachable")
 
 
-def disk_guest_dir() -> Path:
-    """ARCHDSP_DISK_GUEST_DIR, else a folder keyed on the build script: a suite never boots, or
-    overwrites, the image another checkout built."""
-    if os.environ.get("ARCHDSP_DISK_GUEST_DIR"):
-        return Path(os.environ["ARCHDSP_DISK_GUEST_DIR"])
-    digest = hashlib.sha256((REPO / "scripts/build-disk-guest").read_bytes()).hexdigest()[:12]
-    return Path(f"/var/lib/archdsp-libvirt/disk-guest-{digest}")
-
-
 @pytest.fixture(scope="session")
 def disk_guest_files(system_libvirt):
-    """disk.qcow2, vmlinuz and initrd.img of the disk guest (built once; cached between sessions)."""
-    if not shutil.which("mmdebstrap"):
-        pytest.skip("mmdebstrap is not installed (scripts/install-test-deps installs it): no disk guest to build")
-    out = disk_guest_dir()
-    started = time.monotonic()
-    proc = subprocess.run(["bash", str(REPO / "scripts/build-dsp-guest"), "--disk", "--dir", str(out)],
-                          capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        if any(word in proc.stderr for word in MIRROR_UNREACHABLE):
-            pytest.skip(f"the Debian mirror cannot be reached to build the disk guest: {proc.stderr.strip()[-300:]}")
-        pytest.fail(f"scripts/build-dsp-guest --disk failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    paths = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-    paths["seconds"] = time.monotonic() - started
+    """disk.qcow2, vmlinuz and initrd.img of the disk guest (built once, while the fast tier ran: see
+    tests/conftest.py; cached between sessions)."""
+    why = disk_guest_wanted()
+    if why:
+        pytest.skip(why)
+    rc, out, err, seconds = disk_build_result()
+    if rc != 0:
+        if any(word in err for word in MIRROR_UNREACHABLE):
+            pytest.skip(f"the Debian mirror cannot be reached to build the disk guest: {err.strip()[-300:]}")
+        pytest.fail(f"scripts/build-dsp-guest --disk failed:\n{out[-2000:]}\n{err[-4000:]}")
+    paths = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    paths["seconds"] = seconds
     return paths
 
 
