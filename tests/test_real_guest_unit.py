@@ -54,6 +54,19 @@ def wait_for_log(path, text: str, seconds: float = 40) -> bool:
     return True
 
 
+def wait_for_evmon(folder, server: str, seconds: float = 30) -> bool:
+    """The helper's jack_evmon listens: a client of ours (jack_lsp) opening on ``server`` shows in its log
+    (in the helper's RUNTIME_DIRECTORY). The helper starts it once the loop is first made, so a change made
+    right after "ready" can come before it is registered (the helper's periodic look then mends it)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        connections(server)  # a jack_lsp client registers and unregisters: a notice for jack_evmon
+        if any(log.stat().st_size > 0 for log in folder.glob("archdsp-evmon.*")):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def thru_pids(session: int) -> list[int]:
     """The jack_thru processes of the helper's session."""
     out = subprocess.run(["pgrep", "-s", str(session), "-x", "jack_thru"], capture_output=True, text=True).stdout
@@ -86,6 +99,7 @@ def test_the_helper_joins_a_real_master_and_keeps_its_loop(loopback, tmp_path): 
         # (jack_thru connects itself: the helper has the loop once it says so)
         assert wait_for_log(tmp_path / "helper.log", "archdsp-netjack: ready: "), (tmp_path / "helper.log").read_text()
         # A connection broken, then the DSP client gone: JACK's notices bring the helper to make them again.
+        assert wait_for_evmon(tmp_path, server), (tmp_path / "helper.log").read_text()
         jack = {**os.environ, "JACK_NO_START_SERVER": "1"}
         subprocess.run(["jack_disconnect", "-s", server, "system:capture_1", "archdsp_thru:input_1"],
                        check=True, timeout=30, env=jack)
