@@ -331,6 +331,23 @@ start_jackd() {
 
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 
+# wait_gone TENTHS PID...: until every PID has exited, at most TENTHS tenths
+# of a second; then SIGKILL for those left (a JACK client whose server went
+# away can hang in its goodbye to it)
+wait_gone() {
+	local n=$1 i=0 p left
+	shift
+	while [ $i -lt "$n" ]; do
+		left=0
+		for p in "$@"; do alive "$p" && left=1; done
+		[ $left = 0 ] && return 0
+		usleep 100000
+		i=$((i + 1))
+	done
+	for p in "$@"; do alive "$p" && kill -9 "$p" 2>/dev/null; done
+	return 0
+}
+
 # The virtio IRQ threads (PREEMPT_RT threads every IRQ) above jackd: a packet
 # is taken in even while the DSP computes.  No-op without chrt or threaded IRQs.
 irq_priorities() {
@@ -572,10 +589,13 @@ while :; do
 		ticks=$((ticks + 1))
 		if restart_requested; then
 			requested=1
+			# the clients first, while jackd still answers their goodbye (2 s), then jackd (5 s)
+			thru=$THRU_PID evmon=$EVMON_PID
+			alive "$thru" && kill "$thru" 2>/dev/null
+			stop_events
+			wait_gone 20 $thru $evmon
 			kill "$JACKD_PID" 2>/dev/null
-			j=0
-			while alive "$JACKD_PID" && [ $j -lt 50 ]; do usleep 100000; j=$((j + 1)); done
-			alive "$JACKD_PID" && kill -9 "$JACKD_PID" 2>/dev/null
+			wait_gone 50 "$JACKD_PID"
 			break
 		fi
 		if ! alive "$JACKD_PID"; then
@@ -612,9 +632,11 @@ while :; do
 		[ $state = 0 ] && log "DSP loop lost (master gone?); waiting for it to come back"
 		state=1
 	done
-	alive "$THRU_PID" && kill "$THRU_PID" 2>/dev/null
+	thru=$THRU_PID evmon=$EVMON_PID
+	alive "$thru" && kill "$thru" 2>/dev/null
 	THRU_PID=
 	stop_events
+	wait_gone 20 $thru $evmon
 	if [ $requested = 1 ]; then
 		# Let the master drop the old slave first: a stale master keeps sending it
 		# audio, and a new slave that binds the port meanwhile spins on those packets.
