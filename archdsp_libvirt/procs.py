@@ -75,34 +75,7 @@ class Owned(Struct, frozen=True):
         Returns once the process is reaped too (bounded): a JACK server whose zombie still holds its
         PID counts as active for a new server of the same name.
         """
-        try:
-            return self._stop(timeout)
-        finally:
-            for _ in range(100):
-                _reap(self.pid)
-                if start_time(self.pid) != self.start:
-                    break
-                time.sleep(0.05)
-
-    def _stop(self, timeout: float) -> bool:
-        if not self.alive():
-            return False
-        os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                _reap(self.pid)
-                return True
-            _reap(self.pid)
-            time.sleep(0.05)
-        if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
-            for _ in range(100):
-                _reap(self.pid)
-                if not self.alive():
-                    break
-                time.sleep(0.05)
-        return True
+        return stop_together([self], timeout)[0]
 
     def as_dict(self) -> dict:
         return {"pid": self.pid, "start": self.start}
@@ -110,7 +83,7 @@ class Owned(Struct, frozen=True):
 
 def stop_together(procs: list[Owned], timeout: float) -> list[bool]:
     """Stop several processes at once: SIGTERM to each, one shared wait of up to ``timeout`` s, SIGKILL
-    to whatever is left, then each reaped (bounded, as :meth:`Owned.stop`). Whether each was running.
+    to whatever is left, then each reaped (up to 5 s more). Whether each was running.
 
     For processes that go down together anyway (a JACK server of ours and the client watching it): one
     after the other, each would wait out its own grace on the other's goodbye."""
